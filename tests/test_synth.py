@@ -1,0 +1,187 @@
+"The synthetic UBFC-Phys-format dataset: layout, rates, faces, the visible cue and the null control."
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import STATS_CONFIG
+from edanb import synth
+from edanb.data import TASKS, discover, probe_video, recording_paths, read_signal
+from edanb.synth import SynthConfig, generate, oracle_scores, pearson
+
+SUBJECTS, SECONDS = STATS_CONFIG["subjects"], STATS_CONFIG["seconds"]
+
+
+def test_file_names(synth_root):
+    assert sorted(p.name for p in synth_root.iterdir()) == ["ground_truth"] + sorted(f"s{n}" for n in range(1, SUBJECTS + 1))
+    for n in range(1, SUBJECTS + 1):
+        expected = {f"{kind}_s{n}_{t}.{ext}" for t in TASKS for kind, ext in (("vid", "avi"), ("bvp", "csv"), ("eda", "csv"))}
+        assert {p.name for p in (synth_root / f"s{n}").iterdir()} == expected | {f"info_s{n}.txt"}
+    truth = {p.name for p in (synth_root / "ground_truth").iterdir()}
+    assert {"oracle.json", "params.json", "s1_T1_signals.csv", f"s{SUBJECTS}_T3_face_boxes.csv"} <= truth
+
+
+def test_rates_and_lengths(synth_root):
+    for n in range(1, SUBJECTS + 1):
+        for task in TASKS:
+            p = recording_paths(synth_root, f"s{n}", task)
+            video = probe_video(p["video"])
+            assert abs(video.n_frames - 35 * SECONDS) <= 1 and video.fps == 35 and video.fourcc == "MJPG"
+            assert (video.width, video.height) == (STATS_CONFIG["size"],) * 2
+            assert len(read_signal(p["bvp"])) == 64 * SECONDS
+            eda = read_signal(p["eda"])
+            assert len(eda) == 4 * SECONDS and 0.05 < eda.min() and eda.max() < 40  # plausible µS
+
+
+def test_reader_ignores_ground_truth(synth_root):
+    assert len(discover(synth_root)) == 3 * SUBJECTS
+
+
+def test_stress_tasks_raise_eda_and_heart_rate(synth_root):
+    table = synth.summary(synth_root)
+    means = table.groupby("task")[["eda_mean_us", "hr_bpm", "arousal"]].mean()
+    assert means.loc["T1"].lt(means.loc["T3"]).all() and means.loc["T1"].lt(means.loc["T2"]).all()
+    assert table.groupby("subject").eda_mean_us.mean().std() > 1.0  # subjects differ by several µS
+
+
+def sample_frames(video: Path, indices) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(video))
+    frames = []
+    for i in indices:
+        cap.set(cv2.CAP_PROP_POS_FRAMES, int(i)); ok, frame = cap.read(); assert ok
+        frames.append(frame)
+    cap.release()
+    return frames
+
+
+def test_face_recognition_finds_the_face(synth_root):
+    import face_recognition
+    found = inside = total = 0
+    for rec in discover(synth_root):
+        boxes = pd.read_csv(synth_root / "ground_truth" / f"{rec.name}_face_boxes.csv")
+        indices = np.linspace(0, rec.n_frames - 1, 4).astype(int)
+        for i, frame in zip(indices, sample_frames(rec.video, indices)):
+            faces = face_recognition.face_locations(np.ascontiguousarray(frame[..., ::-1]))
+            total += 1; found += len(faces) == 1
+            if faces:
+                top, right, bottom, left = faces[0]
+                x0, y0, x1, y1 = boxes.loc[i, ["x0", "y0", "x1", "y1"]]
+                inside += left <= (x0 + x1) / 2 <= right and top <= (y0 + y1) / 2 <= bottom
+    assert found >= 0.95 * total and inside >= 0.95 * total, (found, inside, total)
+
+
+def measured_redness(root: Path, rec) -> np.ndarray:
+    "Red chromaticity of the central face region, read from the decoded video at the EDA clock."
+    boxes = pd.read_csv(root / "ground_truth" / f"{rec.name}_face_boxes.csv")
+    wanted = np.round(np.arange(rec.eda_len) * 35 / 4).astype(int)
+    cap, values, index = cv2.VideoCapture(str(rec.video)), [], 0
+    for target in wanted:
+        while index <= target:
+            ok, frame = cap.read(); index += 1
+        x0, y0, x1, y1 = boxes.loc[target, ["x0", "y0", "x1", "y1"]]
+        cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
+        roi = frame[int(cy - h / 4):int(cy + h / 4), int(cx - w / 4):int(cx + w / 4)].reshape(-1, 3).mean(0)
+        values.append(roi[2] / roi.sum())
+    cap.release()
+    return np.array(values)
+
+
+def pooled_r(root: Path) -> float:
+    "Pearson r of measured redness and EDA, pooled over recordings after removing each recording's mean."
+    xs, ys = [], []
+    for rec in discover(root):
+        x, y = measured_redness(root, rec), rec.read_eda()
+        xs.append(x - x.mean()); ys.append(y - y.mean())
+    return pearson(np.concatenate(xs), np.concatenate(ys))
+
+
+def test_visible_cue_correlates_with_eda(synth_root):
+    assert json.loads((synth_root / "ground_truth" / "oracle.json").read_text())["mean_r"] > 0.5
+    assert pooled_r(synth_root) > 0.5   # measured from the pixels, not taken from the ground truth
+
+
+def test_null_control_has_no_cue(null_root):
+    assert abs(pooled_r(null_root)) < 0.1
+    oracle = json.loads((null_root / "ground_truth" / "oracle.json").read_text())
+    assert oracle["mean_r"] == 0.0
+    truth = pd.read_csv(null_root / "ground_truth" / "s1_T3_signals.csv")
+    assert (truth[synth.CUE_COLUMNS] == 0).all().all()
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    small = dict(subjects=2, seconds=2, size=64)
+    a, b, c = (generate(tmp_path / name, SynthConfig(**small, seed=seed), progress=False) for name, seed in
+               (("a", 0), ("b", 0), ("c", 1)))
+    assert file_hashes(tmp_path / "a") == file_hashes(tmp_path / "b")
+    assert file_hashes(tmp_path / "a")["s1/eda_s1_T1.csv"] != file_hashes(tmp_path / "c")["s1/eda_s1_T1.csv"]
+
+
+def render(out, coupling, monkeypatch=None, scale=1.0) -> bytes:
+    "Write s1_T2 in-process, optionally with a different physiology; return the video bytes."
+    if monkeypatch is not None:
+        real = synth.simulate_physiology
+        def other_physiology(subject, task, seconds, rng):
+            phys = real(subject, "T3", seconds, np.random.default_rng(123))  # another task, another stream
+            phys.tonic, phys.phasic_us, phys.pulse = phys.tonic * scale, phys.phasic_us * scale, -phys.pulse
+            return phys
+        monkeypatch.setattr(synth, "simulate_physiology", other_physiology)
+    synth.write_recording(out, 0, 1, "T2", seconds=2, size=96, coupling=coupling)
+    return recording_paths(out, "s1", "T2")["video"].read_bytes()
+
+
+def test_null_video_does_not_depend_on_physiology(tmp_path, monkeypatch):
+    "With coupling 0 the video is the same whatever the physiology: independence is exact, not just small r."
+    base = render(tmp_path / "a", 0.0)
+    with monkeypatch.context() as m:
+        assert render(tmp_path / "b", 0.0, m, scale=3.0) == base
+    coupled = render(tmp_path / "c", 1.0)
+    with monkeypatch.context() as m:
+        assert render(tmp_path / "d", 1.0, m, scale=3.0) != coupled   # the check can fail
+
+
+def test_oracle_of_a_known_case(tmp_path):
+    "EDA that is exactly 2 x flush + 0.5 x expression plus an offset has an oracle r of 1."
+    rng = np.random.default_rng(0)
+    (tmp_path / "ground_truth").mkdir()
+    for n in (1, 2):
+        flush, expression = rng.random(40), rng.random(40)
+        pd.DataFrame(dict(flush=flush, expression=expression, pulse=np.zeros(40))).to_csv(
+            tmp_path / "ground_truth" / f"s{n}_T1_signals.csv", index=False)
+        p = recording_paths(tmp_path, f"s{n}", "T1")["eda"]; p.parent.mkdir()
+        np.savetxt(p, 5 * n + 2 * flush + 0.5 * expression)
+    scores = oracle_scores(tmp_path)
+    assert scores["mean_r"] == pytest.approx(1.0)
+    assert scores["weights"]["flush"] == pytest.approx(2.0) and scores["weights"]["expression"] == pytest.approx(0.5)
+
+
+def test_generate_never_overwrites_foreign_data(tmp_path):
+    (tmp_path / "precious.txt").write_text("real data")
+    with pytest.raises(FileExistsError, match=f"{tmp_path}: folder is not empty"):
+        generate(tmp_path, SynthConfig(subjects=1, seconds=1, size=64), progress=False)
+    assert (tmp_path / "precious.txt").read_text() == "real data"
+
+
+def test_generate_reuses_same_dataset_and_rebuilds_changed(tmp_path):
+    config = SynthConfig(subjects=1, seconds=1, size=64)
+    generate(tmp_path, config, progress=False)
+    video = recording_paths(tmp_path, "s1", "T1")["video"]
+    stamp = video.stat().st_mtime_ns
+    generate(tmp_path, config, progress=False)
+    assert video.stat().st_mtime_ns == stamp
+    generate(tmp_path, SynthConfig(subjects=1, seconds=2, size=64), progress=False)
+    assert probe_video(video).n_frames == 70
+
+
+@pytest.mark.parametrize("bad", [dict(subjects=0), dict(seconds=0), dict(size=8)])
+def test_generate_rejects_bad_config(tmp_path, bad):
+    with pytest.raises(ValueError, match="need subjects >= 1"):
+        generate(tmp_path / "x", SynthConfig(**bad), progress=False)
