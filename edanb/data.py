@@ -5,8 +5,10 @@
 # %% ../nbs/00_data.ipynb #c003
 from __future__ import annotations
 import json
+import multiprocessing
 import re
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -18,8 +20,8 @@ import pandas as pd
 # %% auto #0
 __all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOLERANCE_S', 'UBFC_SPLIT', 'PARTS', 'DataError',
            'read_signal', 'VideoInfo', 'probe_video', 'subject_number', 'recording_paths', 'Recording',
-           'load_recording', 'subject_folders', 'scan', 'discover', 'recordings_table', 'SplitError', 'split_counts',
-           'check_split', 'split_subjects', 'kfold_subjects', 'save_split', 'load_split']
+           'load_recording', 'subject_folders', 'scan', 'discover', 'recordings_table', 'parallel_map', 'SplitError',
+           'split_counts', 'check_split', 'split_subjects', 'kfold_subjects', 'save_split', 'load_split']
 
 # %% ../nbs/00_data.ipynb #c005
 TASKS = ("T1", "T2", "T3")
@@ -204,6 +206,15 @@ def recordings_table(recordings: Sequence[Recording], problems: Sequence[DataErr
                                        "video_s", "eda_s", "bvp_s", "problem"])
 
 # %% ../nbs/00_data.ipynb #c020
+def parallel_map(fn, jobs: Sequence[tuple], workers: int = 2):
+    "Yield `fn(*job)` for each job, in order: in this process when `workers <= 1`, else in spawned workers."
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs: yield fn(*job)
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(fn, *zip(*jobs))
+
+# %% ../nbs/00_data.ipynb #c023
 UBFC_SPLIT = (35, 10, 11)  # train / val / test subjects of the original study (56 subjects)
 PARTS = ("train", "val", "test")
 

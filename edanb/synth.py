@@ -5,10 +5,8 @@
 # %% ../nbs/01_synth.ipynb #c003
 from __future__ import annotations
 import json
-import multiprocessing
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .data import BVP_HZ, EDA_HZ, TASKS, VIDEO_FPS, recording_paths, subject_number
+from .data import BVP_HZ, EDA_HZ, TASKS, VIDEO_FPS, parallel_map, recording_paths, subject_number
 
 # %% auto #0
 __all__ = ['STREAMS', 'TASK_AROUSAL', 'PATCH_ROWS', 'PATCH_COLS', 'FACE_BOX', 'MOUTH', 'JPEG_QUALITY', 'CUE_COLUMNS', 'stream',
@@ -339,7 +337,12 @@ def _check_target(out: Path, config: SynthConfig) -> bool:
     params = _params_path(out)
     if not params.is_file():
         raise FileExistsError(f"{out}: folder is not empty and is not a synthetic edanb dataset; refusing to overwrite it")
-    return json.loads(params.read_text()).get("config") == asdict(config)
+    params = json.loads(params.read_text())
+    return params.get("complete", False) and params.get("config") == asdict(config)
+
+def _write_params(out: Path, config: SynthConfig, complete: bool):
+    _params_path(out).write_text(json.dumps(dict(generator="edanb.synth", complete=complete, config=asdict(config)),
+                                            indent=2) + "\n")
 
 def generate(out: str | Path,             # folder to write (created)
              config: SynthConfig | None = None,  # dataset parameters
@@ -352,21 +355,19 @@ def generate(out: str | Path,             # folder to write (created)
     if config.subjects < 1 or config.seconds <= 0 or config.size < 32:
         raise ValueError(f"need subjects >= 1, seconds > 0 and size >= 32, got {config}")
     if _check_target(out, config) and not force: return summary(out)
-    if _params_path(out).is_file(): _params_path(out).unlink()          # stale: mark incomplete while rewriting
     for old in out.glob("s*/"): shutil.rmtree(old) if old.is_dir() else None
     shutil.rmtree(out / "ground_truth", ignore_errors=True)
     (out / "ground_truth").mkdir(parents=True)
+    _write_params(out, config, complete=False)  # marks the folder as ours, so an interrupted run can be redone
     jobs = [(out, config.seed, n, task, config.seconds, config.size, config.coupling, config.quality)
             for n in range(1, config.subjects + 1) for task in TASKS]
-    from edanb import synth  # workers need a function they can import by name, not a notebook's copy
-    # spawn, not fork: a forked child deadlocks in OpenCV when the parent has already used its thread pool
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(synth.write_recording, *job) for job in jobs]
-        for f in tqdm(futures, desc=f"synth {out.name}", disable=not progress): f.result()
+    from edanb import synth  # spawned workers import the function by name, not a notebook's copy of it
+    for _ in tqdm(parallel_map(synth.write_recording, jobs, workers), total=len(jobs), desc=f"synth {out.name}",
+                  disable=not progress): pass
     for n in range(1, config.subjects + 1):
         (out / f"s{n}" / f"info_s{n}.txt").write_text(f"synthetic subject s{n}\n{json.dumps(asdict(make_subject(config.seed, n)))}\n")
     (out / "ground_truth" / "oracle.json").write_text(json.dumps(oracle_scores(out), indent=2) + "\n")
-    _params_path(out).write_text(json.dumps(dict(generator="edanb.synth", config=asdict(config)), indent=2) + "\n")
+    _write_params(out, config, complete=True)
     return summary(out)
 
 def summary(out: str | Path) -> pd.DataFrame:

@@ -185,3 +185,14 @@ def test_generate_reuses_same_dataset_and_rebuilds_changed(tmp_path):
 def test_generate_rejects_bad_config(tmp_path, bad):
     with pytest.raises(ValueError, match="need subjects >= 1"):
         generate(tmp_path / "x", SynthConfig(**bad), progress=False)
+
+
+def test_interrupted_generation_is_redone(tmp_path):
+    "A run killed half-way leaves a folder marked incomplete: the next run redoes it instead of refusing or reusing it."
+    config = SynthConfig(subjects=1, seconds=1, size=64)
+    generate(tmp_path, config, progress=False)
+    params = tmp_path / "ground_truth" / "params.json"
+    params.write_text(params.read_text().replace('"complete": true', '"complete": false'))
+    recording_paths(tmp_path, "s1", "T2")["eda"].unlink()
+    generate(tmp_path, config, progress=False)
+    assert len(discover(tmp_path)) == 3 and json.loads(params.read_text())["complete"] is True
