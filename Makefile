@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 DATA ?= data/ubfc-synth
+CACHE ?= data/cache
 
 .PHONY: venv demo test lab bench export readme
 
@@ -21,9 +22,10 @@ $(STAMP): requirements.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-demo: venv  ## generate the default synthetic dataset (reused when unchanged) and check it
+demo: venv  ## generate the default synthetic dataset, check it, preprocess it (each step reused when unchanged)
 	$(BIN)/edanb synth $(DATA)
 	$(BIN)/edanb info $(DATA) | tail -n 4
+	$(BIN)/edanb preprocess $(DATA) --out $(CACHE)
 
 test: venv  ## notebooks (nbdev_test) then pytest
 	$(BIN)/nbdev_test --n_workers 2

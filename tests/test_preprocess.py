@@ -1,0 +1,170 @@
+"Preprocessing: the EDA clock, selective decoding, face crops, the cache and its faults."
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from edanb.data import BVP_HZ, EDA_HZ, discover, load_recording, recording_paths
+from edanb.preprocess import (FrameReader, PreprocessConfig, load_cached, preprocess_dataset, preprocess_recording,
+                              resample)
+
+BITS, BLOCK = 12, 16   # frame index drawn as 12 black/white blocks of 16x16 px (4 x 3 grid on 64x48)
+
+
+def index_frame(i: int) -> np.ndarray:
+    "A 64x64 frame showing `i` as 12 black/white 16x16 blocks (4 x 3 grid on the top 48 rows)."
+    bits = np.array([(i >> b) & 1 for b in range(BITS)], np.uint8).reshape(3, 4) * 255
+    top = np.repeat(np.repeat(bits, BLOCK, 0), BLOCK, 1)
+    return np.vstack([top, np.zeros((16, 64), np.uint8)])[..., None].repeat(3, 2)
+
+
+def read_index(frame: np.ndarray) -> int:
+    "The index an `index_frame` shows, after JPEG compression."
+    blocks = frame[:48, :, 0].reshape(3, BLOCK, 4, BLOCK).mean((1, 3)).ravel() > 127
+    return int(sum(int(b) << k for k, b in enumerate(blocks)))
+
+
+def write_index_recording(root: Path, subject="s1", task="T1", frames=2110, eda_seconds=60.0, fourcc="MJPG"):
+    "A recording whose video frames show their own index; by default the video runs 10 frames longer than EDA."
+    p = recording_paths(root, subject, task)
+    p["video"].parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(p["video"]), cv2.VideoWriter_fourcc(*fourcc), 35, (64, 64))
+    for i in range(frames): writer.write(index_frame(i))
+    writer.release()
+    np.savetxt(p["eda"], np.linspace(2, 3, int(eda_seconds * EDA_HZ)))
+    np.savetxt(p["bvp"], np.sin(np.arange(int(eda_seconds * BVP_HZ)) / BVP_HZ * 2 * np.pi * 1.2))
+    return p
+
+
+def test_index_frames_round_trip():
+    assert all(read_index(index_frame(i)) == i for i in (0, 1, 7, 1000, 4095))
+
+
+def test_sampling_picks_nearest_frame_over_a_whole_recording(tmp_path):
+    "Over a whole minute, cached frame i is the video frame nearest t_i = i / 4 s (within half a frame)."
+    write_index_recording(tmp_path / "data")
+    rec = load_recording(tmp_path / "data", "s1", "T1")
+    meta = preprocess_recording(rec, tmp_path / "cache", PreprocessConfig(crop="none", size=64))
+    entry = load_cached(tmp_path / "cache", "s1_T1")
+    assert meta["samples"] == 240 and meta["cut_s"]["video"] == pytest.approx(10 / 35)
+    t = np.arange(240) / 4
+    shown = np.array([read_index(f) for f in entry["frames"]])
+    assert np.array_equal(entry["t"], t) and np.array_equal(shown, entry["frame_index"])
+    assert np.abs(shown / 35 - t).max() <= 0.5 / 35 + 1e-12
+    assert np.array_equal(shown, np.rint(t * 35))
+
+
+def test_resampling_keeps_1hz_and_removes_7hz():
+    t = np.arange(64 * 60) / 64
+    tone, alias = np.sin(2 * np.pi * 1.0 * t), np.sin(2 * np.pi * 7.0 * t)
+    out = resample(tone + alias, 64, 4)
+    spectrum = np.abs(np.fft.rfft(out - resample(tone, 64, 4)))
+    assert spectrum.max() < 0.05 * np.abs(np.fft.rfft(resample(tone, 64, 4))).max()
+
+
+@pytest.mark.parametrize("fourcc", ["XVID", "mp4v"])
+def test_fallback_decoding_for_other_codecs(tmp_path, fourcc):
+    path = write_index_recording(tmp_path, frames=100, eda_seconds=2, fourcc=fourcc)["video"]
+    with FrameReader(path) as reader:
+        assert not reader.raw
+        assert [read_index(reader.read(i)) for i in (0, 9, 18, 26, 99)] == [0, 9, 18, 26, 99]
+        reader.reduction = 2
+        assert reader.read(50).shape == (32, 32, 3)
+
+
+def test_raw_mjpeg_matches_ordinary_decoding(tmp_path):
+    path = write_index_recording(tmp_path, frames=50, eda_seconds=1)["video"]
+    cap, frames = cv2.VideoCapture(str(path)), []
+    for _ in range(50): frames.append(cap.read()[1][..., ::-1])
+    with FrameReader(path) as reader:
+        assert reader.raw
+        for i in (0, 9, 49):
+            assert np.abs(reader.read(i).astype(int) - frames[i]).mean() < 2
+
+
+def test_face_crops_on_synthetic_data(synth_root, tmp_path):
+    table = preprocess_dataset(synth_root, tmp_path / "cache", PreprocessConfig(), workers=2, progress=False)
+    assert (table.status == "built").all()
+    inside = total = 0
+    for rec in discover(synth_root):
+        entry = load_cached(tmp_path / "cache", rec.name)
+        assert entry["meta"]["face_rate"] >= 0.95
+        truth = pd.read_csv(synth_root / "ground_truth" / f"{rec.name}_face_boxes.csv").iloc[entry["frame_index"]]
+        cx, cy = (truth.x0 + truth.x1).to_numpy() / 2, (truth.y0 + truth.y1).to_numpy() / 2
+        x0, y0, side = entry["boxes"].T
+        inside += ((x0 <= cx) & (cx <= x0 + side) & (y0 <= cy) & (cy <= y0 + side)).sum()
+        total += len(cx)
+    assert inside >= 0.95 * total
+
+
+def test_video_without_face_gets_centre_crop(tmp_path):
+    write_index_recording(tmp_path / "data", frames=35 * 8, eda_seconds=8)
+    meta = preprocess_recording(load_recording(tmp_path / "data", "s1", "T1"), tmp_path / "cache")
+    entry = load_cached(tmp_path / "cache", "s1_T1")
+    assert meta["face_rate"] == 0 and meta["fallback"] == meta["samples"] == 32
+    assert (entry["boxes"] == [0, 0, 64]).all()   # the whole (square) frame
+
+
+def test_cache_reuse_and_rebuild(tiny_root, tmp_path):
+    cache = tmp_path / "cache"
+    first = preprocess_dataset(tiny_root, cache, PreprocessConfig(size=32), workers=1, progress=False)
+    assert (first.status == "built").all()
+    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")}
+    again = preprocess_dataset(tiny_root, cache, PreprocessConfig(size=32), workers=1, progress=False)
+    assert (again.status == "cached").all()
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")} == stamps   # no work done
+    changed = preprocess_dataset(tiny_root, cache, PreprocessConfig(size=24), workers=1, progress=False)
+    assert (changed.status == "built").all() and load_cached(cache, "s1_T1")["frames"].shape[1:] == (24, 24, 3)
+
+
+def test_changed_source_rebuilds(dataset, tmp_path):
+    cache = tmp_path / "cache"
+    preprocess_dataset(dataset, cache, PreprocessConfig(size=32), workers=1, progress=False)
+    eda = recording_paths(dataset, "s2", "T1")["eda"]
+    eda.write_text(eda.read_text().replace("\n", "0\n", 1))   # same length, new value
+    table = preprocess_dataset(dataset, cache, PreprocessConfig(size=32), workers=1, progress=False).set_index("recording")
+    assert table.status["s2_T1"] == "built" and (table.drop("s2_T1").status == "cached").all()
+
+
+def test_bad_recordings_are_named_and_others_cached(dataset, tmp_path):
+    p = {task: recording_paths(dataset, "s1", task) for task in ("T1", "T2", "T3")}
+    data = p["T1"]["video"].read_bytes(); p["T1"]["video"].write_bytes(data[: len(data) // 2])   # truncated
+    p["T2"]["video"].write_bytes(b"")                                                            # zero bytes
+    p["T3"]["video"].write_text("not a video\n")                                                 # text as .avi
+    eda = recording_paths(dataset, "s2", "T1")["eda"]
+    eda.write_text("\n".join(eda.read_text().splitlines()[:4]) + "\n")                          # EDA 3 s short
+    exe = Path(sys.executable).with_name("edanb")
+    result = subprocess.run([str(exe), "preprocess", str(dataset), "--out", str(tmp_path / "cache"), "--size", "32",
+                             "--quiet"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "2 recording(s) cached" in result.stdout and "4 failed" in result.stdout
+    for path, words in ((p["T1"]["video"], "truncated"), (p["T2"]["video"], "0 bytes"),
+                        (p["T3"]["video"], "cannot be opened"), (eda, "EDA lasts 1.00 s")):
+        assert f"{path}: " in result.stdout and words in result.stdout
+    assert sorted(d.name for d in (tmp_path / "cache").iterdir()) == ["s2_T2", "s2_T3"]
+
+
+def cache_files(cache: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+
+def test_killed_run_then_rerun_equals_uninterrupted(synth_root, tmp_path):
+    exe = Path(sys.executable).with_name("edanb")
+    args = ["preprocess", str(synth_root), "--size", "48", "--landmarks", "--quiet", "--workers", "2"]
+    subprocess.run([str(exe), *args, "--out", str(tmp_path / "reference")], check=True, capture_output=True, timeout=600)
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([str(exe), *args, "--out", str(cache)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(cache.glob("s*/meta.json")): time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    done = sorted(p.parent.name for p in cache.glob("s*/meta.json"))
+    assert 0 < len(done) < 18, f"the kill should land mid-way, {len(done)} entries were complete"
+    subprocess.run([str(exe), *args, "--out", str(cache)], check=True, capture_output=True, timeout=600)
+    assert cache_files(cache) == cache_files(tmp_path / "reference")
