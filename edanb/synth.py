@@ -355,7 +355,8 @@ def generate(out: str | Path,             # folder to write (created)
     if config.subjects < 1 or config.seconds <= 0 or config.size < 32:
         raise ValueError(f"need subjects >= 1, seconds > 0 and size >= 32, got {config}")
     if _check_target(out, config) and not force: return summary(out)
-    for old in out.glob("s*/"): shutil.rmtree(old) if old.is_dir() else None
+    for old in out.glob("s*"):
+        if old.is_dir() and old.name[1:].isdigit(): shutil.rmtree(old)   # only our own s{N} folders
     shutil.rmtree(out / "ground_truth", ignore_errors=True)
     (out / "ground_truth").mkdir(parents=True)
     _write_params(out, config, complete=False)  # marks the folder as ours, so an interrupted run can be redone
