@@ -321,7 +321,8 @@ def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
     "Preprocess every recording under `root` into `cache`; one summary row per recording (failed ones included)."
     config, cache = config or PreprocessConfig(), Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    for stale in cache.glob(".*.tmp-*"): shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
+    for pattern in (".*.tmp-*", ".*.old-*"):  # left by a killed run
+        for stale in cache.glob(pattern): shutil.rmtree(stale, ignore_errors=True)
     recordings, problems = scan(root, tolerance_s=config.tolerance_s)
     rows = [dict(recording=p.path.name, status="failed", error=str(p)) for p in problems]
     jobs = [(str(root), r.subject, r.task, str(cache), config, progress and workers <= 1) for r in recordings]
