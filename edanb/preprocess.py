@@ -299,16 +299,15 @@ def load_cached(cache: str | Path, name: str) -> dict:
     return {**arrays, "meta": meta}
 
 # %% ../nbs/02_preprocess.ipynb #c028
-def _preprocess_job(root: str, subject: str, task: str, cache: str, config: PreprocessConfig, progress: bool) -> dict:
-    "One recording, with every error caught and returned, so the others finish."
+def _preprocess_job(rec: Recording, cache: str, config: PreprocessConfig, progress: bool) -> dict:
+    "One recording (already validated by `scan`), with every error caught and returned, so the others finish."
     start = time.perf_counter()
     try:
-        rec = load_recording(root, subject, task, config.tolerance_s)
         meta = preprocess_recording(rec, cache, config, progress)
         row = dict(recording=rec.name, status=meta["status"], samples=meta["samples"], face_rate=meta["face_rate"],
                    fallback=meta["fallback"], error="")
     except Exception as e:  # reported per recording; the run goes on
-        row = dict(recording=f"{subject}_{task}", status="failed", error=str(e) if isinstance(e, DataError)
+        row = dict(recording=rec.name, status="failed", error=str(e) if isinstance(e, DataError)
                    else f"{type(e).__name__}: {e}")
     return {**row, "seconds": round(time.perf_counter() - start, 2)}
 
@@ -325,7 +324,7 @@ def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
         for stale in cache.glob(pattern): shutil.rmtree(stale, ignore_errors=True)
     recordings, problems = scan(root, tolerance_s=config.tolerance_s)
     rows = [dict(recording=p.path.name, status="failed", error=str(p)) for p in problems]
-    jobs = [(str(root), r.subject, r.task, str(cache), config, progress and workers <= 1) for r in recordings]
+    jobs = [(r, str(cache), config, progress and workers <= 1) for r in recordings]
     from edanb import preprocess  # spawned workers import the function by name
     rows += list(tqdm(parallel_map(preprocess._preprocess_job, jobs, workers), total=len(jobs), desc="preprocess",
                       disable=not progress))
