@@ -33,3 +33,12 @@ def tiny_root(tmp_path_factory) -> Path:
 def dataset(tiny_root, tmp_path) -> Path:
     "A private copy of the tiny dataset, free to break."
     return Path(shutil.copytree(tiny_root, tmp_path / "ubfc"))
+
+@pytest.fixture(scope="session")
+def synth_cache(synth_root, tmp_path_factory) -> Path:
+    "synth_root preprocessed once (72 px crops with landmarks): shared by the preprocessing and dataset tests."
+    from edanb.preprocess import PreprocessConfig, preprocess_dataset
+    cache = tmp_path_factory.mktemp("synth-cache") / "cache"
+    table = preprocess_dataset(synth_root, cache, PreprocessConfig(landmarks=True), workers=2, progress=False)
+    assert (table.status == "built").all(), table
+    return cache
