@@ -34,8 +34,8 @@ test: venv  ## notebooks (nbdev_test) then pytest
 lab: venv  ## JupyterLab on the notebooks
 	$(BIN)/jupyter lab --notebook-dir=nbs $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
-bench: venv  ## benchmarks (printed ratios, not timed tests)
-	$(BIN)/python bench/run.py
+bench: venv  ## benchmarks (printed ratios, not timed tests); `make bench ONLY=models` runs one section
+	$(BIN)/python bench/run.py $(ONLY)
 
 export: venv  ## notebooks -> edanb/, then strip notebook outputs
 	$(BIN)/nbdev_export

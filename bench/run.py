@@ -59,7 +59,21 @@ def peak_rss_mb(root: Path, cache: Path) -> float:
     return int(out.split()[-1]) / 1024
 
 
-def main():
+def models():
+    "Parameters and CPU forward time of every registered model (batch 8, T = 32, 72 px), both presets."
+    import pandas as pd
+    import torch
+    from edanb.models import model_table
+    print(f"\n== models: forward pass, batch 8 x T 32 x 72 px, CPU ({torch.get_num_threads()} threads), no grad")
+    table = pd.concat([model_table(preset, batch=8, frames=32, size=72) for preset in ("tiny", "paper")])
+    wide = table.pivot(index="model", columns="preset", values=["parameters", "forward_ms"]).loc[table.model.unique()]
+    wide.columns = [f"{a}_{b}" for a, b in wide.columns]
+    wide = wide.astype({"parameters_paper": int, "parameters_tiny": int})
+    wide["paper/tiny time"] = wide.forward_ms_paper / wide.forward_ms_tiny
+    print(wide.round(1).to_string())
+
+
+def preprocessing():
     print("== synthetic dataset generation (one core)")
     for size in (256, 1024):
         print(f"render {size}x{size}: {render_fps(size):.0f} frames/s")
@@ -107,5 +121,15 @@ def main():
           f"JPEG decode scales 1/{', 1/'.join(map(str, meta['reductions']))}")
 
 
+SECTIONS = dict(preprocessing=preprocessing, models=models)
+
+def main(names: list[str]) -> int:
+    "Run the named sections (all by default): `python bench/run.py models`."
+    unknown = set(names) - set(SECTIONS)
+    if unknown: sys.exit(f"unknown benchmark section(s) {sorted(unknown)}: choose from {list(SECTIONS)}")
+    for name in names or SECTIONS: SECTIONS[name]()
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
