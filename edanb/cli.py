@@ -18,7 +18,8 @@ from .preprocess import PreprocessConfig, preprocess_dataset
 from .synth import SynthConfig, generate
 
 # %% auto #0
-__all__ = ['dataclass_arguments', 'dataclass_from_args', 'cmd_info', 'cmd_synth', 'cmd_split', 'cmd_preprocess', 'parser', 'main']
+__all__ = ['dataclass_arguments', 'dataclass_from_args', 'cmd_info', 'cmd_synth', 'cmd_split', 'cmd_preprocess', 'cmd_models',
+           'parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #c005
 def dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -80,6 +81,19 @@ def cmd_preprocess(args) -> int:
     print(f"\n{len(table) - failed} recording(s) cached in {args.out}, {failed} failed")
     return 1 if failed else 0
 
+def cmd_models(args) -> int:
+    "List the registered models: inputs, parameters, and (with --time) CPU forward time for one batch."
+    from edanb.models import MODELS, count_parameters, create_model, model_table  # torch only when asked for
+    rows = [dict(model=name, reads=", ".join(create_model(name, args.preset).inputs),
+                 parameters=count_parameters(create_model(name, args.preset)),
+                 about=(MODELS[name].__doc__ or "").strip()) for name in MODELS]
+    table = pd.DataFrame(rows)
+    if args.time:
+        timing = model_table(args.preset, batch=args.batch, frames=args.frames, size=args.size)
+        table.insert(3, "forward_ms", timing.forward_ms.round(1).to_numpy())
+    _print_table(table)
+    return 0
+
 # %% ../nbs/90_cli.ipynb #c007
 def parser() -> argparse.ArgumentParser:
     "The `edanb` command and its subcommands."
@@ -111,6 +125,13 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(run=cmd_preprocess)
+    models = sub.add_parser("models", help=cmd_models.__doc__, description=cmd_models.__doc__)
+    models.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="model sizes (default: %(default)s)")
+    models.add_argument("--time", action="store_true", help="also time one forward pass per model on the CPU")
+    models.add_argument("--batch", type=int, default=8, help="clips per timed batch (default: %(default)s)")
+    models.add_argument("--frames", type=int, default=32, help="samples per clip (default: %(default)s)")
+    models.add_argument("--size", type=int, default=72, help="frame side in px (default: %(default)s)")
+    models.set_defaults(run=cmd_models)
     return p
 
 def main(argv: list[str] | None = None) -> int:

@@ -277,7 +277,8 @@ class LandmarkTCN(nn.Module):
         super().__init__()
         self.velocities = velocities
         c_in = 136 * (1 + velocities) + 1
-        self.net = nn.Sequential(nn.Conv1d(c_in, hidden, kernel, padding=kernel // 2), nn.ReLU(inplace=True),
+        self.net = nn.Sequential(nn.BatchNorm1d(c_in),  # each coordinate to unit scale: the expression is a few % of the face
+                                 nn.Conv1d(c_in, hidden, kernel, padding=kernel // 2), nn.ReLU(inplace=True),
                                  nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2), nn.ReLU(inplace=True),
                                  nn.Conv1d(hidden, 1, 1))
 
@@ -301,7 +302,7 @@ def example_batch(batch: int = 2,    # clips
                 bvp=torch.randn(batch, frames, generator=g), landmarks=landmarks,
                 eda=torch.randn(batch, frames, generator=g))
 
-# %% ../nbs/04_models.ipynb #c026
+# %% ../nbs/04_models.ipynb #c028
 def model_table(preset: str = "tiny", batch: int = 8, frames: int = 32, size: int = 72,
                 repeats: int = 3,    # timed forward passes (after one warm-up); the median is reported
                 device: str = "cpu") -> pd.DataFrame:

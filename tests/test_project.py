@@ -56,8 +56,17 @@ def test_readme_matches_index_notebook():
 
 def test_cli_lists_subcommands():
     result = run([str(BIN / "edanb"), "--help"], ROOT)
-    for command in ("info", "synth", "split"):
+    for command in ("info", "synth", "split", "preprocess", "models"):
         assert command in result.stdout
+
+
+def test_cli_models():
+    from edanb.models import MODELS
+    result = run([str(BIN / "edanb"), "models", "--time", "--batch", "1", "--frames", "8", "--size", "32"], ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "forward_ms" in lines[0] and len(lines) == 1 + len(MODELS)
+    assert any(line.split()[:3] == ["seqcnn_bvp", "frames,", "bvp"] for line in lines)
 
 
 def test_cli_synth_info_split(tmp_path):
