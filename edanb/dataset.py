@@ -102,17 +102,22 @@ def fit_normaliser(entries: dict[str, dict], # training recordings only: name ->
     centre, scale = {"zscore": (pooled.mean(), pooled.std()), "minmax": (pooled.min(), np.ptp(pooled)),
                      "subject": (0.0, np.concatenate([e - e.mean() for e in eda]).std())}[kind]
     if not scale > 1e-9: raise ValueError(f"training EDA is constant ({kind} scale {scale}): cannot normalise")
-    pixels, diffs = [], []
-    for e in entries.values():
+    moments = torch.zeros(3, 3, dtype=torch.float64)  # rows: count, sum, sum of squares; columns: R, G, B
+    diff_moments = torch.zeros(3, dtype=torch.float64)
+    for e in entries.values():  # running sums: memory stays one recording's sample, whatever the dataset size
         pos = _sample_positions(len(e["frames"]), frame_samples)
         pairs = torch.from_numpy(np.stack([e["frames"][pos], e["frames"][np.minimum(pos + 1, len(e["frames"]) - 1)]]))
         x = pairs.permute(0, 1, 4, 2, 3).double() / 255           # (2, k, 3, H, W)
-        pixels.append(x[0].transpose(0, 1).reshape(3, -1))
-        diffs.append(frame_difference(x).flatten())
-    pixels = torch.cat(pixels, 1)
-    mean, std = ((pixels.mean(1).tolist(), pixels.std(1).tolist()) if frames == "standard" else ([0.0] * 3, [1.0] * 3))
+        pixels, diffs = x[0].transpose(0, 1).reshape(3, -1), frame_difference(x).flatten()
+        moments += torch.stack([torch.full((3,), pixels.shape[1], dtype=torch.float64), pixels.sum(1), (pixels ** 2).sum(1)])
+        diff_moments += torch.tensor([diffs.numel(), diffs.sum(), (diffs ** 2).sum()], dtype=torch.float64)
+    def mean_std(count, total, squares):
+        mean = total / count
+        return mean, torch.sqrt(torch.clamp(squares / count - mean ** 2, min=0))
+    pixel_mean, pixel_std = mean_std(*moments)
+    mean, std = ((pixel_mean.tolist(), pixel_std.tolist()) if frames == "standard" else ([0.0] * 3, [1.0] * 3))
     return Normaliser(kind=kind, centre=float(centre), scale=float(scale), frame_mean=mean, frame_std=std,
-                      diff_std=float(torch.cat(diffs).std()) or 1.0, train_recordings=sorted(entries))
+                      diff_std=float(mean_std(*diff_moments)[1]) or 1.0, train_recordings=sorted(entries))
 
 # %% ../nbs/03_dataset.ipynb #c014
 def _mirror_68() -> list[int]:
