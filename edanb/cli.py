@@ -84,9 +84,9 @@ def cmd_preprocess(args) -> int:
 def cmd_models(args) -> int:
     "List the registered models: inputs, parameters, and (with --time) CPU forward time for one batch."
     from edanb.models import MODELS, count_parameters, create_model, model_table  # torch only when asked for
-    rows = [dict(model=name, reads=", ".join(create_model(name, args.preset).inputs),
-                 parameters=count_parameters(create_model(name, args.preset)),
-                 about=(MODELS[name].__doc__ or "").strip()) for name in MODELS]
+    models = {name: create_model(name, args.preset) for name in MODELS}
+    rows = [dict(model=name, reads=", ".join(model.inputs), parameters=count_parameters(model),
+                 about=(type(model).__doc__ or "").strip()) for name, model in models.items()]
     table = pd.DataFrame(rows)
     if args.time:
         timing = model_table(args.preset, batch=args.batch, frames=args.frames, size=args.size)

@@ -202,6 +202,8 @@ class ClipDataset(Dataset):
                                    for s in clip_starts(len(self.targets[name]), window, stride, cover_end)],
                                   columns=["recording", "start"])
         self._frames = {}  # memory maps, opened per process on first use
+        self._mean, self._std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1)
+                                 for v in (normaliser.frame_mean, normaliser.frame_std))
 
     def __len__(self) -> int: return len(self.clips)
 
@@ -219,9 +221,7 @@ class ClipDataset(Dataset):
         marks = torch.from_numpy(self.marks[name][start:stop + self.diff]) if self.landmarks else None
         if self.augment is not None: raw, marks = self.augment(raw, marks)
         x = raw.float() / 255
-        mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in
-                     (self.normaliser.frame_mean, self.normaliser.frame_std))
-        item = dict(frames=(x[:self.window] - mean) / std, eda=torch.from_numpy(self.targets[name][start:stop]),
+        item = dict(frames=(x[:self.window] - self._mean) / self._std, eda=torch.from_numpy(self.targets[name][start:stop]),
                     bvp=torch.from_numpy(self.bvp[name][start:stop]), recording=name, subject=meta["subject"],
                     task=meta["task"], start=start, t0=start / meta["target_hz"])
         if self.diff:

@@ -130,18 +130,20 @@ def series_metrics(rows: pd.DataFrame) -> dict:
 def _keys(table: pd.DataFrame, *keys: str) -> list[str]:
     return (["model"] if "model" in table else []) + list(keys)
 
+def _groups(table: pd.DataFrame, *keys: str, sort: bool = False):
+    "(labels, rows) for each group of `keys` (and 'model' when the table has one); the whole table when there are none."
+    by = _keys(table, *keys)
+    if not by: yield {}, table; return
+    for key, rows in table.groupby(by, sort=sort): yield dict(zip(by, key)), rows
+
 def metrics_table(samples: pd.DataFrame,        # from predictions_table (optionally with a 'model' column)
                   level: str = "recording",      # recording | subject | pooled
                  ) -> pd.DataFrame:
     "Metrics per recording, per subject (mean of its recordings, NaN left out) or pooled over all samples."
     if level == "pooled":
-        return pd.DataFrame([{**dict(zip(_keys(samples), key if isinstance(key, tuple) else (key,))),
-                              **series_metrics(rows)} for key, rows in samples.groupby(_keys(samples) or
-                                                                                     (lambda _: "all"))])
-    per_recording = pd.DataFrame([{**dict(zip(_keys(samples, "subject", "task", "recording"), key)),
-                                   **series_metrics(rows)}
-                                  for key, rows in samples.groupby(_keys(samples, "subject", "task", "recording"),
-                                                                   sort=False)])
+        return pd.DataFrame([{**labels, **series_metrics(rows)} for labels, rows in _groups(samples, sort=True)])
+    per_recording = pd.DataFrame([{**labels, **series_metrics(rows)}
+                                  for labels, rows in _groups(samples, "subject", "task", "recording")])
     if level == "recording": return per_recording
     if level != "subject": raise ValueError(f"level {level!r}: choose recording, subject or pooled")
     metrics = [m for m in METRICS if m in per_recording]
@@ -168,10 +170,10 @@ def summarise(subjects: pd.DataFrame,          # metrics_table(..., 'subject'), 
              ) -> pd.DataFrame:
     "One row per (model,) metric: mean over subjects, 95% bootstrap interval, number of subjects with a value."
     rows = []
-    for key, table in subjects.groupby(_keys(subjects) or (lambda _: "all"), sort=False):
+    for labels, table in _groups(subjects):
         for metric in (m for m in metrics if m in table):
             mean, low, high = bootstrap_ci(table[metric], n_boot, seed=seed)
-            rows.append({**dict(zip(_keys(subjects), key if isinstance(key, tuple) else (key,))), "metric": metric,
+            rows.append({**labels, "metric": metric,
                          "mean": mean, "ci_low": low, "ci_high": high, "subjects": int(table[metric].notna().sum())})
     return pd.DataFrame(rows)
 
