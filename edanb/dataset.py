@@ -20,21 +20,42 @@ from .data import PARTS, TASKS, DataError, check_split, load_split, subject_numb
 from .preprocess import load_cached, read_meta
 
 # %% auto #0
-__all__ = ['TARGET_SCALINGS', 'FRAME_SCALINGS', 'MIRROR_68', 'clip_starts', 'Normaliser', 'frame_difference', 'fit_normaliser',
-           'ClipAugment', 'DatasetConfig', 'ClipDataset', 'cached_recordings', 'split_recordings', 'make_datasets']
+__all__ = ['TARGET_SCALINGS', 'FRAME_SCALINGS', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index', 'Normaliser',
+           'frame_difference', 'fit_normaliser', 'ClipAugment', 'DatasetConfig', 'ClipDataset', 'cached_recordings',
+           'split_recordings', 'make_datasets']
 
 # %% ../nbs/03_dataset.ipynb #c006
 def clip_starts(n: int,                 # samples in the recording
                 window: int,            # samples per clip
                 stride: int,            # samples between the starts of consecutive clips
                 cover_end: bool = False, # add a last clip ending at the recording's end, if the stride misses it
-               ) -> np.ndarray:         # first sample of each clip; every clip lies in [0, n)
-    "Start of every clip of `window` samples within one recording of `n` samples."
+                pad: bool = False,      # evaluation: clips of the recording padded by reflection (see below)
+               ) -> np.ndarray:         # first sample of each clip
+    """Start of every clip of `window` samples within one recording of `n` samples.
+    Without `pad` every clip lies in [0, n). With `pad` (the stride must divide the window) clips start at
+    -(window - stride), every `stride` samples, up to the last sample: each sample is covered by exactly
+    window / stride clips, at within-clip positions that depend only on (sample mod stride)."""
     if window < 1 or stride < 1: raise ValueError(f"window ({window}) and stride ({stride}) must be at least 1")
+    if pad:
+        if window % stride: raise ValueError(f"padded clips need a stride that divides the window ({window} % {stride} != 0)")
+        return np.arange(-(window - stride), n, stride) if n > 0 else np.zeros(0, np.int64)
     if n < window: return np.zeros(0, np.int64)
     starts = np.arange(0, n - window + 1, stride)
     if cover_end and starts[-1] != n - window: starts = np.append(starts, n - window)
     return starts
+
+def evaluation_stride(window: int, stride: int) -> int:
+    "The largest stride <= `stride` that divides `window` (padded evaluation clips need one)."
+    return max(s for s in range(1, min(stride, window) + 1) if window % s == 0)
+
+def reflect_index(index: np.ndarray, # sample indices, possibly outside [0, n)
+                  n: int,            # samples in the recording
+                 ) -> np.ndarray:    # indices in [0, n): mirrored at both ends without repeating the edge sample
+    "numpy's 'reflect' padding as an index map: -1 -> 1, n -> n - 2, and so on (repeatedly for short recordings)."
+    if n == 1: return np.zeros_like(index)
+    period = 2 * (n - 1)
+    m = np.mod(index, period)
+    return np.where(m >= n, period - m, m)
 
 # %% ../nbs/03_dataset.ipynb #c009
 TARGET_SCALINGS = ("zscore", "minmax", "subject")
@@ -182,11 +203,13 @@ class ClipDataset(Dataset):
                  normaliser: Normaliser,            # fitted on the training recordings
                  window: int = 32,                  # samples per clip
                  stride: int = 8,                   # samples between clip starts
-                 cover_end: bool = False,           # add a clip ending at each recording's end (evaluation)
+                 pad: bool = False,                 # evaluation: pad each recording by reflection (`clip_starts`);
+                                                    # the stride becomes `evaluation_stride(window, stride)`
                  augment: ClipAugment | None = None, # training only
                  diff: bool = False,                # return 'diff' (normalised frame differences)
                  landmarks: bool = False):          # return 'landmarks'
-        self.cache, self.normaliser, self.window = Path(cache), normaliser, window
+        self.cache, self.normaliser, self.window, self.pad = Path(cache), normaliser, window, pad
+        self.stride = evaluation_stride(window, stride) if pad else stride
         self.augment, self.diff, self.landmarks = augment, diff, landmarks
         self.meta, self.targets, self.bvp, self.marks = {}, {}, {}, {}
         for name in names:
@@ -199,7 +222,7 @@ class ClipDataset(Dataset):
             self.bvp[name] = _zscore(entry["bvp"])
             if landmarks: self.marks[name] = entry["landmarks"].astype(np.float32)
         self.clips = pd.DataFrame([(name, int(s)) for name in names
-                                   for s in clip_starts(len(self.targets[name]), window, stride, cover_end)],
+                                   for s in clip_starts(len(self.targets[name]), window, self.stride, pad=pad)],
                                   columns=["recording", "start"])
         self._frames = {}  # memory maps, opened per process on first use
         self._mean, self._std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1)
@@ -213,16 +236,21 @@ class ClipDataset(Dataset):
         if name not in self._frames: self._frames[name] = np.load(self.cache / name / "frames.npy", mmap_mode="r")
         return self._frames[name]
 
+    def _samples(self, start: int, stop: int, n: int) -> slice | np.ndarray:
+        "The samples [start, stop) of a recording of n: a slice inside it (cut at its end), mirrored indices outside."
+        if not self.pad or (start >= 0 and stop <= n): return slice(start, min(stop, n))
+        return reflect_index(np.arange(start, stop), n)
+
     def __getitem__(self, i: int) -> dict:
         name, start = self.clips.recording.iat[i], int(self.clips.start.iat[i])
         stop, meta, n = start + self.window, self.meta[name], len(self.targets[name])
-        frames = self.frames_of(name)[start:min(stop + self.diff, n)]  # one frame more for the last difference
-        raw = torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2)  # a copy: the map is read-only
-        marks = torch.from_numpy(self.marks[name][start:stop + self.diff]) if self.landmarks else None
+        clip, extended = self._samples(start, stop, n), self._samples(start, stop + self.diff, n)  # one more for the last difference
+        raw = torch.from_numpy(np.array(self.frames_of(name)[extended])).permute(0, 3, 1, 2)  # a copy: the map is read-only
+        marks = torch.from_numpy(self.marks[name][extended]) if self.landmarks else None
         if self.augment is not None: raw, marks = self.augment(raw, marks)
         x = raw.float() / 255
-        item = dict(frames=(x[:self.window] - self._mean) / self._std, eda=torch.from_numpy(self.targets[name][start:stop]),
-                    bvp=torch.from_numpy(self.bvp[name][start:stop]), recording=name, subject=meta["subject"],
+        item = dict(frames=(x[:self.window] - self._mean) / self._std, eda=torch.from_numpy(self.targets[name][clip]),
+                    bvp=torch.from_numpy(self.bvp[name][clip]), recording=name, subject=meta["subject"],
                     task=meta["task"], start=start, t0=start / meta["target_hz"])
         if self.diff:
             d = frame_difference(x)
@@ -272,7 +300,7 @@ def make_datasets(cache: str | Path,                       # cache folder writte
     parts = split_recordings(cache, split, tasks)
     normaliser = fit_normaliser({n: load_cached(cache, n) for n in parts["train"]}, config.target, config.frames)
     augment = ClipAugment(config.augment_p) if config.augment_p > 0 else None
-    datasets = {part: ClipDataset(cache, names, normaliser, config.window, config.stride, cover_end=part != "train",
+    datasets = {part: ClipDataset(cache, names, normaliser, config.window, config.stride, pad=part != "train",
                                   augment=augment if part == "train" else None, diff=config.diff,
                                   landmarks=config.landmarks)
                 for part, names in parts.items()}

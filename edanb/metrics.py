@@ -13,32 +13,37 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
-from .dataset import Normaliser
+from .dataset import Normaliser, clip_starts, evaluation_stride, reflect_index
 from .preprocess import load_cached
 from .synth import CUE_COLUMNS
 
 # %% auto #0
-__all__ = ['VAR_EPS', 'LOSSES', 'METRICS', 'LOWER_IS_BETTER', 'pearson_per_clip', 'ccc_per_clip', 'mse_loss', 'npc_loss',
-           'ccc_loss', 'make_loss', 'stitch', 'series_table', 'predictions_table', 'pearson_r', 'ccc', 'series_metrics',
-           'metrics_table', 'bootstrap_ci', 'summarise', 'compare_to_baseline', 'has_ground_truth',
-           'oracle_predictions', 'oracle_fraction']
+__all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'METRICS', 'LOWER_IS_BETTER', 'pearson_per_clip', 'ccc_per_clip', 'mse_loss',
+           'npc_loss', 'ccc_loss', 'make_loss', 'stitch', 'pearson_r', 'series_table', 'clip_correlations',
+           'predictions_table', 'series_predictions', 'ccc', 'series_metrics', 'metrics_table', 'bootstrap_ci',
+           'summarise', 'compare_to_baseline', 'has_ground_truth', 'oracle_predictions', 'oracle_fraction']
 
 # %% ../nbs/05_metrics.ipynb #c006
-VAR_EPS = 1e-6  # added to the variances: a flat clip has r = 0 and a finite gradient instead of 0/0
+VAR_EPS = 1e-5    # relative: each clip's variances get VAR_EPS x the variance of its *target* added ...
+VAR_FLOOR = 1e-20 # ... plus this floor, so a flat clip has r = 0 and a finite gradient instead of 0/0
 
 def _centred(x: torch.Tensor) -> torch.Tensor: return x - x.mean(-1, keepdim=True)
 
+def _eps(t: torch.Tensor) -> torch.Tensor:
+    "The variance guard of each clip, relative to its centred target's variance (no units, no shrinking of quiet clips)."
+    return VAR_EPS * (t * t).mean(-1).detach() + VAR_FLOOR
+
 def pearson_per_clip(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     "Pearson r of each clip, (B, T) -> (B,); 0 (not NaN) for a flat clip."
-    p, t = _centred(pred), _centred(target)
-    cov = (p * t).mean(-1)
-    return cov / torch.sqrt(((p * p).mean(-1) + VAR_EPS) * ((t * t).mean(-1) + VAR_EPS))
+    p, t = _centred(pred.float()), _centred(target.float())
+    cov, eps = (p * t).mean(-1), _eps(t)
+    return cov / torch.sqrt(((p * p).mean(-1) + eps) * ((t * t).mean(-1) + eps))
 
 def ccc_per_clip(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     "Lin's concordance correlation of each clip, (B, T) -> (B,): agreement in shape, scale *and* level."
-    p, t = _centred(pred), _centred(target)
-    gap = (pred.mean(-1) - target.mean(-1)) ** 2
-    return 2 * (p * t).mean(-1) / ((p * p).mean(-1) + (t * t).mean(-1) + gap + VAR_EPS)
+    p, t = _centred(pred.float()), _centred(target.float())
+    gap = (pred.float().mean(-1) - target.float().mean(-1)) ** 2
+    return 2 * (p * t).mean(-1) / ((p * p).mean(-1) + (t * t).mean(-1) + gap + _eps(t))
 
 def mse_loss(pred, target): return F.mse_loss(pred, target)
 def npc_loss(pred, target): return -pearson_per_clip(pred, target).mean()
@@ -56,33 +61,59 @@ def make_loss(name: str,              # one of LOSSES
     return losses[name]
 
 # %% ../nbs/05_metrics.ipynb #c009
-def stitch(starts: np.ndarray,  # first sample of each clip, (N,)
+def stitch(starts: np.ndarray,  # first sample of each clip, (N,); may be negative for clips of a padded recording
            clips: np.ndarray,   # clip values, (N, T)
            n: int,              # samples in the recording
           ) -> np.ndarray:      # (n,) the mean of every clip covering each sample; NaN where none does
-    "One series from overlapping clips: overlaps are averaged."
+    "One series from overlapping clips: overlaps are averaged with equal weights; clip values outside [0, n) are dropped."
     clips = np.asarray(clips, np.float64)
     index = np.asarray(starts)[:, None] + np.arange(clips.shape[1])
+    inside = (index >= 0) & (index < n)
     total, count = np.zeros(n), np.zeros(n)
-    np.add.at(total, index, clips); np.add.at(count, index, 1)
+    np.add.at(total, index[inside], clips[inside]); np.add.at(count, index[inside], 1)
     with np.errstate(invalid="ignore", divide="ignore"): return np.where(count > 0, total / count, np.nan)
 
 # %% ../nbs/05_metrics.ipynb #c011
+def pearson_r(pred: np.ndarray, target: np.ndarray) -> float:
+    "Pearson r; NaN when either series is constant (a flat prediction has no correlation, not r = 0)."
+    p, t = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+    if len(p) < 2 or np.ptp(p) < 1e-12 or np.ptp(t) < 1e-12: return float("nan")
+    return float(np.corrcoef(p, t)[0, 1])
+
 def series_table(recording: str,            # recording name, e.g. 's3_T2'
                  pred: np.ndarray,          # prediction, normalised units, one value per sample
                  target: np.ndarray,        # target, normalised units
                  normaliser: Normaliser | None = None, # to add µS columns
                  hz: float = 4.0,           # sampling clock
+                 calibrated: bool = True,   # False: `pred` is a shape only (standardised clips), with no level or scale
                 ) -> pd.DataFrame:
-    "One row per sample of a recording: recording, subject, task, sample, t, pred, target (+ pred_us, target_us)."
+    """One row per sample of a recording: recording, subject, task, sample, t, pred, target, calibrated, and with a
+    normaliser target_us and pred_us. Under 'subject' scaling the µS prediction needs the recording's own (label)
+    mean, so it is named `pred_us_given_true_mean` and no µS error is computed from it; a shape-only prediction has none."""
     subject, task = recording.split("_")
     table = pd.DataFrame(dict(recording=recording, subject=subject, task=task, sample=np.arange(len(target)),
                               t=np.arange(len(target)) / hz, pred=np.asarray(pred, np.float64),
-                              target=np.asarray(target, np.float64)))
+                              target=np.asarray(target, np.float64), calibrated=calibrated))
     if normaliser is not None:
-        table["pred_us"] = normaliser.inverse(table.pred, recording)
         table["target_us"] = normaliser.inverse(table.target, recording)
+        if calibrated:
+            name = "pred_us_given_true_mean" if normaliser.kind == "subject" else "pred_us"
+            table[name] = normaliser.inverse(table.pred, recording)
     return table
+
+def _standardise_clips(clips: np.ndarray) -> np.ndarray:
+    "Each clip (row) to zero mean and unit std; a flat clip becomes zeros."
+    centred = clips - clips.mean(1, keepdims=True)
+    std = centred.std(1, keepdims=True)
+    return np.divide(centred, std, out=np.zeros_like(centred), where=std > 1e-12)
+
+def clip_correlations(starts: np.ndarray,  # first sample of each clip (may be negative: padded clips)
+                      clips: np.ndarray,   # (N, T) clip predictions
+                      target: np.ndarray,  # the recording's whole target series
+                     ) -> np.ndarray:      # (N,) Pearson r of each clip over its samples inside the recording
+    "Per-clip r, the metric an NPC loss optimises: NaN for a flat clip."
+    n = len(target)
+    return np.array([pearson_r(clip[max(-s, 0):n - s], target[max(s, 0):s + len(clip)]) for s, clip in zip(starts, clips)])
 
 def predictions_table(recordings: Sequence[str],        # recording of each clip
                       starts: Sequence[int],            # first sample of each clip
@@ -90,25 +121,40 @@ def predictions_table(recordings: Sequence[str],        # recording of each clip
                       targets: dict[str, np.ndarray],   # recording -> whole target series, normalised units
                       normaliser: Normaliser | None = None, # adds µS columns
                       hz: float = 4.0,                  # sampling clock
+                      shape_only: bool = False,         # the model was trained with NPC alone: standardise each clip first
                      ) -> pd.DataFrame:
-    "Stitch clip predictions into one row per sample of every recording (samples no clip covers are dropped)."
-    recordings, starts, predictions = np.asarray(recordings), np.asarray(starts), np.asarray(predictions)
+    """Stitch clip predictions into one row per sample of every recording (samples no clip covers are dropped),
+    with `clip_r`, the recording's mean per-clip r, on every row."""
+    recordings, starts, predictions = np.asarray(recordings), np.asarray(starts), np.asarray(predictions, np.float64)
     parts = []
     for name in dict.fromkeys(recordings):
         mine = recordings == name
-        pred = stitch(starts[mine], predictions[mine], len(targets[name]))
-        parts.append(series_table(name, pred, targets[name], normaliser, hz).loc[~np.isnan(pred)])
+        clips = _standardise_clips(predictions[mine]) if shape_only else predictions[mine]
+        pred = stitch(starts[mine], clips, len(targets[name]))
+        rs = clip_correlations(starts[mine], clips, targets[name])
+        table = series_table(name, pred, targets[name], normaliser, hz, calibrated=not shape_only)
+        parts.append(table.assign(clip_r=np.nanmean(rs) if np.isfinite(rs).any() else np.nan).loc[~np.isnan(pred)])
     return pd.concat(parts, ignore_index=True)
 
-# %% ../nbs/05_metrics.ipynb #c013
-METRICS = ("mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "r", "npc", "ccc")
-LOWER_IS_BETTER = {"mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "npc"}
+def series_predictions(series: dict[str, np.ndarray],  # recording -> a prediction for every sample, normalised units
+                       targets: dict[str, np.ndarray], # recording -> target series, normalised units
+                       normaliser: Normaliser | None = None, # adds µS columns
+                       window: int = 32,               # the evaluation clips of the models it is compared with
+                       stride: int = 8,
+                       hz: float = 4.0,
+                      ) -> pd.DataFrame:
+    "A whole-series prediction (a baseline, the oracle) as a model's: cut into the same padded clips, so it has a `clip_r` too."
+    stride, names, starts, clips = evaluation_stride(window, stride), [], [], []
+    for name, pred in series.items():
+        s = clip_starts(len(pred), window, stride, pad=True)
+        names += [name] * len(s)
+        starts.append(s)
+        clips.append(np.asarray(pred, np.float64)[reflect_index(s[:, None] + np.arange(window), len(pred))])
+    return predictions_table(names, np.concatenate(starts), np.concatenate(clips), targets, normaliser, hz)
 
-def pearson_r(pred: np.ndarray, target: np.ndarray) -> float:
-    "Pearson r; NaN when either series is constant (a flat prediction has no correlation, not r = 0)."
-    p, t = np.asarray(pred, np.float64), np.asarray(target, np.float64)
-    if len(p) < 2 or np.ptp(p) < 1e-12 or np.ptp(t) < 1e-12: return float("nan")
-    return float(np.corrcoef(p, t)[0, 1])
+# %% ../nbs/05_metrics.ipynb #c013
+METRICS = ("mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "r", "clip_r", "npc", "ccc")
+LOWER_IS_BETTER = {"mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "npc"}
 
 def ccc(pred: np.ndarray, target: np.ndarray) -> float:
     "Lin's concordance correlation coefficient (population moments); 0 for a constant prediction."
@@ -117,15 +163,20 @@ def ccc(pred: np.ndarray, target: np.ndarray) -> float:
     return float(2 * np.mean((p - p.mean()) * (t - t.mean())) / denom) if denom > 0 else float("nan")
 
 def series_metrics(rows: pd.DataFrame) -> dict:
-    "Every metric of one series (columns pred, target, and pred_us, target_us when present)."
-    out = dict(n=len(rows))
+    """Every metric of one series (columns pred, target, and pred_us, target_us when present). Errors and CCC need a
+    calibrated prediction (level and scale): for a shape-only one they are NaN; µS errors need a `pred_us` column."""
+    out, nan = dict(n=len(rows)), float("nan")
+    calibrated = bool(rows["calibrated"].all()) if "calibrated" in rows else True
     for suffix in ("", "_us"):
         if f"pred{suffix}" not in rows: continue
         err = rows[f"pred{suffix}"].to_numpy() - rows[f"target{suffix}"].to_numpy()
-        out |= {f"mse{suffix}": np.mean(err ** 2), f"rmse{suffix}": np.sqrt(np.mean(err ** 2)),
-                f"mae{suffix}": np.mean(np.abs(err))}
+        out |= ({f"mse{suffix}": np.mean(err ** 2), f"rmse{suffix}": np.sqrt(np.mean(err ** 2)),
+                 f"mae{suffix}": np.mean(np.abs(err))} if calibrated else
+                {f"{m}{suffix}": nan for m in ("mse", "rmse", "mae")})
     r = pearson_r(rows.pred, rows.target)
-    return out | dict(r=r, npc=-r, ccc=ccc(rows.pred, rows.target))
+    out |= dict(r=r, npc=-r, ccc=ccc(rows.pred, rows.target) if calibrated else nan)
+    if "clip_r" in rows: out["clip_r"] = float(rows.clip_r.mean())  # NaN left out; pooled: weighted by samples
+    return out
 
 def _keys(table: pd.DataFrame, *keys: str) -> list[str]:
     return (["model"] if "model" in table else []) + list(keys)
@@ -165,7 +216,7 @@ def bootstrap_ci(values: np.ndarray,     # one value per subject (NaN ignored)
     return float(values.mean()), float(low), float(high)
 
 def summarise(subjects: pd.DataFrame,          # metrics_table(..., 'subject'), optionally with a 'model' column
-              metrics: Sequence[str] = ("mse_us", "mae_us", "mse", "r", "ccc"),
+              metrics: Sequence[str] = ("mse_us", "mae_us", "mse", "r", "clip_r", "ccc"),
               n_boot: int = 2000, seed: int = 0,
              ) -> pd.DataFrame:
     "One row per (model,) metric: mean over subjects, 95% bootstrap interval, number of subjects with a value."
@@ -182,20 +233,26 @@ def compare_to_baseline(subjects: pd.DataFrame,   # per-subject metrics of sever
                         baseline: str = "naive",  # the model to compare against
                         metric: str = "mse_us",   # paired per-subject metric
                        ) -> pd.DataFrame:
-    "Each model vs the baseline on the same test subjects: Wilcoxon signed-rank test of the per-subject metric."
+    """Each model vs the baseline on the same test subjects: Wilcoxon signed-rank test of the per-subject metric.
+    `subjects` counts the non-zero paired differences, the ones the test uses (ties are dropped, as scipy does)."""
+    if metric not in subjects:
+        why = (" µS errors are not reported under 'subject' scaling (its µS prediction borrows each test recording's "
+               "mean from the labels) nor for shape-only predictions (NPC): compare on r, clip_r or normalised errors"
+               if metric.endswith("_us") else "")
+        raise ValueError(f"metric {metric!r} is not in the table.{why}")
     wide = subjects.pivot(index="subject", columns="model", values=metric)
     if baseline not in wide: raise ValueError(f"baseline {baseline!r} not among the models {list(wide.columns)}")
-    rows = []
+    rows, nan = [], float("nan")
     for model in (m for m in wide.columns if m != baseline):
         pair = wide[[model, baseline]].dropna()
         diff = (pair[model] - pair[baseline]).to_numpy()
+        used = int(np.count_nonzero(diff))
         better = diff < 0 if metric in LOWER_IS_BETTER else diff > 0
-        stat, p = (float("nan"), float("nan")) if len(diff) == 0 else \
-                  (0.0, 1.0) if np.all(diff == 0) else tuple(scipy.stats.wilcoxon(diff))
-        rows.append(dict(model=model, baseline=baseline, metric=metric, subjects=len(diff),
-                         median_difference=float(np.median(diff)) if len(diff) else float("nan"),
+        stat, p = (nan, nan) if len(diff) == 0 else (0.0, 1.0) if used == 0 else tuple(scipy.stats.wilcoxon(diff))
+        rows.append(dict(model=model, baseline=baseline, metric=metric, subjects=used, ties=len(diff) - used,
+                         median_difference=float(np.median(diff)) if len(diff) else nan,
                          better_in=int(better.sum()), statistic=float(stat), p_value=float(p),
-                         smallest_possible_p=2.0 ** (1 - len(diff)) if len(diff) else float("nan")))
+                         smallest_possible_p=2.0 ** (1 - used) if used else nan))
     return pd.DataFrame(rows)
 
 # %% ../nbs/05_metrics.ipynb #c023
@@ -216,17 +273,19 @@ def oracle_predictions(root: str | Path,       # the synthetic dataset folder (w
                        parts: dict[str, Sequence[str]], # part -> recording names (`edanb.dataset.split_recordings`)
                        normaliser: Normaliser, # the run's normaliser (fitted on the training recordings)
                        evaluate: str = "test", # the part to predict
+                       window: int = 32,       # clips for `clip_r`: the evaluation clips of the models it is compared with
+                       stride: int = 8,
                       ) -> pd.DataFrame:
     "The oracle as a model: one linear map from the rendered cues to normalised EDA, fitted on 'train', applied to `evaluate`."
     root, cache = Path(root), Path(cache)
     if not has_ground_truth(root): raise FileNotFoundError(f"{root / 'ground_truth'}: no *_signals.csv (not synthetic data?)")
     train = [_cues(root, cache, name, normaliser) for name in parts["train"]]
     weights = np.linalg.lstsq(np.concatenate([c for c, _ in train]), np.concatenate([y for _, y in train]), rcond=None)[0]
-    tables = []
+    series, targets = {}, {}
     for name in parts[evaluate]:
-        cues, target = _cues(root, cache, name, normaliser)
-        tables.append(series_table(name, cues @ weights, target, normaliser))
-    return pd.concat(tables, ignore_index=True).assign(model="oracle")
+        cues, targets[name] = _cues(root, cache, name, normaliser)
+        series[name] = cues @ weights
+    return series_predictions(series, targets, normaliser, window, stride).assign(model="oracle")
 
 def oracle_fraction(subjects: pd.DataFrame, # per-subject metrics with a 'model' column, the oracle's included
                     metric: str = "r",

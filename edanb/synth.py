@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from .data import BVP_HZ, EDA_HZ, TASKS, VIDEO_FPS, parallel_map, recording_paths, subject_number
 
 # %% auto #0
-__all__ = ['STREAMS', 'TASK_AROUSAL', 'PATCH_ROWS', 'PATCH_COLS', 'FACE_BOX', 'MOUTH', 'JPEG_QUALITY', 'CUE_COLUMNS', 'stream',
-           'Subject', 'make_subject', 'ou_process', 'lowpass', 'scr_kernel', 'pulse_wave', 'Physiology',
-           'simulate_physiology', 'face_patch', 'background', 'Nuisance', 'simulate_nuisance', 'Cues',
+__all__ = ['STREAMS', 'TASK_AROUSAL', 'PATCH_ROWS', 'PATCH_COLS', 'FACE_BOX', 'MOUTH', 'JPEG_QUALITY', 'EXPRESSION_MAX',
+           'CUE_COLUMNS', 'stream', 'Subject', 'make_subject', 'ou_process', 'lowpass', 'scr_kernel', 'pulse_wave',
+           'Physiology', 'simulate_physiology', 'face_patch', 'background', 'Nuisance', 'simulate_nuisance', 'Cues',
            'cues_from_physiology', 'affine', 'face_box', 'FaceRenderer', 'write_recording', 'pearson', 'oracle_scores',
            'SynthConfig', 'generate', 'summary']
 
@@ -173,14 +173,17 @@ def simulate_nuisance(n_frames: int, rng: np.random.Generator) -> Nuisance:
 class Cues:
     "Visible cues per video frame, exactly as rendered (already scaled by coupling and subject gain)."
     flush: np.ndarray       # skin reddening, ~0..1
-    expression: np.ndarray  # mouth opening, ~0..2
+    expression: np.ndarray  # mouth opening, 0..EXPRESSION_MAX
     pulse: np.ndarray       # rPPG colour change, zero mean
 
+EXPRESSION_MAX = 2.0  # the widest mouth opening the renderer draws: the cue is clipped *before* it is recorded
+
 def cues_from_physiology(phys: Physiology, subject: Subject, times: np.ndarray, coupling: float) -> Cues:
-    "Sample the visible cues at `times` (s). With `coupling=0` they are exactly zero."
+    "Sample the visible cues at `times` (s), as they are rendered. With `coupling=0` they are exactly zero."
     g = coupling * subject.cue_gain
     at = lambda x: np.interp(times, phys.t, x)
-    return Cues(flush=g * at(phys.tonic), expression=g * at(phys.phasic_us) / subject.scr_us, pulse=g * at(phys.pulse))
+    return Cues(flush=g * at(phys.tonic), expression=np.clip(g * at(phys.phasic_us) / subject.scr_us, 0, EXPRESSION_MAX),
+                pulse=g * at(phys.pulse))
 
 def affine(subject: Subject, nuisance: Nuisance, i: int, size: int, patch_size: int) -> np.ndarray:
     "The 2x3 matrix that places the patch in frame `i`."
@@ -218,7 +221,7 @@ class FaceRenderer:
         face = self.patch * (1 + self.skin[..., None] * (gain - 1))
         if expression != 0:
             xx, yy = self.grid
-            shift = np.float32(6.0 * min(max(expression, 0.0), 2.0)) * self.jaw
+            shift = np.float32(6.0 * expression) * self.jaw   # `expression` is already clipped (cues_from_physiology)
             face = cv2.remap(face, xx, yy - shift, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         return face
 

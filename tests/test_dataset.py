@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from edanb.data import DataError, SplitError, save_split
 from edanb.dataset import (ClipAugment, ClipDataset, DatasetConfig, Normaliser, cached_recordings, make_datasets,
-                           split_recordings)
+                           reflect_index, split_recordings)
 from edanb.preprocess import load_cached
 
 SPLIT = dict(train=["s1", "s2", "s3", "s4"], val=["s5"], test=["s6"])
@@ -17,17 +17,30 @@ SPLIT = dict(train=["s1", "s2", "s3", "s4"], val=["s5"], test=["s6"])
 def test_no_clip_spans_two_recordings(synth_cache):
     datasets, _ = make_datasets(synth_cache, SPLIT, DatasetConfig(window=32, stride=7, augment_p=0))
     for part, ds in datasets.items():
+        stride = 7 if part == "train" else 4      # evaluation: the largest stride <= 7 that divides the window
         for name, n in ((name, len(t)) for name, t in ds.targets.items()):
-            expected = (n - 32) // 7 + 1 + (part != "train" and (n - 32) % 7 != 0)   # cover_end for val/test
+            expected = (n - 32) // 7 + 1 if part == "train" else len(range(-(32 - 4), n, 4))
             assert (ds.clips.recording == name).sum() == expected
-        for i in range(len(ds)):  # every clip's samples are one contiguous run of its own recording
+        for i in range(len(ds)):  # every clip's samples come from its own recording, mirrored at its ends
             item = ds[i]
             truth = load_cached(synth_cache, item["recording"])
-            assert item["start"] + 32 <= len(truth["eda"])
+            n, start = len(truth["eda"]), item["start"]
+            assert part != "train" or 0 <= start and start + 32 <= n
             np.testing.assert_allclose(ds.normaliser.inverse(item["eda"].numpy(), item["recording"]),
-                                       truth["eda"][item["start"]:item["start"] + 32], rtol=1e-5)
+                                       truth["eda"][reflect_index(np.arange(start, start + 32), n)], rtol=1e-5)
             assert item["recording"].startswith(item["subject"] + "_")
             assert item["subject"] in SPLIT[part]
+
+
+def test_evaluation_clips_cover_every_sample_equally(synth_cache):
+    "Each test sample is seen by window / stride clips, at the same within-clip positions as its neighbours: no edge is special."
+    datasets, _ = make_datasets(synth_cache, SPLIT, DatasetConfig(window=32, stride=8))
+    test = datasets["test"]
+    for name, target in test.targets.items():
+        starts = test.clips.start[test.clips.recording == name].to_numpy()
+        for i in range(len(target)):
+            positions = np.sort(i - starts[(starts <= i) & (i < starts + 32)])
+            np.testing.assert_array_equal(positions, (i + 24) % 8 + 8 * np.arange(4), err_msg=f"{name} sample {i}")
 
 
 def test_normaliser_sees_training_data_only(synth_cache, tmp_path):
@@ -89,7 +102,7 @@ def test_augmentation_probability_and_parts(synth_cache):
     changed = np.mean([not torch.equal(datasets["train"][i]["frames"], plain[i]["frames"]) for i in range(len(plain))])
     assert 0.55 < changed < 0.85   # p = 0.7
     test = datasets["test"]
-    fresh = ClipDataset(synth_cache, test.clips.recording.unique().tolist(), norm, cover_end=True)
+    fresh = ClipDataset(synth_cache, test.clips.recording.unique().tolist(), norm, pad=True)
     for i in range(len(test)): assert torch.equal(test[i]["frames"], fresh[i]["frames"])
 
 

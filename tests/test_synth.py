@@ -196,3 +196,11 @@ def test_interrupted_generation_is_redone(tmp_path):
     recording_paths(tmp_path, "s1", "T2")["eda"].unlink()
     generate(tmp_path, config, progress=False)
     assert len(discover(tmp_path)) == 3 and json.loads(params.read_text())["complete"] is True
+
+
+def test_ground_truth_holds_the_cues_as_rendered(synth_root):
+    "The mouth opening is clipped for rendering; the recorded cue (and so the oracle) must be the clipped one."
+    from edanb.synth import EXPRESSION_MAX
+    expression = pd.concat([pd.read_csv(p) for p in (synth_root / "ground_truth").glob("*_signals.csv")]).expression
+    assert expression.min() >= 0 and expression.max() <= EXPRESSION_MAX
+    assert (expression == EXPRESSION_MAX).mean() > 0.001   # the clip is reached here, so the check above can fail
