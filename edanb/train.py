@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from .data import kfold_subjects, load_split, save_split, split_subjects, subject_number
-from .dataset import DatasetConfig, Normaliser, cached_recordings, make_datasets, reflect_index, split_recordings
+from .dataset import (DatasetConfig, Normaliser, cached_recordings, frame_difference, make_datasets, reflect_index,
+                           split_recordings)
 from .metrics import (compare_to_baseline, has_ground_truth, make_loss, metrics_table, oracle_fraction,
                            oracle_predictions, predictions_table, series_predictions, summarise)
 from .models import MODELS, create_model
@@ -31,8 +32,9 @@ from .models import MODELS, create_model
 # %% auto #0
 __all__ = ['RUN_INDEPENDENT', 'TrainConfig', 'write_atomic', 'write_json', 'make_splits', 'seed_everything', 'resolve_device',
            'distributed', 'rng_state', 'set_rng_state', 'to_device', 'autocast', 'predict', 'score', 'selection_value',
-           'clip_targets', 'make_optimiser', 'train_epoch', 'build_model', 'fit_fold', 'elapsed_time_series',
-           'reference_predictions', 'ceiling_table', 'run_metrics', 'fit', 'headline', 'main']
+           'clip_targets', 'ResidentClips', 'ResidentBatches', 'make_optimiser', 'train_epoch', 'build_model',
+           'fit_fold', 'elapsed_time_series', 'reference_predictions', 'ceiling_table', 'run_metrics', 'fit',
+           'headline', 'main']
 
 # %% ../nbs/06_train.ipynb #c006
 @dataclass
@@ -62,6 +64,7 @@ class TrainConfig(DatasetConfig):
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     workers: int = 0               # DataLoader worker processes
     amp: str = "none"              # mixed precision: none | bf16 | fp16 (fp16 adds a GradScaler)
+    data_on_device: bool = False   # keep every clip's frames on the device as uint8 and build batches there (GPU data path)
     progress: bool = True          # progress bars and a line per epoch
 
     def __post_init__(self):
@@ -148,12 +151,15 @@ def autocast(config: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset, config: TrainConfig, device: torch.device) -> np.ndarray:
+def predict(model: torch.nn.Module, dataset, config: TrainConfig, device: torch.device,
+            resident: ResidentClips | None = None,  # the same clips held on the device (`data_on_device`)
+           ) -> np.ndarray:
     "(N, T) predictions for every clip of `dataset`, in order; under torchrun each rank predicts a share, all get all."
     rank, world = distributed()
     model.eval()
     mine = list(range(rank, len(dataset), world))
-    loader = DataLoader(Subset(dataset, mine), batch_size=2 * config.batch_size, num_workers=config.workers)
+    loader = resident.batches(2 * config.batch_size, mine) if resident is not None else \
+        DataLoader(Subset(dataset, mine), batch_size=2 * config.batch_size, num_workers=config.workers)
     outs = []
     for batch in loader:
         with autocast(config, device): outs.append(model(to_device(batch, device)).float().cpu().numpy())
@@ -184,6 +190,62 @@ def clip_targets(dataset) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, dataset.window), np.float32)
 
 # %% ../nbs/06_train.ipynb #c018
+class ResidentClips:
+    """Every clip of a `ClipDataset` served from tensors held on one device: the frames as uint8 (about 2 GB for the
+    whole UBFC-Phys cache at 72 px), clips gathered, scaled, differenced and augmented there. No loader, no workers."""
+    def __init__(self, dataset,                 # a ClipDataset (its clips, targets, normaliser and options)
+                 device: torch.device):
+        self.dataset, self.device, self.window = dataset, device, dataset.window
+        names, offsets, total = list(dataset.targets), {}, 0
+        for name in names: offsets[name], total = total, total + len(dataset.targets[name])
+        cat = lambda arrays: torch.from_numpy(np.concatenate(arrays)).to(device)
+        self.frames = cat([np.asarray(dataset.frames_of(n)) for n in names]).permute(0, 3, 1, 2)   # (N, 3, H, W) uint8
+        self.eda, self.bvp = cat([dataset.targets[n] for n in names]), cat([dataset.bvp[n] for n in names])
+        self.marks = cat([dataset.marks[n] for n in names]) if dataset.landmarks else None
+        rows = []
+        for name, start in zip(dataset.clips.recording, dataset.clips.start):
+            n, span = len(dataset.targets[name]), np.arange(start, start + self.window + 1)
+            local = reflect_index(span, n) if dataset.pad else np.minimum(span, n - 1)  # clamped: a zero last difference
+            rows.append(offsets[name] + local)
+        self.index = torch.from_numpy(np.stack(rows)).to(device)                       # (clips, T + 1)
+        self._mean, self._std = dataset._mean.to(device), dataset._std.to(device)
+
+    def __len__(self) -> int: return len(self.index)
+
+    def batch(self, clips: torch.Tensor) -> dict:
+        "The batch of the clips numbered `clips`, as a DataLoader over the dataset would collate it."
+        ds, index = self.dataset, self.index[clips.to(self.device)]
+        clip = index[:, :self.window]
+        raw = self.frames[index]                                                        # (B, T + 1, 3, H, W) uint8
+        marks = self.marks[index] if self.marks is not None else None
+        if ds.augment is not None:
+            pairs = [ds.augment(raw[b], None if marks is None else marks[b]) for b in range(len(raw))]
+            raw = torch.stack([p[0] for p in pairs])
+            if marks is not None: marks = torch.stack([p[1] for p in pairs])
+        x = raw.float() / 255
+        rows = ds.clips.iloc[clips.cpu().numpy()]
+        out = dict(frames=(x[:, :self.window] - self._mean) / self._std, eda=self.eda[clip], bvp=self.bvp[clip],
+                   recording=rows.recording.tolist(), subject=[ds.meta[r]["subject"] for r in rows.recording],
+                   task=[ds.meta[r]["task"] for r in rows.recording], start=torch.tensor(rows.start.to_numpy()),
+                   t0=torch.tensor([s / ds.meta[r]["target_hz"] for r, s in zip(rows.recording, rows.start)],
+                                   dtype=torch.float64))
+        if ds.diff: out["diff"] = frame_difference(x.transpose(0, 1)).transpose(0, 1) / ds.normaliser.diff_std
+        if marks is not None: out["landmarks"] = marks[:, :self.window]
+        return out
+
+    def batches(self, batch_size: int, order: torch.Tensor | None = None) -> "ResidentBatches":
+        "Batches of `batch_size` clips in `order` (e.g. a permutation), or in dataset order: an iterable with a length."
+        order = torch.arange(len(self)) if order is None else torch.as_tensor(order)
+        return ResidentBatches(self, [order[i:i + batch_size] for i in range(0, len(order), batch_size)])
+
+@dataclass
+class ResidentBatches:
+    clips: ResidentClips
+    chunks: list
+    def __len__(self) -> int: return len(self.chunks)
+    def __iter__(self): return (self.clips.batch(c) for c in self.chunks)
+
+# %% ../nbs/06_train.ipynb #c021
 def make_optimiser(model: torch.nn.Module, config: TrainConfig):
     cls = torch.optim.AdamW if config.optimiser == "adamw" else torch.optim.Adam
     optimiser = cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -196,7 +258,7 @@ def train_epoch(model, loader, optimiser, loss_fn, config: TrainConfig, device, 
     "One pass over the training clips; the gradient norm is clipped after backward (and after unscaling)."
     model.train()
     total, count, norms = 0.0, 0, []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not config.progress):
+    for batch in tqdm(loader, desc=desc, total=len(loader), leave=False, disable=not config.progress):
         batch = to_device(batch, device)
         optimiser.zero_grad(set_to_none=True)
         with autocast(config, device): pred = model(batch)
@@ -209,7 +271,7 @@ def train_epoch(model, loader, optimiser, loss_fn, config: TrainConfig, device, 
         norms.append(float(norm))
     return dict(train_loss=total / max(count, 1), grad_norm=float(np.median(norms)) if norms else float("nan"))
 
-# %% ../nbs/06_train.ipynb #c020
+# %% ../nbs/06_train.ipynb #c023
 def _dataset_config(config: TrainConfig, inputs) -> DatasetConfig:
     "The run's DatasetConfig, with the inputs the model reads switched on."
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(DatasetConfig)}
@@ -258,10 +320,13 @@ def fit_fold(config: TrainConfig,                 # the run's configuration
         if config.progress and rank == 0: print(f"fold {fold}: resumed after epoch {state['epoch']}")
     val_targets = torch.from_numpy(clip_targets(datasets["val"]))
     train = datasets["train"]
+    resident = {part: ResidentClips(d, device) for part, d in datasets.items()} if config.data_on_device else {}
     while not state["done"] and state["epoch"] < config.epochs:
         epoch, start = state["epoch"], time.perf_counter()
         generator = torch.Generator().manual_seed(config.seed * 100003 + 1009 * fold + epoch)  # shuffling, worker seeds
-        if world > 1:
+        if resident:  # the same shuffling, drawn on the CPU; each rank takes its share
+            loader = resident["train"].batches(config.batch_size, torch.randperm(len(train), generator=generator)[rank::world])
+        elif world > 1:
             sampler = DistributedSampler(train, world, rank, shuffle=True, seed=config.seed + fold)
             sampler.set_epoch(epoch)
             loader = DataLoader(train, config.batch_size, sampler=sampler, num_workers=config.workers, generator=generator)
@@ -269,7 +334,7 @@ def fit_fold(config: TrainConfig,                 # the run's configuration
             loader = DataLoader(train, config.batch_size, shuffle=True, num_workers=config.workers, generator=generator)
         row = dict(epoch=epoch, **train_epoch(net, loader, optimiser, loss_fn, config, device, scaler,
                                               f"fold {fold} epoch {epoch}"))
-        preds = predict(model, datasets["val"], config, device)
+        preds = predict(model, datasets["val"], config, device, resident.get("val"))
         row["val_loss"] = float(loss_fn(torch.from_numpy(preds), val_targets))
         val = metrics_table(score(datasets["val"], preds, normaliser, config))   # per validation recording
         row |= {f"val_{m}": float(val[m].mean()) for m in ("r", "clip_r", "ccc", "mse")}
@@ -294,11 +359,12 @@ def fit_fold(config: TrainConfig,                 # the run's configuration
     best = torch.load(folder / "best.pt", map_location=device, weights_only=True)  # the best epoch's weights, not the last
     model.load_state_dict(best["model"])
     test = datasets["test"]
-    samples = score(test, predict(model, test, config, device), normaliser, config).assign(model=config.model)
+    samples = score(test, predict(model, test, config, device, resident.get("test")), normaliser, config) \
+        .assign(model=config.model)
     return pd.concat([samples, *reference_predictions(config, split, datasets, normaliser)], ignore_index=True) \
              .assign(fold=fold, best_epoch=best["epoch"])
 
-# %% ../nbs/06_train.ipynb #c022
+# %% ../nbs/06_train.ipynb #c025
 def elapsed_time_series(targets: dict[str, np.ndarray], # training recordings -> normalised target
                         hz: float = 4.0,
                        ) -> Callable[[int], np.ndarray]:  # n samples -> the prediction for a recording of n samples
@@ -320,7 +386,7 @@ def reference_predictions(config: TrainConfig, split: dict, datasets: dict, norm
         out.append(oracle_predictions(config.data, config.cache, parts, normaliser, window=config.window, stride=config.stride))
     return out
 
-# %% ../nbs/06_train.ipynb #c025
+# %% ../nbs/06_train.ipynb #c028
 def _records(table: pd.DataFrame) -> list[dict]:
     return json.loads(table.to_json(orient="records", double_precision=15))
 
@@ -360,7 +426,7 @@ def run_metrics(samples: pd.DataFrame,  # pooled test predictions of a run (pred
     if ceiling is not None: out["ceiling_fraction"] = _records(ceiling)
     return out
 
-# %% ../nbs/06_train.ipynb #c026
+# %% ../nbs/06_train.ipynb #c029
 RUN_INDEPENDENT = ("out", "progress", "workers", "device")  # may differ when a run is resumed
 
 def _same_run(saved: dict, config: TrainConfig) -> bool:
@@ -396,7 +462,7 @@ def fit(config: TrainConfig,                                      # the experime
         write_json(out / "metrics.json", metrics)
     return metrics
 
-# %% ../nbs/06_train.ipynb #c027
+# %% ../nbs/06_train.ipynb #c030
 def headline(metrics: dict,                                   # from `fit` or metrics.json
              columns: tuple = ("r", "clip_r", "ccc", "mse", "mse_us"),
             ) -> pd.DataFrame:
@@ -408,7 +474,7 @@ def headline(metrics: dict,                                   # from `fit` or me
     order = summary[summary.metric == "r"].set_index("model")["mean"].fillna(-np.inf).sort_values(ascending=False).index
     return table.reindex(index=order, columns=[c for c in columns if c in table]).reset_index().rename_axis(columns=None)
 
-# %% ../nbs/06_train.ipynb #c034
+# %% ../nbs/06_train.ipynb #c037
 def main(argv: list[str] | None = None) -> int:
     "`python -m edanb.train [options]` (also under `torchrun`): the same options as `edanb train`."
     from edanb.cli import main as cli_main
@@ -416,6 +482,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized(): dist.destroy_process_group()
 
-# %% ../nbs/06_train.ipynb #c035
+# %% ../nbs/06_train.ipynb #c038
 #| eval: false
 if __name__ == "__main__": sys.exit(main())

@@ -170,3 +170,9 @@ def test_train_command_rejects_an_unknown_option(small):
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--cache", small["cache"], "--learning-rate", "1"])
     assert exit_.value.code == 2
+
+
+def test_the_device_resident_data_path_trains_and_scores(small, tmp_path):
+    metrics = fit(config(small, tmp_path / "run", folds=0, epochs=1, data_on_device=True, augment_p=1.0))
+    assert set(metrics["models"]) == {"landmarks", "naive", "elapsed", "oracle"}
+    assert pd.read_parquet(tmp_path / "run" / "predictions.parquet").pred.notna().all()
