@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import scipy.ndimage
 import scipy.signal
 from tqdm.auto import tqdm
 
@@ -23,8 +24,9 @@ from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, Recording, l
 
 # %% auto #0
 __all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'sample_count', 'frame_indices', 'resample', 'bandpass', 'heart_rate',
-           'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'FaceTracker', 'reduction_for', 'landmarks_68',
-           'source_stamp', 'cache_key', 'read_meta', 'preprocess_recording', 'load_cached', 'preprocess_dataset']
+           'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'detect_face', 'box_path', 'crop_window',
+           'crop_steps', 'reduction_for', 'landmarks_68', 'source_stamp', 'cache_key', 'read_meta',
+           'preprocess_recording', 'load_cached', 'preprocess_dataset']
 
 # %% ../nbs/02_preprocess.ipynb #c006
 def sample_count(rec: Recording, target_hz: float = EDA_HZ) -> int:
@@ -115,11 +117,11 @@ class PreprocessConfig:
     size: int = 72              # side of the cached crops, pixels
     crop: str = "face"          # "face" (face_recognition) or "none" (the centred square of the frame)
     detector: str = "hog"       # face_recognition model: "hog" or "cnn"
-    detect_every: int = 4       # run the face detector on every n-th sampled frame
+    detect_every: int = 4       # run the face detector on every n-th sampled frame; the box is interpolated between
     detect_width: int = 256     # the detector sees frames at most this many pixels wide
     upsample: int = 1           # detector upsampling: 1 finds faces down to about 40 px
     box_scale: float = 1.5      # enlargement of the detected face box
-    smooth: float = 0.5         # weight of a new detection in the moving average (1 = no smoothing)
+    smooth_s: float = 0.5       # zero-phase Gaussian smoothing of the face-box path: standard deviation, seconds (0 = none)
     landmarks: bool = False     # also cache 68 facial landmarks per sampled frame
     bvp_bandpass: bool = False  # band-pass BVP to 0.7-4 Hz before resampling
     tolerance_s: float = DURATION_TOLERANCE_S  # allowed disagreement of video, EDA and BVP durations
@@ -127,8 +129,8 @@ class PreprocessConfig:
     def __post_init__(self):
         if self.crop not in ("face", "none"): raise ValueError(f"crop must be 'face' or 'none', not {self.crop!r}")
         if self.detector not in ("hog", "cnn"): raise ValueError(f"detector must be 'hog' or 'cnn', not {self.detector!r}")
-        if self.target_hz <= 0 or self.size < 8 or self.detect_every < 1 or self.box_scale < 1:
-            raise ValueError(f"need target_hz > 0, size >= 8, detect_every >= 1, box_scale >= 1: {self}")
+        if self.target_hz <= 0 or self.size < 8 or self.detect_every < 1 or self.box_scale < 1 or self.smooth_s < 0:
+            raise ValueError(f"need target_hz > 0, size >= 8, detect_every >= 1, box_scale >= 1, smooth_s >= 0: {self}")
 
 def quiet_face_recognition():
     "Import `face_recognition` without the deprecation warning its model package prints."
@@ -138,41 +140,46 @@ def quiet_face_recognition():
         import face_recognition
     return face_recognition
 
-class FaceTracker:
-    "One smoothed face box per video, fed by `face_recognition` detections."
-    def __init__(self, config: PreprocessConfig, width: int, height: int):
-        self.config, self.width, self.height = config, width, height
-        self.box: np.ndarray | None = None  # centre x, centre y, side (full-resolution pixels)
-        self.attempts = self.detections = 0
-        self.last_ok = False  # did the latest detection attempt find a face?
+def detect_face(image: np.ndarray,         # RGB frame decoded at 1/`reduction` scale
+                reduction: int,            # the JPEG decode scale of `image`
+                config: PreprocessConfig,  # `detector`, `detect_width` and `upsample` are used
+               ) -> np.ndarray | None:     # the largest face as (centre x, centre y, side), full-resolution pixels
+    "Run `face_recognition`'s detector on `image` shrunk to at most `detect_width` wide; None when it finds no face."
+    shrink = max(1.0, image.shape[1] / config.detect_width)
+    small = image if shrink == 1 else cv2.resize(image, None, fx=1 / shrink, fy=1 / shrink, interpolation=cv2.INTER_AREA)
+    faces = quiet_face_recognition().face_locations(np.ascontiguousarray(small), config.upsample, config.detector)
+    if not faces: return None
+    top, right, bottom, left = max(faces, key=lambda f: (f[2] - f[0]) * (f[1] - f[3]))
+    return np.array([(left + right) / 2, (top + bottom) / 2, max(right - left, bottom - top)], float) * shrink * reduction
 
-    def detect(self, image: np.ndarray, reduction: int) -> bool:
-        "Run the detector on `image` (a frame decoded at 1/`reduction`); move the box if a face is found."
-        face_recognition = quiet_face_recognition()
-        self.attempts += 1
-        shrink = max(1.0, image.shape[1] / self.config.detect_width)
-        small = image if shrink == 1 else cv2.resize(image, None, fx=1 / shrink, fy=1 / shrink, interpolation=cv2.INTER_AREA)
-        faces = face_recognition.face_locations(np.ascontiguousarray(small), self.config.upsample, self.config.detector)
-        self.last_ok = bool(faces)
-        if not faces: return False
-        top, right, bottom, left = max(faces, key=lambda f: (f[2] - f[0]) * (f[1] - f[3]))
-        to_full = shrink * reduction
-        found = np.array([(left + right) / 2, (top + bottom) / 2, max(right - left, bottom - top)], float) * to_full
-        a = self.config.smooth
-        self.box = found if self.box is None else a * found + (1 - a) * self.box
-        self.detections += 1
-        return True
+def box_path(at: np.ndarray,     # samples with a detection, ascending
+             found: np.ndarray,  # their boxes, (len(at), 3): centre x, centre y, side
+             n: int,             # number of samples
+             sigma: float,       # standard deviation of the Gaussian smoothing, samples (0 = none)
+            ) -> np.ndarray | None:  # (n, 3) boxes, one per sample; None without any detection
+    "Interpolate detections to every sample, holding the first and the last, then smooth with a zero-phase Gaussian."
+    if len(at) == 0: return None
+    path = np.stack([np.interp(np.arange(n), at, column) for column in np.asarray(found, float).T], axis=1)
+    return scipy.ndimage.gaussian_filter1d(path, sigma, axis=0, mode="nearest") if sigma > 0 else path
 
-    def crop_window(self) -> tuple[int, int, int]:
-        "The crop (x0, y0, side) in full-resolution pixels: enlarged, square, inside the frame."
-        short = min(self.width, self.height)
-        if self.box is None or self.config.crop == "none":
-            return (self.width - short) // 2, (self.height - short) // 2, short
-        cx, cy, side = self.box
-        side = int(round(min(short, side * self.config.box_scale)))
-        x0 = int(round(np.clip(cx - side / 2, 0, self.width - side)))
-        y0 = int(round(np.clip(cy - side / 2, 0, self.height - side)))
-        return x0, y0, side
+def crop_window(box: np.ndarray | None,  # (centre x, centre y, side) of the face, or None for no face
+                width: int, height: int,  # frame size, full-resolution pixels
+                box_scale: float = 1.5,   # enlargement of the face box
+               ) -> tuple[int, int, int]: # (x0, y0, side), full-resolution pixels
+    "The crop for a face `box`: enlarged, square, inside the frame; the centred square of the frame without a box."
+    short = min(width, height)
+    if box is None: return (width - short) // 2, (height - short) // 2, short
+    cx, cy, side = box
+    side = int(round(min(short, side * box_scale)))
+    x0 = int(round(np.clip(cx - side / 2, 0, width - side)))
+    y0 = int(round(np.clip(cy - side / 2, 0, height - side)))
+    return x0, y0, side
+
+def crop_steps(boxes: np.ndarray,  # (n, 3) crop windows: x0, y0, side
+              ) -> np.ndarray:     # (n - 1,) displacement of the crop centre per step, in crop sides
+    "How far the crop centre moves from one sample to the next, as a fraction of the crop's side."
+    x0, y0, side = np.asarray(boxes, float).T
+    return np.hypot(np.diff(x0 + side / 2), np.diff(y0 + side / 2)) / side[1:]
 
 def reduction_for(side: int, size: int) -> int:
     "The coarsest JPEG decode scale (1, 2, 4 or 8) that still leaves at least `size` pixels across a crop of `side`."
@@ -191,7 +198,7 @@ def landmarks_68(image: np.ndarray, box: np.ndarray, reduction: int, window: tup
     return (points - (x0, y0)) / w
 
 # %% ../nbs/02_preprocess.ipynb #c019
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: box path interpolated between detections and smoothed without phase lag
 ARRAYS = ("frames", "eda", "bvp", "hr", "t", "frame_index", "boxes", "landmarks")
 
 def source_stamp(rec: Recording) -> dict:
@@ -218,33 +225,41 @@ def _signals(rec: Recording, config: PreprocessConfig, n: int) -> dict[str, np.n
     return dict(t=times, eda=eda.astype(np.float32), bvp=bvp.astype(np.float32),
                 hr=heart_rate(raw_bvp, BVP_HZ, times))
 
+def _face_path(rec: Recording, config: PreprocessConfig, index: np.ndarray, progress: bool) -> dict:
+    "Pass 1: detect on every `detect_every`-th sampled frame only; return the smoothed box path and the counts."
+    n = len(index)
+    if config.crop == "none": return dict(path=None, attempts=0, detections=0, fallback=0, reductions=[])
+    attempts, at, found = np.arange(0, n, config.detect_every), [], []
+    r = reduction_for(rec.width, config.detect_width)  # the detector needs `detect_width` pixels, not the crop's
+    with FrameReader(rec.video) as reader:
+        reader.reduction = r
+        for i in tqdm(attempts, desc=f"{rec.name} faces", disable=not progress, leave=False):
+            box = detect_face(reader.read(int(index[i])), r, config)
+            if box is not None: at.append(i); found.append(box)
+    path = box_path(np.array(at, int), np.array(found).reshape(-1, 3), n, config.smooth_s * config.target_hz)
+    nearest = attempts[np.minimum((np.arange(n) + config.detect_every // 2) // config.detect_every, len(attempts) - 1)]
+    fallback = int((~np.isin(nearest, at)).sum())  # samples whose nearest detection attempt found no face
+    return dict(path=path, attempts=len(attempts), detections=len(at), fallback=fallback, reductions=[r])
+
 def _crop_frames(rec: Recording, config: PreprocessConfig, index: np.ndarray, frames: np.ndarray,
                  progress: bool) -> dict:
-    "Decode, track and crop every sampled frame into `frames` (a memory map); return boxes, landmarks, counts."
-    tracker = FaceTracker(config, rec.width, rec.height)
+    "Find the face path (pass 1), then decode and crop every sampled frame into `frames`, a memory map (pass 2)."
+    faces = _face_path(rec, config, index, progress)
+    path, reductions = faces.pop("path"), set(faces.pop("reductions"))
     boxes = np.zeros((len(index), 3), np.int32)
     marks = np.full((len(index), 68, 2), np.nan, np.float32) if config.landmarks else None
-    fallback, reductions = 0, set()
     with FrameReader(rec.video) as reader:
         for i, frame_no in enumerate(tqdm(index, desc=rec.name, disable=not progress, leave=False)):
-            x0, y0, side = tracker.crop_window()
-            detecting = config.crop == "face" and i % config.detect_every == 0
-            reader.reduction = reduction_for(side, config.size)
-            if detecting:  # the detector needs the frame at least `detect_width` wide, whatever the crop needs
-                reader.reduction = min(reader.reduction, reduction_for(rec.width, config.detect_width))
-            reductions.add(reader.reduction)
+            box = None if path is None else path[i]
+            x0, y0, side = crop_window(box, rec.width, rec.height, config.box_scale)
+            reader.reduction = r = reduction_for(side, config.size)
+            reductions.add(r)
             image = reader.read(int(frame_no))
-            if detecting and tracker.detect(image, reader.reduction):
-                x0, y0, side = tracker.crop_window()
-            fallback += config.crop == "face" and not tracker.last_ok  # centre crop, or a box kept after a miss
-            r = reader.reduction
             patch = image[y0 // r:(y0 + side) // r, x0 // r:(x0 + side) // r]
             frames[i] = cv2.resize(patch, (config.size, config.size), interpolation=cv2.INTER_AREA)
             boxes[i] = x0, y0, side
-            if marks is not None and tracker.box is not None:
-                marks[i] = landmarks_68(image, tracker.box, r, (x0, y0, side))
-    return dict(boxes=boxes, landmarks=marks, attempts=tracker.attempts, detections=tracker.detections,
-                fallback=int(fallback), reductions=sorted(reductions))
+            if marks is not None and box is not None: marks[i] = landmarks_68(image, box, r, (x0, y0, side))
+    return dict(boxes=boxes, landmarks=marks, **faces, reductions=sorted(reductions))
 
 # %% ../nbs/02_preprocess.ipynb #c022
 def _replace_dir(tmp: Path, final: Path):
