@@ -124,7 +124,49 @@ def preprocessing():
           f"JPEG decode scales 1/{', 1/'.join(map(str, meta['reductions']))}")
 
 
-SECTIONS = dict(preprocessing=preprocessing, models=models)
+def training():
+    "Train-step samples/s per model (tiny preset, CPU) against the loader's samples/s from the cache alone."
+    import pandas as pd
+    import torch
+    from torch.utils.data import DataLoader
+    from edanb.dataset import DatasetConfig, make_datasets
+    from edanb.metrics import make_loss
+    from edanb.models import MODELS, create_model
+    from edanb.preprocess import PreprocessConfig, preprocess_dataset
+    root, cache = BENCH / "train-synth", BENCH / "train-cache"
+    generate(root, SynthConfig(subjects=4, seconds=30, size=160), progress=False)
+    preprocess_dataset(root, cache, PreprocessConfig(landmarks=True), workers=2, progress=False)
+    split = dict(train=["s1", "s2"], val=["s3"], test=["s4"])
+    batch_size = 16
+    print(f"\n== training: batch {batch_size} x T 32 x 72 px, CPU ({torch.get_num_threads()} threads)")
+    rates = {}
+    for augment in (0.0, 0.7):
+        train = make_datasets(cache, split, DatasetConfig(diff=True, landmarks=True, augment_p=augment))[0]["train"]
+        for workers in (0, 2):
+            loader = DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=workers)
+            start, seen = time.perf_counter(), 0
+            for batch in loader: seen += len(batch["eda"])
+            rates[augment, workers] = seen / (time.perf_counter() - start)
+    batch = next(iter(DataLoader(train, batch_size=batch_size, shuffle=True)))
+    loss_fn, rows = make_loss("mse+npc"), []
+    for name in MODELS:
+        model = create_model(name, "tiny", size=72).train()
+        optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        def step():
+            optimiser.zero_grad(); loss_fn(model(batch), batch["eda"]).backward(); optimiser.step()
+        step()  # warm-up
+        start = time.perf_counter()
+        for _ in range(3): step()
+        rows.append(dict(model=name, step_samples_per_s=3 * batch_size / (time.perf_counter() - start)))
+    table = pd.DataFrame(rows).set_index("model")
+    print(table.round(1).to_string())
+    slowest = table.step_samples_per_s.drop("naive").min()
+    for (augment, workers), rate in rates.items():
+        print(f"loader, augment p {augment}, {workers} workers: {rate:7.1f} samples/s = {rate / slowest:5.1f}x the slowest "
+              f"model's training step ({table.step_samples_per_s.drop('naive').idxmin()}, {slowest:.1f} samples/s; target >= 5x)")
+
+
+SECTIONS = dict(preprocessing=preprocessing, models=models, training=training)
 
 def main(names: list[str]) -> int:
     "Run the named sections (all by default): `python bench/run.py models`."

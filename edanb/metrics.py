@@ -19,9 +19,10 @@ from .synth import CUE_COLUMNS
 
 # %% auto #0
 __all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'METRICS', 'LOWER_IS_BETTER', 'pearson_per_clip', 'ccc_per_clip', 'mse_loss',
-           'npc_loss', 'ccc_loss', 'make_loss', 'stitch', 'pearson_r', 'series_table', 'clip_correlations',
-           'predictions_table', 'series_predictions', 'ccc', 'series_metrics', 'metrics_table', 'bootstrap_ci',
-           'summarise', 'compare_to_baseline', 'has_ground_truth', 'oracle_predictions', 'oracle_fraction']
+           'npc_loss', 'ccc_loss', 'make_loss', 'stitch', 'pearson_r', 'series_table', 'stitch_shapes',
+           'clip_correlations', 'predictions_table', 'series_predictions', 'ccc', 'series_metrics', 'metrics_table',
+           'bootstrap_ci', 'summarise', 'compare_to_baseline', 'has_ground_truth', 'oracle_predictions',
+           'oracle_fraction']
 
 # %% ../nbs/05_metrics.ipynb #c006
 VAR_EPS = 1e-5    # relative: each clip's variances get VAR_EPS x the variance of its *target* added ...
@@ -101,11 +102,30 @@ def series_table(recording: str,            # recording name, e.g. 's3_T2'
             table[name] = normaliser.inverse(table.pred, recording)
     return table
 
-def _standardise_clips(clips: np.ndarray) -> np.ndarray:
-    "Each clip (row) to zero mean and unit std; a flat clip becomes zeros."
-    centred = clips - clips.mean(1, keepdims=True)
-    std = centred.std(1, keepdims=True)
-    return np.divide(centred, std, out=np.zeros_like(centred), where=std > 1e-12)
+def _standardise(x: np.ndarray) -> np.ndarray:
+    "Zero mean and unit std; a flat series becomes zeros."
+    centred = x - x.mean()
+    return centred / centred.std() if centred.std() > 1e-12 else np.zeros_like(centred)
+
+def stitch_shapes(starts: np.ndarray,  # first sample of each clip, (N,)
+                  clips: np.ndarray,   # (N, T) clips, each right only up to its own offset and scale (an NPC loss)
+                  n: int,              # samples in the recording
+                 ) -> np.ndarray:      # (n,) one series, defined up to one offset and scale for the whole recording
+    """Stitch clips whose offset and scale are arbitrary: in start order, each clip (standardised) is mapped by least
+    squares, with a non-negative scale, onto the series stitched so far where they overlap, then averaged in.
+    Uses no labels; clips that are perfect up to their own offset and scale stitch into a perfect series."""
+    total, count = np.zeros(n), np.zeros(n)
+    for k in np.argsort(starts, kind="stable"):
+        index = starts[k] + np.arange(clips.shape[1])
+        inside = (index >= 0) & (index < n)
+        index, clip = index[inside], _standardise(np.asarray(clips[k], np.float64)[inside])
+        seen = count[index] > 0
+        if seen.sum() >= 2 and np.ptp(clip[seen]) > 1e-12:
+            stitched, mine = total[index[seen]] / count[index[seen]], clip[seen]
+            scale = max(np.dot(mine - mine.mean(), stitched - stitched.mean()) / np.sum((mine - mine.mean()) ** 2), 0.0)
+            clip = scale * clip + stitched.mean() - scale * mine.mean()
+        total[index] += clip; count[index] += 1
+    with np.errstate(invalid="ignore", divide="ignore"): return np.where(count > 0, total / count, np.nan)
 
 def clip_correlations(starts: np.ndarray,  # first sample of each clip (may be negative: padded clips)
                       clips: np.ndarray,   # (N, T) clip predictions
@@ -121,7 +141,7 @@ def predictions_table(recordings: Sequence[str],        # recording of each clip
                       targets: dict[str, np.ndarray],   # recording -> whole target series, normalised units
                       normaliser: Normaliser | None = None, # adds µS columns
                       hz: float = 4.0,                  # sampling clock
-                      shape_only: bool = False,         # the model was trained with NPC alone: standardise each clip first
+                      shape_only: bool = False,         # the model was trained with NPC alone: `stitch_shapes`
                      ) -> pd.DataFrame:
     """Stitch clip predictions into one row per sample of every recording (samples no clip covers are dropped),
     with `clip_r`, the recording's mean per-clip r, on every row."""
@@ -129,9 +149,9 @@ def predictions_table(recordings: Sequence[str],        # recording of each clip
     parts = []
     for name in dict.fromkeys(recordings):
         mine = recordings == name
-        clips = _standardise_clips(predictions[mine]) if shape_only else predictions[mine]
-        pred = stitch(starts[mine], clips, len(targets[name]))
-        rs = clip_correlations(starts[mine], clips, targets[name])
+        stitcher = stitch_shapes if shape_only else stitch
+        pred = stitcher(starts[mine], predictions[mine], len(targets[name]))
+        rs = clip_correlations(starts[mine], predictions[mine], targets[name])
         table = series_table(name, pred, targets[name], normaliser, hz, calibrated=not shape_only)
         parts.append(table.assign(clip_r=np.nanmean(rs) if np.isfinite(rs).any() else np.nan).loc[~np.isnan(pred)])
     return pd.concat(parts, ignore_index=True)

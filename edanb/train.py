@@ -32,9 +32,9 @@ from .models import MODELS, create_model
 # %% auto #0
 __all__ = ['RUN_INDEPENDENT', 'TrainConfig', 'write_atomic', 'write_json', 'make_splits', 'seed_everything', 'resolve_device',
            'distributed', 'rng_state', 'set_rng_state', 'to_device', 'autocast', 'predict', 'score', 'selection_value',
-           'clip_targets', 'ResidentClips', 'ResidentBatches', 'make_optimiser', 'train_epoch', 'build_model',
-           'fit_fold', 'elapsed_time_series', 'reference_predictions', 'ceiling_table', 'run_metrics', 'fit',
-           'headline', 'main']
+           'clip_targets', 'ResidentClips', 'shuffled_order', 'ResidentBatches', 'make_optimiser', 'train_epoch',
+           'build_model', 'fit_fold', 'elapsed_time_series', 'reference_predictions', 'ceiling_table', 'run_metrics',
+           'fit', 'headline', 'main']
 
 # %% ../nbs/06_train.ipynb #c006
 @dataclass
@@ -73,6 +73,9 @@ class TrainConfig(DatasetConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed: raise ValueError(f"{name} {getattr(self, name)!r}: choose from {allowed}")
         if self.folds and self.split: raise ValueError("give either a split file or folds, not both")
+        if self.loss == "npc" and self.select in ("ccc", "mse"):
+            raise ValueError(f"select={self.select!r} needs a level and a scale, which a model trained with NPC alone does not "
+                             "predict: choose r, clip_r or loss")
         if self.model not in MODELS: raise ValueError(f"unknown model {self.model!r}: registered models are {sorted(MODELS)}")
         self.overrides()  # a bad JSON string fails here, not after the data is loaded
 
@@ -178,8 +181,7 @@ def score(dataset, preds: np.ndarray, normaliser: Normaliser, config: TrainConfi
 
 def selection_value(recordings: pd.DataFrame, val_loss: float, metric: str) -> float:
     "The validation number that picks the best epoch, as 'higher is better' (NaN counts as worst)."
-    if metric == "loss": return -val_loss
-    value = recordings[metric].mean()  # mean over validation recordings
+    value = -val_loss if metric == "loss" else recordings[metric].mean()  # mean over validation recordings
     value = -value if metric == "mse" else value
     return float(value) if np.isfinite(value) else -np.inf
 
@@ -237,6 +239,13 @@ class ResidentClips:
         "Batches of `batch_size` clips in `order` (e.g. a permutation), or in dataset order: an iterable with a length."
         order = torch.arange(len(self)) if order is None else torch.as_tensor(order)
         return ResidentBatches(self, [order[i:i + batch_size] for i in range(0, len(order), batch_size)])
+
+def shuffled_order(n: int, generator: torch.Generator, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The clip order a shuffling DataLoader with `generator` draws (it takes one seed for its workers first, then a
+    permutation); under DDP padded to a multiple of `world` like DistributedSampler, so every rank steps equally often."""
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    order = torch.randperm(n, generator=generator)
+    return torch.cat([order, order[:-n % world]])[rank::world]
 
 @dataclass
 class ResidentBatches:
@@ -312,7 +321,7 @@ def fit_fold(config: TrainConfig,                 # the run's configuration
     loss_fn = make_loss(config.loss)
     state, history = dict(epoch=0, best=-np.inf, best_epoch=-1, stale=0, done=False), []
     if (folder / "last.pt").exists():  # resume: weights, optimiser, scheduler, early stopping and generators
-        ckpt = torch.load(folder / "last.pt", map_location=device, weights_only=True)
+        ckpt = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
         model.load_state_dict(ckpt["model"]); optimiser.load_state_dict(ckpt["optimiser"])
         if scheduler: scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"]); state, history = ckpt["state"], ckpt["history"]
@@ -324,8 +333,8 @@ def fit_fold(config: TrainConfig,                 # the run's configuration
     while not state["done"] and state["epoch"] < config.epochs:
         epoch, start = state["epoch"], time.perf_counter()
         generator = torch.Generator().manual_seed(config.seed * 100003 + 1009 * fold + epoch)  # shuffling, worker seeds
-        if resident:  # the same shuffling, drawn on the CPU; each rank takes its share
-            loader = resident["train"].batches(config.batch_size, torch.randperm(len(train), generator=generator)[rank::world])
+        if resident:
+            loader = resident["train"].batches(config.batch_size, shuffled_order(len(train), generator, rank, world))
         elif world > 1:
             sampler = DistributedSampler(train, world, rank, shuffle=True, seed=config.seed + fold)
             sampler.set_epoch(epoch)
@@ -334,6 +343,8 @@ def fit_fold(config: TrainConfig,                 # the run's configuration
             loader = DataLoader(train, config.batch_size, shuffle=True, num_workers=config.workers, generator=generator)
         row = dict(epoch=epoch, **train_epoch(net, loader, optimiser, loss_fn, config, device, scaler,
                                               f"fold {fold} epoch {epoch}"))
+        if world > 1:  # every rank evaluates with rank 0's BatchNorm statistics
+            for buffer in model.buffers(): dist.broadcast(buffer, 0)
         preds = predict(model, datasets["val"], config, device, resident.get("val"))
         row["val_loss"] = float(loss_fn(torch.from_numpy(preds), val_targets))
         val = metrics_table(score(datasets["val"], preds, normaliser, config))   # per validation recording
@@ -341,7 +352,7 @@ def fit_fold(config: TrainConfig,                 # the run's configuration
         value = selection_value(val, row["val_loss"], config.select)
         row |= dict(lr=optimiser.param_groups[0]["lr"], seconds=time.perf_counter() - start)
         if scheduler: scheduler.step(value) if config.scheduler == "plateau" else scheduler.step()
-        improved = value > state["best"]
+        improved = value > state["best"] or state["best_epoch"] < 0   # the first epoch always leaves a best.pt
         state = dict(epoch=epoch + 1, best=max(value, state["best"]), best_epoch=epoch if improved else state["best_epoch"],
                      stale=0 if improved else state["stale"] + 1, done=False)
         state["done"] = state["stale"] >= config.patience
@@ -356,7 +367,7 @@ def fit_fold(config: TrainConfig,                 # the run's configuration
                       + ("  *best" if improved else ""))
             if on_epoch: on_epoch(pd.DataFrame(history))
         if world > 1: dist.barrier()
-    best = torch.load(folder / "best.pt", map_location=device, weights_only=True)  # the best epoch's weights, not the last
+    best = torch.load(folder / "best.pt", map_location="cpu", weights_only=True)  # the best epoch's weights, not the last
     model.load_state_dict(best["model"])
     test = datasets["test"]
     samples = score(test, predict(model, test, config, device, resident.get("test")), normaliser, config) \

@@ -176,3 +176,12 @@ def test_the_device_resident_data_path_trains_and_scores(small, tmp_path):
     metrics = fit(config(small, tmp_path / "run", folds=0, epochs=1, data_on_device=True, augment_p=1.0))
     assert set(metrics["models"]) == {"landmarks", "naive", "elapsed", "oracle"}
     assert pd.read_parquet(tmp_path / "run" / "predictions.parquet").pred.notna().all()
+
+
+def test_ddp_with_data_on_the_device_gives_every_rank_the_same_number_of_steps(small, tmp_path):
+    "Unequal shares of the shuffled clips would leave one rank waiting in an all-reduce forever."
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "edanb.train"]
+    cmd += _train_command(small, tmp_path / "ddp", 1)[3:] + ["--data-on-device", "--batch-size", "5"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "ddp" / "metrics.json").is_file()
