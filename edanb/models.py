@@ -14,22 +14,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['MODELS', 'PRESETS', 'register', 'create_model', 'count_parameters', 'NaiveMean', 'conv_block_2d', 'BVPBranch',
-           'SeqCNN', 'SeqCNNBVP', 'conv_block_3d', 'PhysNet', 'AttentionMask', 'DeepPhys', 'sinusoidal_positions',
-           'TAM3D', 'shape_features', 'LandmarkTCN', 'example_batch', 'model_table']
+__all__ = ['MODELS', 'PRESETS', 'TARGETS', 'register', 'create_model', 'count_parameters', 'NaiveMean', 'conv_block_2d',
+           'BVPBranch', 'SeqCNN', 'SeqCNNBVP', 'conv_block_3d', 'PhysNet', 'AttentionMask', 'DeepPhys',
+           'sinusoidal_positions', 'TAM3D', 'shape_features', 'LandmarkTCN', 'example_batch', 'model_table']
 
 # %% ../nbs/04_models.ipynb #c006
 MODELS: dict[str, type[nn.Module]] = {}
 
 def register(name: str):
-    "Class decorator: make a model creatable by `name`."
+    "Class decorator: make a model creatable by `name` (it must declare its training `target`)."
     def deco(cls):
+        if getattr(cls, "target", None) not in TARGETS:
+            raise TypeError(f"{cls.__name__}: set the class attribute `target` to one of {TARGETS}")
         MODELS[name] = cls
         cls.name = name
         return cls
     return deco
 
 PRESETS = ("tiny", "paper")
+TARGETS = ("level",)  # what a model's output is trained against: the normalised EDA itself
 
 def create_model(name: str,              # a registered model name (see `MODELS`)
                  preset: str = "tiny",   # tiny (CPU demo) | paper (the study's sizes)
@@ -59,6 +62,7 @@ def _frames_2d(x: torch.Tensor) -> torch.Tensor:
 class NaiveMean(nn.Module):
     "Predict one constant (the training mean, once trained with MSE) for every frame; reads no video."
     inputs = ("frames",)
+    target = "level"
     presets = {}
     def __init__(self, mean: float = 0.0, **_):
         super().__init__()
@@ -90,6 +94,7 @@ class BVPBranch(nn.Module):
 class SeqCNN(nn.Module):
     "Per-frame CNN encoder, an LSTM over time, one EDA value per frame (optionally fused with BVP)."
     inputs = ("frames",)
+    target = "level"
     presets = dict(tiny=dict(width=0.25, hidden=32), paper=dict(width=1.0, hidden=128))
     def __init__(self, width: float = 0.25,   # channel multiplier of (32, 64, 128, 256, 512)
                  hidden: int = 32,            # LSTM hidden size (the study: 128)
@@ -111,7 +116,8 @@ class SeqCNN(nn.Module):
         b, t = x.shape[:2]
         features = self.encoder(_frames_2d(x)).view(b, t, -1)
         if self.bvp is not None: features = torch.cat([features, self.bvp(batch["bvp"].to(features.dtype))], -1)
-        out, _ = self.lstm(features.float())
+        with torch.autocast(x.device.type, enabled=False):  # float32: CPUs without bf16 units have no bf16 LSTM
+            out, _ = self.lstm(features.float())
         return self.head(out).squeeze(-1)
 
 @register("seqcnn_bvp")
@@ -129,6 +135,7 @@ def conv_block_3d(c_in: int, c_out: int, kernel=(3, 3, 3)) -> nn.Sequential:
 class PhysNet(nn.Module):
     "PhysNet's 3D-CNN encoder–decoder (T -> T/4 -> T), one EDA value per frame; optional BVP fusion before the head."
     inputs = ("frames",)
+    target = "level"
     presets = dict(tiny=dict(width=0.5), paper=dict(width=1.0))
     min_frames = 8
     def __init__(self, width: float = 0.5,    # channel multiplier of (16, 32, 64)
@@ -168,16 +175,18 @@ class AttentionMask(nn.Module):
 
 @register("deepphys")
 class DeepPhys(nn.Module):
-    "Two-branch DeepPhys: appearance attention masks gate the motion branch; one EDA value per frame."
+    "Two-branch DeepPhys: appearance attention gates the motion, an appearance readout adds the level; (B, T) out."
     inputs = ("frames", "diff")
-    presets = dict(tiny=dict(width=0.5, dense=64), paper=dict(width=1.0, dense=128))
+    target = "level"
+    presets = dict(tiny=dict(width=0.5, dense=64), paper=dict(width=1.0, dense=128, size=36))
     def __init__(self, width: float = 0.5,   # channel multiplier of (32, 64)
-                 dense: int = 64,            # hidden units of the head (the paper: 128)
-                 size: int = 72,             # frame size (the paper: 36)
+                 dense: int = 64,            # hidden units of the motion head (the paper: 128)
+                 size: int = 72,             # frame size (the paper, and the `paper` preset: 36)
                  dropout: float = 0.25):
         super().__init__()
         c1, c2 = _widths((32, 64), width)
         conv = lambda a, b, pad: nn.Conv2d(a, b, 3, padding=pad)
+        self.standardise = nn.BatchNorm2d(3)  # the appearance input, per channel over the training frames
         self.motion = nn.ModuleList([conv(3, c1, 1), conv(c1, c1, 0), conv(c1, c2, 1), conv(c2, c2, 0)])
         self.appearance = nn.ModuleList([conv(3, c1, 1), conv(c1, c1, 0), conv(c1, c2, 1), conv(c2, c2, 0)])
         self.attention = nn.ModuleList([nn.Conv2d(c1, 1, 1), nn.Conv2d(c2, 1, 1)])
@@ -186,30 +195,33 @@ class DeepPhys(nn.Module):
         if side < 1: raise ValueError(f"deepphys: size {size} is too small (at least 10 px)")
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(c2 * side * side, dense), nn.Tanh(), nn.Dropout(2 * dropout),
                                   nn.Linear(dense, 1))
+        self.level = nn.Linear(c2, 1)         # pooled appearance features -> the EDA level
         self.size = size
 
     def _branches(self, batch: dict):
+        "Motion features (B*T, c2, side, side), pooled appearance features (B*T, c2), the two masks."
         x, d = batch["frames"], batch["diff"]
         _check_frames(x, 1, self.name)
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             raise ValueError(f"deepphys: built for {self.size} px frames, got {tuple(x.shape[-2:])} (set size=...)")
-        m, a, masks = _frames_2d(d), _frames_2d(x), []
+        m, a, masks = _frames_2d(d), self.standardise(_frames_2d(x)), []
         for stage in range(2):
             m = torch.tanh(self.motion[2 * stage + 1](torch.tanh(self.motion[2 * stage](m))))
             a = torch.tanh(self.appearance[2 * stage + 1](torch.tanh(self.appearance[2 * stage](a))))
             masks.append(self.mask(self.attention[stage](a)))
             m = self.drop(self.pool(m * masks[-1]))
-            a = self.drop(self.pool(a))
-        return m, masks
+            if stage == 0: a = self.drop(self.pool(a))
+        return m, a.mean((2, 3)), masks
 
     def forward(self, batch: dict) -> torch.Tensor:
         b, t = batch["frames"].shape[:2]
-        return self.head(self._branches(batch)[0]).view(b, t)
+        motion, appearance, _ = self._branches(batch)
+        return (self.head(motion) + self.level(appearance)).view(b, t)
 
     def attention_masks(self, batch: dict) -> list[torch.Tensor]:
         "The two attention masks, each (B, T, h, w) and summing to h*w/2 per frame."
         b, t = batch["frames"].shape[:2]
-        return [mask.view(b, t, *mask.shape[2:]) for mask in self._branches(batch)[1]]
+        return [mask.view(b, t, *mask.shape[2:]) for mask in self._branches(batch)[2]]
 
 # %% ../nbs/04_models.ipynb #c016
 def sinusoidal_positions(t: int, channels: int) -> torch.Tensor:
@@ -224,6 +236,7 @@ def sinusoidal_positions(t: int, channels: int) -> torch.Tensor:
 class TAM3D(nn.Module):
     "3D-CNN features per frame, self-attention over the clip's frames, one EDA value per frame."
     inputs = ("frames",)
+    target = "level"
     presets = dict(tiny=dict(width=0.5, heads=2, layers=1), paper=dict(width=1.0, heads=4, layers=2))
     def __init__(self, width: float = 0.5,  # channel multiplier of (16, 32, 64)
                  heads: int = 2,            # attention heads
@@ -269,6 +282,7 @@ def shape_features(landmarks: torch.Tensor,  # (B, T, 68, 2), NaN where there wa
 class LandmarkTCN(nn.Module):
     "Face-shape features from the 68 landmarks, a temporal CNN over the clip, one EDA value per frame."
     inputs = ("landmarks",)
+    target = "level"
     presets = dict(tiny=dict(hidden=64), paper=dict(hidden=128))
     def __init__(self, hidden: int = 64,       # channels of the temporal convolutions
                  velocities: bool = True,      # use frame-to-frame landmark velocities too
