@@ -467,7 +467,8 @@ def fit(config: TrainConfig,                                      # the experime
         parts.append(samples)
     samples = pd.concat(parts, ignore_index=True)
     metrics = dict(run_metrics(samples, config.data), config=asdict(config), folds=len(parts),
-                   trained_on=dict(target=config.target, loss=config.loss, shape_only=config.loss == "npc"))
+                   trained_on=dict(output=MODELS[config.model].target, scaling=config.target, loss=config.loss,
+                                   shape_only=config.loss == "npc"))
     if rank == 0:
         write_atomic(out / "predictions.parquet", lambda p: samples.to_parquet(p, index=False))
         write_json(out / "metrics.json", metrics)

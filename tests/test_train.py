@@ -61,6 +61,7 @@ def test_a_run_writes_every_artefact_and_its_metrics_recompute(small, tmp_path):
     assert saved == metrics
     assert {"naive", "elapsed", "oracle", "landmarks"} == set(saved["models"])
     assert {t["baseline"] for t in saved["tests"]} == {"naive", "elapsed"}
+    assert saved["trained_on"] == dict(output="level", scaling="zscore", loss="mse+npc", shape_only=False)
 
 
 def test_the_best_epoch_is_reloaded_before_testing(small, tmp_path, monkeypatch):
