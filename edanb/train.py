@@ -409,6 +409,7 @@ def ceiling_table(subjects: pd.DataFrame, data: str | Path) -> pd.DataFrame | No
     ceiling = per_recording.groupby(per_recording.index.str.split("_").str[0]).mean()
     wide = subjects.pivot(index="subject", columns="model", values="r")
     ceiling = ceiling.reindex(wide.index)
+    if not ceiling.mean() > 0: return None   # the null control (coupling 0): no ceiling to be a fraction of
     return pd.DataFrame(dict(model=wide.columns, r=wide.mean().values, ceiling_r=float(ceiling.mean()),
                              fraction_of_ceiling=wide.mean().values / float(ceiling.mean()), ceiling="oracle.json"))
 
