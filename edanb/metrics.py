@@ -86,7 +86,7 @@ def series_table(recording: str,            # recording name, e.g. 's3_T2'
                  target: np.ndarray,        # target, normalised units
                  normaliser: Normaliser | None = None, # to add µS columns
                  hz: float = 4.0,           # sampling clock
-                 calibrated: bool = True,   # False: `pred` is a shape only (standardised clips), with no level or scale
+                 calibrated: bool = True,   # False: `pred` is a shape only (`stitch_shapes`), with no level or scale
                 ) -> pd.DataFrame:
     """One row per sample of a recording: recording, subject, task, sample, t, pred, target, calibrated, and with a
     normaliser target_us and pred_us. Under 'subject' scaling the µS prediction needs the recording's own (label)

@@ -187,7 +187,7 @@ def selection_value(recordings: pd.DataFrame, val_loss: float, metric: str) -> f
 
 def clip_targets(dataset) -> np.ndarray:
     "(N, T) target of every clip of a dataset (mirrored beyond a padded recording's ends), as its items hold them."
-    rows = [dataset.targets[name][reflect_index(np.arange(start, start + dataset.window), len(dataset.targets[name]))]
+    rows = [dataset.targets[name][dataset._samples(start, start + dataset.window, len(dataset.targets[name]))]
             for name, start in zip(dataset.clips.recording, dataset.clips.start)]
     return np.stack(rows) if rows else np.zeros((0, dataset.window), np.float32)
 
