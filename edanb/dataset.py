@@ -21,8 +21,8 @@ from .preprocess import load_cached, read_meta
 
 # %% auto #0
 __all__ = ['TARGET_SCALINGS', 'FRAME_SCALINGS', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index', 'Normaliser',
-           'frame_difference', 'fit_normaliser', 'ClipAugment', 'DatasetConfig', 'ClipDataset', 'cached_recordings',
-           'split_recordings', 'make_datasets']
+           'frame_difference', 'recording_mean_frame', 'fit_normaliser', 'ClipAugment', 'DatasetConfig', 'augment_clip',
+           'ClipDataset', 'cached_recordings', 'split_recordings', 'make_datasets']
 
 # %% ../nbs/03_dataset.ipynb #c006
 def clip_starts(n: int,                 # samples in the recording
@@ -59,7 +59,7 @@ def reflect_index(index: np.ndarray, # sample indices, possibly outside [0, n)
 
 # %% ../nbs/03_dataset.ipynb #c009
 TARGET_SCALINGS = ("zscore", "minmax", "subject")
-FRAME_SCALINGS = ("unit", "standard")
+FRAME_SCALINGS = ("unit", "standard", "recording")
 
 @dataclass
 class Normaliser:
@@ -71,6 +71,7 @@ class Normaliser:
     frame_mean: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # per channel, on frames scaled to [0, 1]
     frame_std: list = field(default_factory=lambda: [1.0, 1.0, 1.0])
     diff_std: float = 1.0       # std of the normalised frame differences
+    frames: str = "unit"        # frame scaling (FRAME_SCALINGS); 'recording' subtracts each recording's own mean frame
     train_recordings: list = field(default_factory=list)  # what the statistics were computed from
 
     def add_baseline(self, recording: str, eda_us: np.ndarray):
@@ -106,6 +107,14 @@ def frame_difference(x: torch.Tensor,  # frames (T+1, 3, H, W) scaled to [0, 1]
     "DeepPhys' normalised frame difference, safe where both frames are black."
     return (x[1:] - x[:-1]) / (x[1:] + x[:-1] + 1e-3)
 
+def recording_mean_frame(frames: np.ndarray, # a recording's cached frames (N, H, W, 3) uint8 (a memory map is fine)
+                         chunk: int = 256,     # frames summed at a time: memory stays one chunk
+                        ) -> torch.Tensor:     # (3, H, W) float32 in [0, 1]
+    "The mean frame of a whole recording: the subject's static appearance, which `frames='recording'` subtracts."
+    total = np.zeros(frames.shape[1:], np.float64)
+    for i in range(0, len(frames), chunk): total += frames[i:i + chunk].sum(0, dtype=np.float64)
+    return torch.from_numpy(total / max(len(frames), 1) / 255).permute(2, 0, 1).float()
+
 def _sample_positions(n: int, count: int) -> np.ndarray:
     return np.unique(np.linspace(0, max(n - 2, 0), min(count, max(n - 1, 1))).astype(int))
 
@@ -129,16 +138,20 @@ def fit_normaliser(entries: dict[str, dict], # training recordings only: name ->
         pos = _sample_positions(len(e["frames"]), frame_samples)
         pairs = torch.from_numpy(np.stack([e["frames"][pos], e["frames"][np.minimum(pos + 1, len(e["frames"]) - 1)]]))
         x = pairs.permute(0, 1, 4, 2, 3).double() / 255           # (2, k, 3, H, W)
-        pixels, diffs = x[0].transpose(0, 1).reshape(3, -1), frame_difference(x).flatten()
+        if frames == "recording": x_dev = x[0] - recording_mean_frame(e["frames"]).double()  # deviations from its mean
+        else: x_dev = x[0]
+        pixels, diffs = x_dev.transpose(0, 1).reshape(3, -1), frame_difference(x).flatten()
         moments += torch.stack([torch.full((3,), pixels.shape[1], dtype=torch.float64), pixels.sum(1), (pixels ** 2).sum(1)])
         diff_moments += torch.tensor([diffs.numel(), diffs.sum(), (diffs ** 2).sum()], dtype=torch.float64)
     def mean_std(count, total, squares):
         mean = total / count
         return mean, torch.sqrt(torch.clamp(squares / count - mean ** 2, min=0))
     pixel_mean, pixel_std = mean_std(*moments)
-    mean, std = ((pixel_mean.tolist(), pixel_std.tolist()) if frames == "standard" else ([0.0] * 3, [1.0] * 3))
+    mean, std = {"standard": (pixel_mean.tolist(), pixel_std.tolist()), "recording": ([0.0] * 3, pixel_std.tolist()),
+                 "unit": ([0.0] * 3, [1.0] * 3)}[frames]
     return Normaliser(kind=kind, centre=float(centre), scale=float(scale), frame_mean=mean, frame_std=std,
-                      diff_std=float(mean_std(*diff_moments)[1]) or 1.0, train_recordings=sorted(entries))
+                      diff_std=float(mean_std(*diff_moments)[1]) or 1.0, frames=frames,
+                      train_recordings=sorted(entries))
 
 # %% ../nbs/03_dataset.ipynb #c014
 def _mirror_68() -> list[int]:
@@ -196,6 +209,21 @@ def _zscore(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     return ((x - x.mean()) / (x.std() if x.std() > 1e-9 else 1.0)).astype(np.float32)
 
+def augment_clip(augment: ClipAugment | None,        # the training augmentation, or None
+                 raw: torch.Tensor,                    # (T, 3, H, W) uint8 frames of one clip
+                 marks: torch.Tensor | None = None,    # (T, 68, 2) landmarks, or None
+                 mean_frame: torch.Tensor | None = None, # (3, H, W) in [0, 1]: the recording's mean frame ('recording' scaling)
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The clip as floats in [0, 1] after one augmentation draw, its landmarks, and its recording's mean frame. The mean
+    frame goes through the same draw as the clip, so what `frames='recording'` subtracts is aligned with it."""
+    if augment is None: return raw.float() / 255, marks, mean_frame
+    if mean_frame is None:
+        raw, marks = augment(raw, marks)
+        return raw.float() / 255, marks, None
+    video = torch.cat([raw.float() / 255, mean_frame[None].to(raw.device)])
+    video, points = augment(video, None if marks is None else torch.cat([marks, marks[:1]]))
+    return video[:-1], None if points is None else points[:-1], video[-1]
+
 class ClipDataset(Dataset):
     "Clips of `window` consecutive samples of the cached recordings `names`, never crossing a recording."
     def __init__(self, cache: str | Path,          # cache folder written by `edanb preprocess`
@@ -212,6 +240,7 @@ class ClipDataset(Dataset):
         self.stride = evaluation_stride(window, stride) if pad else stride
         self.augment, self.diff, self.landmarks = augment, diff, landmarks
         self.meta, self.targets, self.bvp, self.marks = {}, {}, {}, {}
+        self._frames = {}  # memory maps, opened per process on first use
         for name in names:
             entry = load_cached(self.cache, name)
             if landmarks and "landmarks" not in entry:
@@ -221,10 +250,12 @@ class ClipDataset(Dataset):
             self.targets[name] = normaliser.transform(entry["eda"], name).astype(np.float32)
             self.bvp[name] = _zscore(entry["bvp"])
             if landmarks: self.marks[name] = entry["landmarks"].astype(np.float32)
+        # frames='recording': each recording's mean frame (its own video only, never a label), subtracted from its clips
+        self.mean_frames = ({name: recording_mean_frame(self.frames_of(name)) for name in names}
+                            if normaliser.frames == "recording" else {})
         self.clips = pd.DataFrame([(name, int(s)) for name in names
                                    for s in clip_starts(len(self.targets[name]), window, self.stride, pad=pad)],
                                   columns=["recording", "start"])
-        self._frames = {}  # memory maps, opened per process on first use
         self._mean, self._std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1)
                                  for v in (normaliser.frame_mean, normaliser.frame_std))
 
@@ -247,9 +278,9 @@ class ClipDataset(Dataset):
         clip, extended = self._samples(start, stop, n), self._samples(start, stop + self.diff, n)  # one more for the last difference
         raw = torch.from_numpy(np.array(self.frames_of(name)[extended])).permute(0, 3, 1, 2)  # a copy: the map is read-only
         marks = torch.from_numpy(self.marks[name][extended]) if self.landmarks else None
-        if self.augment is not None: raw, marks = self.augment(raw, marks)
-        x = raw.float() / 255
-        item = dict(frames=(x[:self.window] - self._mean) / self._std, eda=torch.from_numpy(self.targets[name][clip]),
+        x, marks, mean_frame = augment_clip(self.augment, raw, marks, self.mean_frames.get(name))
+        frames = x[:self.window] if mean_frame is None else x[:self.window] - mean_frame  # 'recording' scaling
+        item = dict(frames=(frames - self._mean) / self._std, eda=torch.from_numpy(self.targets[name][clip]),
                     bvp=torch.from_numpy(self.bvp[name][clip]), recording=name, subject=meta["subject"],
                     task=meta["task"], start=start, t0=start / meta["target_hz"])
         if self.diff:

@@ -254,12 +254,19 @@ class TAM3D(nn.Module):
         self.head = nn.Linear(c3, 1)
         self.channels = c3
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        x = batch["frames"]
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         _check_frames(x, 1, self.name)
         features = self.encoder(x.transpose(1, 2)).mean((3, 4)).transpose(1, 2)     # (B, T, C)
-        features = features + sinusoidal_positions(x.shape[1], self.channels).to(features)
-        return self.head(self.attention(features)).squeeze(-1)
+        return features + sinusoidal_positions(x.shape[1], self.channels).to(features)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.head(self.attention(self._features(batch["frames"]))).squeeze(-1)
+
+    def attention_weights(self, batch: dict) -> torch.Tensor:
+        "The first layer's self-attention weights, averaged over heads: (B, T, T), each row summing to 1."
+        layer = self.attention.layers[0]
+        h = layer.norm1(self._features(batch["frames"]))  # norm_first: attention reads the normalised features
+        return layer.self_attn(h, h, h, need_weights=True, average_attn_weights=True)[1]
 
 # %% ../nbs/04_models.ipynb #c018
 def shape_features(landmarks: torch.Tensor,  # (B, T, 68, 2), NaN where there was no detection

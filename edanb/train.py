@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from .data import kfold_subjects, load_split, save_split, split_subjects, subject_number
-from .dataset import (DatasetConfig, Normaliser, cached_recordings, frame_difference, make_datasets, reflect_index,
+from .dataset import (DatasetConfig, Normaliser, augment_clip, cached_recordings, frame_difference, make_datasets, reflect_index,
                            split_recordings)
 from .metrics import (compare_to_baseline, has_ground_truth, make_loss, metrics_table, oracle_fraction,
                            oracle_predictions, predictions_table, series_predictions, summarise)
@@ -40,6 +40,8 @@ __all__ = ['RUN_INDEPENDENT', 'TrainConfig', 'write_atomic', 'write_json', 'make
 @dataclass
 class TrainConfig(DatasetConfig):
     "One experiment: data, split, model, optimisation, evaluation. Every field is a papermill parameter and a CLI option."
+    target: str = "subject"        # EDA scaling: subject (each recording's own mean removed; default, see below) | zscore | minmax (the study)
+    frames: str = "recording"      # frame scaling: recording (each recording's mean frame removed; default) | unit (the study) | standard
     data: str = "data/ubfc-synth"  # dataset folder (its subjects; on synthetic data also the oracle's ground truth)
     cache: str = "data/cache"      # cache folder written by `edanb preprocess`
     out: str = "runs/seqcnn"       # run folder (resumed if it holds a run with the same configuration)
@@ -211,6 +213,10 @@ class ResidentClips:
             rows.append(offsets[name] + local)
         self.index = torch.from_numpy(np.stack(rows)).to(device)                       # (clips, T + 1)
         self._mean, self._std = dataset._mean.to(device), dataset._std.to(device)
+        # frames='recording': the mean frame of each clip's recording, looked up by the clip's recording number
+        self.mean_frames = torch.stack([dataset.mean_frames[n] for n in names]).to(device) if dataset.mean_frames else None
+        number = {name: i for i, name in enumerate(names)}
+        self.recording_of = torch.tensor([number[n] for n in dataset.clips.recording], device=device)
 
     def __len__(self) -> int: return len(self.index)
 
@@ -220,13 +226,17 @@ class ResidentClips:
         clip = index[:, :self.window]
         raw = self.frames[index]                                                        # (B, T + 1, 3, H, W) uint8
         marks = self.marks[index] if self.marks is not None else None
+        means = None if self.mean_frames is None else self.mean_frames[self.recording_of[clips.to(self.device)]]
         if ds.augment is not None:
-            pairs = [ds.augment(raw[b], None if marks is None else marks[b]) for b in range(len(raw))]
-            raw = torch.stack([p[0] for p in pairs])
-            if marks is not None: marks = torch.stack([p[1] for p in pairs])
-        x = raw.float() / 255
+            parts = [augment_clip(ds.augment, raw[b], None if marks is None else marks[b],
+                                  None if means is None else means[b]) for b in range(len(raw))]
+            x = torch.stack([p[0] for p in parts])
+            if marks is not None: marks = torch.stack([p[1] for p in parts])
+            if means is not None: means = torch.stack([p[2] for p in parts])
+        else: x = raw.float() / 255
+        frames = x[:, :self.window] if means is None else x[:, :self.window] - means[:, None]  # 'recording' scaling
         rows = ds.clips.iloc[clips.cpu().numpy()]
-        out = dict(frames=(x[:, :self.window] - self._mean) / self._std, eda=self.eda[clip], bvp=self.bvp[clip],
+        out = dict(frames=(frames - self._mean) / self._std, eda=self.eda[clip], bvp=self.bvp[clip],
                    recording=rows.recording.tolist(), subject=[ds.meta[r]["subject"] for r in rows.recording],
                    task=[ds.meta[r]["task"] for r in rows.recording], start=torch.tensor(rows.start.to_numpy()),
                    t0=torch.tensor([s / ds.meta[r]["target_hz"] for r, s in zip(rows.recording, rows.start)],
