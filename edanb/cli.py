@@ -19,8 +19,8 @@ from .preprocess import PreprocessConfig, preprocess_dataset
 from .synth import SynthConfig, generate
 
 # %% auto #0
-__all__ = ['dataclass_arguments', 'dataclass_from_args', 'cmd_info', 'cmd_synth', 'cmd_split', 'cmd_preprocess', 'cmd_models',
-           'cmd_train', 'parser', 'main']
+__all__ = ['dataclass_arguments', 'dataclass_from_args', 'cmd_run', 'cmd_summary', 'cmd_info', 'cmd_synth', 'cmd_split',
+           'cmd_preprocess', 'cmd_models', 'cmd_train', 'parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #c005
 def dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -41,6 +41,27 @@ def _print_table(table: pd.DataFrame) -> None:
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200,
                            "display.max_colwidth", 120):
         print(table.to_string(index=False))
+
+def cmd_run(args) -> int:
+    "Run every cell of a grid file with papermill (one run folder each); finished cells are skipped, failures recorded."
+    from edanb.experiment import run_grid
+    table = run_grid(args.grid, args.results, args.jobs, args.notebook, progress=not args.quiet)
+    _print_table(table)
+    counts = table.status.value_counts()
+    print(f"\n{counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed: "
+          f"run folders in {args.results} (each with its executed train.ipynb)")
+    return 1 if counts.get("failed", 0) else 0
+
+def cmd_summary(args) -> int:
+    "Execute the summary notebook on a results folder: summary.ipynb, summary.html and summary.csv beside the runs."
+    from edanb.experiment import run_summary
+    try: notebook, html = run_summary(args.results, args.notebook)
+    except RuntimeError as e: raise ValueError(str(e)) from None
+    table = pd.read_csv(Path(args.results) / "summary.csv")
+    _print_table(table[[c for c in ("run", "r", "ccc", "p_vs_elapsed (r)", "fraction_of_ceiling", "rest_vs_stress")
+                        if c in table]])
+    print(f"\nsummary: {notebook}\n         {html}")
+    return 0
 
 def cmd_info(args) -> int:
     "Validate a dataset folder and print one line per recording and per problem."
@@ -146,6 +167,17 @@ def parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         from edanb.train import TrainConfig
         dataclass_arguments(train, TrainConfig)
     train.set_defaults(run=cmd_train)
+    run = sub.add_parser("run", help=cmd_run.__doc__, description=cmd_run.__doc__)
+    run.add_argument("grid", help="grid file (YAML): base parameters and lists to combine, e.g. experiments/demo.yaml")
+    run.add_argument("--results", required=True, help="results folder: one run folder per cell")
+    run.add_argument("--jobs", type=int, default=1, help="cells at a time; each gets cores // jobs threads (default: %(default)s)")
+    run.add_argument("--notebook", default=None, help="experiment notebook (default: experiments/train.ipynb)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(run=cmd_run)
+    summary = sub.add_parser("summary", help=cmd_summary.__doc__, description=cmd_summary.__doc__)
+    summary.add_argument("results", help="results folder of `edanb run`")
+    summary.add_argument("--notebook", default=None, help="summary notebook (default: experiments/summary.ipynb)")
+    summary.set_defaults(run=cmd_summary)
     return p
 
 def main(argv: list[str] | None = None) -> int:

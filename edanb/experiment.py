@@ -22,12 +22,13 @@ import yaml
 from scipy.signal import find_peaks
 from tqdm.auto import tqdm
 
-from .metrics import bootstrap_ci
+from .metrics import compare_to_baseline
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'CONDITIONS', 'STRESS_TASKS', 'GridError', 'train_fields', 'Cell', 'grid_cells',
-           'load_grid', 'cores', 'notebook_error', 'cell_status', 'run_cell', 'run_grid', 'crop_of', 'collect_runs',
-           'fold_model', 'shape_features', 'recording_features', 'rest_vs_stress', 'balanced_accuracy',
+__all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'CONDITIONS', 'TABLE_METRICS', 'STRESS_TASKS', 'GridError', 'train_fields',
+           'Cell', 'grid_cells', 'load_grid', 'cores', 'notebook_error', 'cell_status', 'run_cell', 'run_grid',
+           'crop_of', 'collect_runs', 'fold_model', 'study_table', 'per_subject', 'compare_runs', 'runs_differing_in',
+           'verdict', 'run_summary', 'shape_features', 'recording_features', 'rest_vs_stress', 'balanced_accuracy',
            'bootstrap_balanced_accuracy', 'stress_detection']
 
 # %% ../nbs/07_experiment.ipynb #c005
@@ -188,7 +189,7 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 # %% ../nbs/07_experiment.ipynb #c012
-CONDITIONS = ("model", "loss", "crop", "target", "frames", "augment_p", "data")  # what a study table is broken down by
+CONDITIONS = ("model", "model_args", "loss", "crop", "target", "frames", "augment_p", "data")  # what a study table is broken down by
 
 def crop_of(cache: str | Path) -> str:
     "How a cache was cropped (its preprocessing key), and at what size, e.g. 'face 36px'."
@@ -208,13 +209,13 @@ def collect_runs(results: str | Path) -> pd.DataFrame:
         crop = crop_of(config["cache"]) if Path(config["cache"]).is_dir() else "?"
         for s in metrics["summary"]:
             model, metric = s["model"], s["metric"]
-            row = dict(run=run, trained=config["model"], **{k: config.get(k) for k in CONDITIONS if k != "model"},
+            row = dict(run=run, trained=config["model"], **{k: config.get(k) for k in CONDITIONS if k not in ("model", "crop")},
                        crop=crop, model=model, metric=metric, mean=s["mean"], ci_low=s["ci_low"], ci_high=s["ci_high"],
                        subjects=s["subjects"], folds=metrics.get("folds"))
             for baseline in ("naive", "elapsed"):
                 hit = (tests[(tests.model == model) & (tests.baseline == baseline) & (tests.metric == metric)]
                        if len(tests) else tests)
-                row[f"p_vs_{baseline}"] = float(hit.p.iloc[0]) if len(hit) else np.nan
+                row[f"p_vs_{baseline}"] = float(hit.p_value.iloc[0]) if len(hit) else np.nan
             if metric == "r" and model in ceiling: row["fraction_of_ceiling"] = ceiling[model]["fraction_of_ceiling"]
             rows.append(row)
     return pd.DataFrame(rows)
@@ -241,6 +242,83 @@ def fold_model(run: str | Path,  # a run folder written by `fit`
     return model.eval(), default_collate([item])
 
 # %% ../nbs/07_experiment.ipynb #c016
+TABLE_METRICS = ("mse_us", "rmse_us", "r", "clip_r", "npc", "ccc")
+
+def _cell(row) -> str:
+    return f"{row['mean']:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]" if np.isfinite(row["mean"]) else "n/a"
+
+def study_table(runs: pd.DataFrame,        # collect_runs(results)
+                metrics: tuple = TABLE_METRICS,
+               ) -> pd.DataFrame:          # one row per run, its trained model's figures
+    "The study's table: every run's model, conditions, metrics with CIs, p against naive and elapsed, ceiling fraction."
+    own = runs[runs.model == runs.trained]
+    rows = []
+    for run, g in own.groupby("run", sort=False):
+        by = g.set_index("metric")
+        row = {"run": run, **{k: by[k].iat[0] for k in CONDITIONS}}
+        for m in metrics: row[m] = _cell(by.loc[m]) if m in by.index else "n/a"
+        row["p_vs_naive (ccc)"] = by.p_vs_naive.get("ccc", np.nan)
+        row["p_vs_elapsed (r)"] = by.p_vs_elapsed.get("r", np.nan)
+        row["r_mean"] = by["mean"].get("r", np.nan)
+        row["fraction_of_ceiling"] = by["fraction_of_ceiling"].get("r", np.nan) if "fraction_of_ceiling" in by else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("r_mean", ascending=False, na_position="last").reset_index(drop=True)
+
+def per_subject(results: str | Path, run: str, metric: str = "r") -> pd.Series:
+    "A run's per-subject metric of the model it trained (subject -> value)."
+    metrics = json.loads((Path(results) / run / "metrics.json").read_text())
+    table = pd.DataFrame(metrics["per_subject"])
+    return table[table.model == metrics["config"]["model"]].set_index("subject")[metric]
+
+def compare_runs(results: str | Path, run: str, other: str, metric: str = "r") -> dict:
+    "Run `run` against run `other`, paired by test subject: means, subjects where `run` is better, Wilcoxon p."
+    a, b = per_subject(results, run, metric), per_subject(results, other, metric)
+    table = pd.concat([a.rename(run), b.rename(other)], axis=1).dropna().rename_axis("subject").reset_index()
+    long = table.melt("subject", [run, other], "model", metric)
+    test = compare_to_baseline(long, other, metric).iloc[0]
+    return dict(run=run, other=other, metric=metric, mean=float(table[run].mean()), other_mean=float(table[other].mean()),
+                better_in=int(test.better_in), subjects=int(test.subjects), p=float(test.p_value))
+
+def runs_differing_in(table: pd.DataFrame,  # study_table(...)
+                      key: str,             # the condition that differs, e.g. 'augment_p'
+                      keys: tuple = CONDITIONS,
+                     ) -> list[tuple[str, str]]:
+    "Pairs of runs that differ in `key` and in nothing else."
+    others = [k for k in keys if k != key]
+    pairs = []
+    for _, g in table.groupby(others, dropna=False, sort=False):
+        g = g.sort_values(key, key=lambda s: s.astype(str))
+        pairs += [(g.run.iat[i], g.run.iat[0]) for i in range(1, len(g))]
+    return pairs
+
+def verdict(c: dict) -> str:
+    "One sentence that says what a paired comparison shows, and no more."
+    better = "higher" if c["mean"] > c["other_mean"] else "lower"
+    head = (f"{c['run']} vs {c['other']}: {c['metric']} {c['mean']:.3f} vs {c['other_mean']:.3f}, {better} in "
+            f"{c['better_in'] if better == 'higher' else c['subjects'] - c['better_in']} of {c['subjects']} subjects, "
+            f"Wilcoxon p {c['p']:.4f}")
+    return head + (": a difference." if c["p"] < 0.05 else ": no evidence of a difference at this sample size.")
+
+def run_summary(results: str | Path,               # results folder of `edanb run`
+                notebook: str | Path | None = None, # default experiments/summary.ipynb
+               ) -> tuple[Path, Path]:             # the executed notebook and its HTML, in `results`
+    "Execute the summary notebook on a results folder; write summary.ipynb and summary.html beside the runs."
+    results = Path(results)
+    notebook = Path(notebook) if notebook else EXPERIMENTS / "summary.ipynb"
+    if not any(results.glob("*/metrics.json")): raise FileNotFoundError(f"{results}: no finished run (*/metrics.json)")
+    out = results / "summary.ipynb"
+    command = [sys.executable, "-m", "papermill", str(notebook), str(out), "-p", "results", str(results.resolve()),
+               "--cwd", os.getcwd(), "--no-progress-bar", "--log-level", "ERROR"]
+    process = subprocess.run(command, capture_output=True, text=True)
+    if process.returncode:
+        raise RuntimeError(f"{out}: {notebook_error(out) or (process.stdout + process.stderr).strip().splitlines()[-1]}")
+    import nbformat
+    from nbconvert import HTMLExporter
+    html = results / "summary.html"
+    html.write_text(HTMLExporter().from_notebook_node(nbformat.read(out, as_version=4))[0])
+    return out, html
+
+# %% ../nbs/07_experiment.ipynb #c018
 STRESS_TASKS = ("T2", "T3")
 
 def shape_features(series: np.ndarray,  # one recording's EDA or prediction, any units
