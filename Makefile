@@ -5,8 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
-DATA ?= data/ubfc-synth
-CACHE ?= data/cache
+DEMO ?= data/demo
+JOBS ?= 2
 
 .PHONY: venv demo test lab bench export readme
 
@@ -22,10 +22,14 @@ $(STAMP): requirements.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-demo: venv  ## generate the default synthetic dataset, check it, preprocess it (each step reused when unchanged)
-	$(BIN)/edanb synth $(DATA)
-	$(BIN)/edanb info $(DATA) | tail -n 4
-	$(BIN)/edanb preprocess $(DATA) --out $(CACHE)
+demo: venv  ## the whole study on synthetic data: generate, preprocess, run experiments/demo.yaml, summarise (reruns reuse all)
+	@start=$$(date +%s); set -e; \
+	$(BIN)/edanb synth $(DEMO)/ubfc-synth --size 128 --quiet; \
+	$(BIN)/edanb preprocess $(DEMO)/ubfc-synth --out $(DEMO)/cache --size 24 --landmarks --quiet | tail -n 1; \
+	status=0; $(BIN)/edanb run experiments/demo.yaml --results $(DEMO)/results --jobs $(JOBS) --quiet || status=$$?; \
+	$(BIN)/edanb summary $(DEMO)/results; \
+	echo "rendered: $(DEMO)/results/*/train.ipynb (one per run), $(DEMO)/results/summary.html"; \
+	echo "make demo: $$(( $$(date +%s) - start )) s"; exit $$status
 
 test: venv  ## notebooks (nbdev_test) then pytest
 	$(BIN)/nbdev_test --n_workers 2

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .metrics import compare_to_baseline
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'CONDITIONS', 'TABLE_METRICS', 'STRESS_TASKS', 'GridError', 'train_fields',
+__all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'CONDITIONS', 'TABLE_METRICS', 'STRESS_TASKS', 'GridError', 'train_defaults',
            'Cell', 'grid_cells', 'load_grid', 'cores', 'notebook_error', 'cell_status', 'run_cell', 'run_grid',
            'crop_of', 'collect_runs', 'fold_model', 'study_table', 'per_subject', 'compare_runs', 'runs_differing_in',
            'verdict', 'run_summary', 'shape_features', 'recording_features', 'rest_vs_stress', 'balanced_accuracy',
@@ -39,14 +39,14 @@ class GridError(ValueError):
     "A grid file that cannot be read; the message names the file."
     def __init__(self, path, message: str): super().__init__(f"{path}: {message}")
 
-def train_fields() -> list[str]:
-    "The names of `TrainConfig`'s fields (imported lazily: torch is not needed to read a grid)."
+def train_defaults() -> dict:
+    "`TrainConfig`'s fields and their defaults (imported lazily: torch is not needed to read a grid)."
     from edanb.train import TrainConfig
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 def _slug(value) -> str:
     text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text.replace("/", "-")).strip("-") or "none"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text.replace("/", "-")).strip("-") or "none"
 
 @dataclasses.dataclass
 class Cell:
@@ -60,7 +60,8 @@ def grid_cells(grid: dict,               # parsed grid file: {'base': {...}, 'gr
     if not isinstance(grid, dict) or "grid" not in grid: raise GridError(source, "needs a 'grid' mapping (and optionally 'base')")
     base, blocks = grid.get("base") or {}, grid["grid"]
     blocks = blocks if isinstance(blocks, list) else [blocks]
-    allowed = set(train_fields()) - {"out"}
+    defaults = train_defaults()
+    allowed = set(defaults) - {"out"}
     for block in [base, *blocks]:
         if not isinstance(block, dict): raise GridError(source, f"expected a mapping of parameters, got {block!r}")
         unknown = sorted(set(block) - allowed)
@@ -71,8 +72,9 @@ def grid_cells(grid: dict,               # parsed grid file: {'base': {...}, 'gr
         for values in itertools.product(*lists):
             cell = {**base, **dict(zip(block, values))}
             if cell not in params: params.append(cell)
-    varying = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in params}) > 1]
-    cells = [Cell("__".join(f"{k}-{_slug(p.get(k, 'default'))}" for k in varying) or "run", p) for p in params]
+    value = lambda p, k: p.get(k, defaults[k])   # a parameter a cell does not set has TrainConfig's default
+    varying = [k for k in keys if len({json.dumps(value(p, k), sort_keys=True) for p in params}) > 1]
+    cells = [Cell("__".join(f"{k}-{_slug(value(p, k))}" for k in varying) or "run", p) for p in params]
     names = [c.name for c in cells]
     if len(set(names)) < len(names): raise GridError(source, "two cells get the same folder name")
     return cells

@@ -42,3 +42,16 @@ def synth_cache(synth_root, tmp_path_factory) -> Path:
     table = preprocess_dataset(synth_root, cache, PreprocessConfig(landmarks=True), workers=2, progress=False)
     assert (table.status == "built").all(), table
     return cache
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory) -> dict:
+    "Six subjects, 12 s per task, 32 px crops with landmarks: the smallest dataset that 3 folds can split."
+    from edanb.preprocess import PreprocessConfig, preprocess_dataset
+    from edanb.synth import SynthConfig, generate
+    root = tmp_path_factory.mktemp("train")
+    generate(root / "ubfc", SynthConfig(subjects=6, seconds=12, size=96), workers=2, progress=False)
+    table = preprocess_dataset(root / "ubfc", root / "cache", PreprocessConfig(size=32, landmarks=True), workers=2,
+                               progress=False)
+    assert (table.status == "built").all()
+    return dict(data=str(root / "ubfc"), cache=str(root / "cache"))

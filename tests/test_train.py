@@ -21,22 +21,9 @@ from edanb.train import TrainConfig, fit, run_metrics, train_epoch
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> dict:
-    "Six subjects, 12 s per task, 32 px crops with landmarks: the smallest dataset that 3 folds can split."
-    from edanb.preprocess import PreprocessConfig, preprocess_dataset
-    from edanb.synth import SynthConfig, generate
-    root = tmp_path_factory.mktemp("train")
-    generate(root / "ubfc", SynthConfig(subjects=6, seconds=12, size=96), workers=2, progress=False)
-    table = preprocess_dataset(root / "ubfc", root / "cache", PreprocessConfig(size=32, landmarks=True), workers=2,
-                               progress=False)
-    assert (table.status == "built").all()
-    return dict(data=str(root / "ubfc"), cache=str(root / "cache"))
-
-
 def config(small, out, **kw) -> TrainConfig:
     return TrainConfig(**{**small, "out": str(out), "model": "landmarks", "window": 16, "stride": 4, "batch_size": 8,
-                          "lr": 3e-3, "epochs": 2, "folds": 3, "progress": False, **kw})
+                          "lr": 3e-3, "epochs": 2, "folds": 3, "progress": False, "target": "zscore", "frames": "unit", **kw})
 
 
 def test_a_run_writes_every_artefact_and_its_metrics_recompute(small, tmp_path):
