@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
-DEMO ?= data/demo
+# the demo's folders are fixed: experiments/demo.yaml names them
+DEMO := data/demo
 JOBS ?= 2
 
 .PHONY: venv demo test lab bench export readme
@@ -25,7 +26,7 @@ $(STAMP): requirements.txt
 demo: venv  ## the whole study on synthetic data: generate, preprocess, run experiments/demo.yaml, summarise (reruns reuse all)
 	@start=$$(date +%s); set -e; \
 	$(BIN)/edanb synth $(DEMO)/ubfc-synth --size 128 --quiet; \
-	$(BIN)/edanb preprocess $(DEMO)/ubfc-synth --out $(DEMO)/cache --size 24 --landmarks --quiet | tail -n 1; \
+	$(BIN)/edanb preprocess $(DEMO)/ubfc-synth --out $(DEMO)/cache --size 32 --landmarks --quiet | tail -n 1; \
 	status=0; $(BIN)/edanb run experiments/demo.yaml --results $(DEMO)/results --jobs $(JOBS) --quiet || status=$$?; \
 	$(BIN)/edanb summary $(DEMO)/results; \
 	echo "rendered: $(DEMO)/results/*/train.ipynb (one per run), $(DEMO)/results/summary.html"; \

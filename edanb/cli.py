@@ -58,7 +58,8 @@ def cmd_summary(args) -> int:
     try: notebook, html = run_summary(args.results, args.notebook)
     except RuntimeError as e: raise ValueError(str(e)) from None
     table = pd.read_csv(Path(args.results) / "summary.csv")
-    _print_table(table[[c for c in ("run", "r", "ccc", "p_vs_elapsed (r)", "fraction_of_ceiling", "rest_vs_stress")
+    _print_table(table[[c for c in ("run", "r", "ccc", "p_vs_elapsed (r)", "better than elapsed (r)",
+                                                 "fraction_of_ceiling", "rest_vs_stress")
                         if c in table]])
     print(f"\nsummary: {notebook}\n         {html}")
     return 0

@@ -218,6 +218,8 @@ def collect_runs(results: str | Path) -> pd.DataFrame:
                 hit = (tests[(tests.model == model) & (tests.baseline == baseline) & (tests.metric == metric)]
                        if len(tests) else tests)
                 row[f"p_vs_{baseline}"] = float(hit.p_value.iloc[0]) if len(hit) else np.nan
+                row[f"better_vs_{baseline}"] = (f"{int(hit.better_in.iloc[0])}/{int(hit.subjects.iloc[0] + hit.ties.iloc[0])}"
+                                                if len(hit) else "")   # the direction the p value does not give
             if metric == "r" and model in ceiling: row["fraction_of_ceiling"] = ceiling[model]["fraction_of_ceiling"]
             rows.append(row)
     return pd.DataFrame(rows)
@@ -260,7 +262,9 @@ def study_table(runs: pd.DataFrame,        # collect_runs(results)
         row = {"run": run, **{k: by[k].iat[0] for k in CONDITIONS}}
         for m in metrics: row[m] = _cell(by.loc[m]) if m in by.index else "n/a"
         row["p_vs_naive (ccc)"] = by.p_vs_naive.get("ccc", np.nan)
+        row["better than naive (ccc)"] = by.better_vs_naive.get("ccc", "")
         row["p_vs_elapsed (r)"] = by.p_vs_elapsed.get("r", np.nan)
+        row["better than elapsed (r)"] = by.better_vs_elapsed.get("r", "")
         row["r_mean"] = by["mean"].get("r", np.nan)
         row["fraction_of_ceiling"] = by["fraction_of_ceiling"].get("r", np.nan) if "fraction_of_ceiling" in by else np.nan
         rows.append(row)
@@ -304,11 +308,15 @@ def verdict(c: dict) -> str:
 def run_summary(results: str | Path,               # results folder of `edanb run`
                 notebook: str | Path | None = None, # default experiments/summary.ipynb
                ) -> tuple[Path, Path]:             # the executed notebook and its HTML, in `results`
-    "Execute the summary notebook on a results folder; write summary.ipynb and summary.html beside the runs."
+    "Execute the summary notebook on a results folder; write summary.ipynb and summary.html beside the runs (reused while no run is newer)."
     results = Path(results)
     notebook = Path(notebook) if notebook else EXPERIMENTS / "summary.ipynb"
     if not any(results.glob("*/metrics.json")): raise FileNotFoundError(f"{results}: no finished run (*/metrics.json)")
-    out = results / "summary.ipynb"
+    out, html = results / "summary.ipynb", results / "summary.html"
+    inputs = [notebook, *results.glob("*/metrics.json")]
+    if html.exists() and (results / "summary.csv").exists() and \
+            html.stat().st_mtime > max(p.stat().st_mtime for p in inputs):
+        return out, html   # up to date: no run finished since it was written
     command = [sys.executable, "-m", "papermill", str(notebook), str(out), "-p", "results", str(results.resolve()),
                "--cwd", os.getcwd(), "--no-progress-bar", "--log-level", "ERROR"]
     process = subprocess.run(command, capture_output=True, text=True)
@@ -316,7 +324,6 @@ def run_summary(results: str | Path,               # results folder of `edanb ru
         raise RuntimeError(f"{out}: {notebook_error(out) or (process.stdout + process.stderr).strip().splitlines()[-1]}")
     import nbformat
     from nbconvert import HTMLExporter
-    html = results / "summary.html"
     html.write_text(HTMLExporter().from_notebook_node(nbformat.read(out, as_version=4))[0])
     return out, html
 

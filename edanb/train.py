@@ -382,8 +382,9 @@ def fit_fold(config: TrainConfig,                 # the run's configuration
     test = datasets["test"]
     samples = score(test, predict(model, test, config, device, resident.get("test")), normaliser, config) \
         .assign(model=config.model)
-    return pd.concat([samples, *reference_predictions(config, split, datasets, normaliser)], ignore_index=True) \
-             .assign(fold=fold, best_epoch=best["epoch"])
+    # a trained 'naive' is the naive baseline: its reference twin would put two prediction sets under one name
+    references = [r for r in reference_predictions(config, split, datasets, normaliser) if r.model.iat[0] != config.model]
+    return pd.concat([samples, *references], ignore_index=True).assign(fold=fold, best_epoch=best["epoch"])
 
 # %% ../nbs/06_train.ipynb #c025
 def elapsed_time_series(targets: dict[str, np.ndarray], # training recordings -> normalised target

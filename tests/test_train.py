@@ -173,3 +173,10 @@ def test_ddp_with_data_on_the_device_gives_every_rank_the_same_number_of_steps(s
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "ddp" / "metrics.json").is_file()
+
+
+def test_a_trained_naive_model_is_the_naive_baseline_once(small, tmp_path):
+    fit(config(small, tmp_path / "run", model="naive", epochs=1))
+    samples = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+    assert not samples.duplicated(["model", "recording", "sample"]).any()
+    assert set(samples.model) == {"naive", "elapsed", "oracle"}
