@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from .metrics import compare_to_baseline
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'CONDITIONS', 'TABLE_METRICS', 'STRESS_TASKS', 'GridError', 'train_defaults',
-           'Cell', 'grid_cells', 'load_grid', 'cores', 'notebook_error', 'cell_status', 'run_cell', 'run_grid',
-           'crop_of', 'collect_runs', 'fold_model', 'study_table', 'per_subject', 'compare_runs', 'runs_differing_in',
-           'verdict', 'run_summary', 'shape_features', 'recording_features', 'rest_vs_stress', 'balanced_accuracy',
-           'bootstrap_balanced_accuracy', 'stress_detection']
+__all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'CONDITIONS', 'RUN_INDEPENDENT', 'TABLE_METRICS', 'STRESS_TASKS', 'GridError',
+           'train_defaults', 'Cell', 'grid_cells', 'load_grid', 'cores', 'notebook_error', 'cell_status', 'run_cell',
+           'run_grid', 'crop_of', 'collect_runs', 'fold_model', 'study_table', 'per_subject', 'compare_runs',
+           'runs_differing_in', 'verdict', 'run_summary', 'shape_features', 'recording_features', 'rest_vs_stress',
+           'balanced_accuracy', 'permutation_p', 'bootstrap_balanced_accuracy', 'stress_detection']
 
 # %% ../nbs/07_experiment.ipynb #c005
 EXPERIMENTS = Path(importlib.util.find_spec("edanb").origin).resolve().parent.parent / "experiments"
@@ -200,6 +200,11 @@ def crop_of(cache: str | Path) -> str:
         return f"{config.get('crop', '?')} {config.get('size', '?')}px"
     return "?"
 
+RUN_INDEPENDENT = ("out", "progress", "device", "workers")  # may differ between runs that are otherwise the same
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in RUN_INDEPENDENT}
+
 def collect_runs(results: str | Path) -> pd.DataFrame:
     "One row per (run, model, metric) of every finished run under `results`: mean, CI, p against naive and elapsed."
     rows = []
@@ -211,7 +216,7 @@ def collect_runs(results: str | Path) -> pd.DataFrame:
         crop = crop_of(config["cache"]) if Path(config["cache"]).is_dir() else "?"
         for s in metrics["summary"]:
             model, metric = s["model"], s["metric"]
-            row = dict(run=run, trained=config["model"], **{k: config.get(k) for k in CONDITIONS if k not in ("model", "crop")},
+            row = dict(run=run, trained=config["model"], config=json.dumps(_comparable(config), sort_keys=True), **{k: config.get(k) for k in CONDITIONS if k not in ("model", "crop")},
                        crop=crop, model=model, metric=metric, mean=s["mean"], ci_low=s["ci_low"], ci_high=s["ci_high"],
                        subjects=s["subjects"], folds=metrics.get("folds"))
             for baseline in ("naive", "elapsed"):
@@ -259,7 +264,7 @@ def study_table(runs: pd.DataFrame,        # collect_runs(results)
     rows = []
     for run, g in own.groupby("run", sort=False):
         by = g.set_index("metric")
-        row = {"run": run, **{k: by[k].iat[0] for k in CONDITIONS}}
+        row = {"run": run, **{k: by[k].iat[0] for k in CONDITIONS}, "config": by["config"].iat[0]}
         for m in metrics: row[m] = _cell(by.loc[m]) if m in by.index else "n/a"
         row["p_vs_naive (ccc)"] = by.p_vs_naive.get("ccc", np.nan)
         row["better than naive (ccc)"] = by.better_vs_naive.get("ccc", "")
@@ -286,23 +291,21 @@ def compare_runs(results: str | Path, run: str, other: str, metric: str = "r") -
                 better_in=int(test.better_in), subjects=int(test.subjects), p=float(test.p_value))
 
 def runs_differing_in(table: pd.DataFrame,  # study_table(...)
-                      key: str,             # the condition that differs, e.g. 'augment_p'
-                      keys: tuple = CONDITIONS,
+                      key: str,             # the condition that differs, e.g. 'augment_p' ('crop' compares caches)
                      ) -> list[tuple[str, str]]:
-    "Pairs of runs that differ in `key` and in nothing else."
-    others = [k for k in keys if k != key]
+    "Every pair of runs that differ in `key` and in no other configuration field (epochs, lr, seed, ... included)."
+    ignored = {key, "cache"} if key in ("crop", "data") else {key}   # another crop or dataset is another cache
+    rest = lambda config: json.dumps({k: v for k, v in json.loads(config).items() if k not in ignored}, sort_keys=True)
     pairs = []
-    for _, g in table.groupby(others, dropna=False, sort=False):
-        g = g.sort_values(key, key=lambda s: s.astype(str))
-        pairs += [(g.run.iat[i], g.run.iat[0]) for i in range(1, len(g))]
+    for _, g in table.assign(_rest=table.config.map(rest)).groupby("_rest", sort=False):
+        for i, j in itertools.combinations(range(len(g)), 2):
+            if str(g[key].iat[i]) != str(g[key].iat[j]): pairs.append((g.run.iat[i], g.run.iat[j]))
     return pairs
 
 def verdict(c: dict) -> str:
-    "One sentence that says what a paired comparison shows, and no more."
-    better = "higher" if c["mean"] > c["other_mean"] else "lower"
-    head = (f"{c['run']} vs {c['other']}: {c['metric']} {c['mean']:.3f} vs {c['other_mean']:.3f}, {better} in "
-            f"{c['better_in'] if better == 'higher' else c['subjects'] - c['better_in']} of {c['subjects']} subjects, "
-            f"Wilcoxon p {c['p']:.4f}")
+    "One sentence that says what a paired comparison shows (better = higher r, CCC; lower errors), and no more."
+    head = (f"{c['run']} vs {c['other']}: {c['metric']} {c['mean']:.3f} vs {c['other_mean']:.3f}, {c['run']} better in "
+            f"{c['better_in']} of {c['subjects']} subjects, Wilcoxon p {c['p']:.4f}")
     return head + (": a difference." if c["p"] < 0.05 else ": no evidence of a difference at this sample size.")
 
 def run_summary(results: str | Path,               # results folder of `edanb run`
@@ -353,31 +356,57 @@ def recording_features(samples: pd.DataFrame,  # predictions.parquet of a run
                          stress=g.task.iat[0] in STRESS_TASKS, **shape_features(g[column].to_numpy(), hz)))
     return pd.DataFrame(rows)
 
-def _centroid_predict(train: pd.DataFrame, test: pd.DataFrame, features: list[str]) -> np.ndarray:
-    mu, sd = train[features].mean(), train[features].std(ddof=0).replace(0, 1.0)
-    z = lambda d: ((d[features] - mu) / sd).to_numpy()
-    if train.stress.nunique() < 2: return np.full(len(test), bool(train.stress.mean() >= 0.5))
-    centres = {label: z(train[train.stress == label]).mean(0) for label in (False, True)}
-    distance = {label: np.linalg.norm(z(test) - c, axis=1) for label, c in centres.items()}
-    return distance[True] < distance[False]   # ties (e.g. a constant prediction) go to rest
+def _loso_centroid(x: np.ndarray,        # (recordings, features)
+                   subjects: np.ndarray, # (recordings,) subject of each
+                   stress: np.ndarray,   # (recordings,) bool labels
+                  ) -> np.ndarray:       # predicted labels, each from a classifier fitted without its subject
+    "Leave-one-subject-out nearest class centroid in features standardised on the fitting subjects."
+    predicted = np.zeros(len(x), bool)
+    for subject in np.unique(subjects):
+        test, train = subjects == subject, subjects != subject
+        mu, sd = x[train].mean(0), x[train].std(0)
+        z = (x - mu) / np.where(sd > 0, sd, 1.0)
+        if len(np.unique(stress[train])) < 2: predicted[test] = stress[train].mean() >= 0.5; continue
+        rest_c, stress_c = z[train & ~stress].mean(0), z[train & stress].mean(0)
+        d_rest, d_stress = np.linalg.norm(z[test] - rest_c, axis=1), np.linalg.norm(z[test] - stress_c, axis=1)
+        predicted[test] = d_stress < d_rest   # ties (e.g. a constant prediction) go to rest
+    return predicted
 
 def rest_vs_stress(features: pd.DataFrame,   # recording_features of one model
                    columns: tuple = ("sd", "slope", "peak_rate"),
                   ) -> pd.DataFrame:         # one row per recording with the predicted label
     "Leave-one-subject-out rest-vs-stress labels from the recordings' shape features."
-    out = []
-    for subject, test in features.groupby("subject", sort=False):
-        train = features[features.subject != subject]
-        out.append(test.assign(predicted=_centroid_predict(train, test, list(columns))))
-    return pd.concat(out, ignore_index=True)
+    x = features[list(columns)].to_numpy(np.float64)
+    return features.assign(predicted=_loso_centroid(x, features.subject.to_numpy(), features.stress.to_numpy(bool)))
 
 def balanced_accuracy(labels: pd.DataFrame) -> float:
     "Mean of the recall on rest and the recall on stress recordings."
     recalls = [(g.predicted == g.stress).mean() for _, g in labels.groupby("stress")]
     return float(np.mean(recalls)) if len(recalls) == 2 else np.nan
 
+def _balanced(predicted: np.ndarray, stress: np.ndarray) -> float:
+    return float(np.mean([(predicted[stress == k] == k).mean() for k in (False, True)]))
+
+def permutation_p(features: pd.DataFrame,  # recording_features of one model
+                  n_perm: int = 1000, seed: int = 0,
+                  columns: tuple = ("sd", "slope", "peak_rate"),
+                 ) -> float:
+    """P-value of the balanced accuracy against chance: the task labels are shuffled within each subject (which of its
+    recordings is the rest one) and the whole leave-one-subject-out fit is redone each time."""
+    x, subjects = features[list(columns)].to_numpy(np.float64), features.subject.to_numpy()
+    stress = features.stress.to_numpy(bool)
+    observed = _balanced(_loso_centroid(x, subjects, stress), stress)
+    rng, groups = np.random.default_rng(seed), [np.flatnonzero(subjects == s) for s in np.unique(subjects)]
+    hits = 0
+    for _ in range(n_perm):
+        shuffled = stress.copy()
+        for g in groups: shuffled[g] = stress[rng.permutation(g)]
+        hits += _balanced(_loso_centroid(x, subjects, shuffled), shuffled) >= observed - 1e-12
+    return (1 + hits) / (1 + n_perm)
+
 def bootstrap_balanced_accuracy(labels: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    "95% interval of the balanced accuracy, resampling subjects (each subject's recordings together)."
+    """95% interval of the balanced accuracy, resampling subjects with the classifier held fixed: descriptive only (it
+    leaves out how the classifier's fit varies, so it is too narrow to test against chance; use `permutation_p`)."""
     counts = labels.assign(hit=labels.predicted == labels.stress).groupby(["subject", "stress"]).hit.agg(["sum", "count"])
     counts = counts.unstack("stress", fill_value=0)                   # per subject: hits and recordings, rest / stress
     hits, totals = counts["sum"].to_numpy(float), counts["count"].to_numpy(float)
@@ -388,8 +417,8 @@ def bootstrap_balanced_accuracy(labels: pd.DataFrame, n_boot: int = 2000, seed: 
     return float(low), float(high)
 
 def stress_detection(samples: pd.DataFrame, # predictions.parquet of a run (every model it holds)
-                     n_boot: int = 2000, seed: int = 0,
-                    ) -> pd.DataFrame:      # per model: balanced accuracy, bootstrap CI over subjects
+                     n_boot: int = 2000, n_perm: int = 1000, seed: int = 0,
+                    ) -> pd.DataFrame:      # per model: balanced accuracy, descriptive CI, permutation p
     "Rest-vs-stress balanced accuracy of every model of a run, and of the same classifier on the true EDA ('true EDA')."
     first = samples[samples.model == samples.model.iat[0]]
     sets = {m: recording_features(samples[samples.model == m]) for m in dict.fromkeys(samples.model)}
@@ -399,5 +428,6 @@ def stress_detection(samples: pd.DataFrame, # predictions.parquet of a run (ever
         labels = rest_vs_stress(features)
         low, high = bootstrap_balanced_accuracy(labels, n_boot, seed)
         rows.append(dict(model=model, balanced_accuracy=balanced_accuracy(labels), ci_low=low, ci_high=high,
-                         recordings=len(labels), subjects=labels.subject.nunique()))
+                         p_permutation=permutation_p(features, n_perm, seed), recordings=len(labels),
+                         subjects=labels.subject.nunique()))
     return pd.DataFrame(rows)

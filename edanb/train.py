@@ -382,8 +382,11 @@ def fit_fold(config: TrainConfig,                 # the run's configuration
     test = datasets["test"]
     samples = score(test, predict(model, test, config, device, resident.get("test")), normaliser, config) \
         .assign(model=config.model)
-    # a trained 'naive' is the naive baseline: its reference twin would put two prediction sets under one name
-    references = [r for r in reference_predictions(config, split, datasets, normaliser) if r.model.iat[0] != config.model]
+    references = reference_predictions(config, split, datasets, normaliser)
+    if config.model in {r.model.iat[0] for r in references}:
+        # a 'naive' run reports the exact training mean (the reference), not the trained NaiveMean: a constant has no r,
+        # so selection by r keeps its first epoch, far from the mean; and two prediction sets must not share one name
+        samples = samples.iloc[:0]
     return pd.concat([samples, *references], ignore_index=True).assign(fold=fold, best_epoch=best["epoch"])
 
 # %% ../nbs/06_train.ipynb #c025

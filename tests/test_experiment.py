@@ -95,24 +95,25 @@ def test_the_summary_renders_the_numbers_of_metrics_json(grid_run):
 
 
 def test_a_killed_grid_rerun_finishes_with_the_same_results(small, tmp_path):
-    grid = write_grid(tmp_path / "grid.yaml", small, ["landmarks"], epochs=4, folds=2)
+    grid = write_grid(tmp_path / "grid.yaml", small, ["landmarks"], epochs=3)
     whole = run_grid(grid, tmp_path / "whole", progress=False)
     assert (whole.status == "done").all()
     process = subprocess.Popen([BIN / "edanb", "run", grid, "--results", tmp_path / "killed", "--quiet"],
                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint, deadline = tmp_path / "killed" / "model-landmarks" / "fold0" / "last.pt", time.time() + 300
+    # one cell: nothing varies, so its folder is "run"
+    checkpoint, deadline = tmp_path / "killed" / "run" / "fold0" / "last.pt", time.time() + 300
     while not checkpoint.exists() and time.time() < deadline and process.poll() is None: time.sleep(0.2)
     assert process.poll() is None and checkpoint.exists(), "the grid should still be running after its first epoch"
     os.killpg(process.pid, signal.SIGKILL); process.wait()
     time.sleep(3)   # the orphaned kernel notices that papermill is gone and exits
-    assert not (tmp_path / "killed" / "model-landmarks" / "done.json").exists()
+    assert not (tmp_path / "killed" / "run" / "done.json").exists()
     again = run_grid(grid, tmp_path / "killed", progress=False)
     assert again.status.tolist() == ["done"]
-    a = pd.read_parquet(tmp_path / "whole" / "model-landmarks" / "predictions.parquet")
-    b = pd.read_parquet(tmp_path / "killed" / "model-landmarks" / "predictions.parquet")
+    a = pd.read_parquet(tmp_path / "whole" / "run" / "predictions.parquet")
+    b = pd.read_parquet(tmp_path / "killed" / "run" / "predictions.parquet")
     pd.testing.assert_frame_equal(a, b, atol=1e-6, rtol=0)
-    assert json.loads((tmp_path / "whole" / "model-landmarks" / "metrics.json").read_text())["summary"] == \
-           json.loads((tmp_path / "killed" / "model-landmarks" / "metrics.json").read_text())["summary"]
+    assert json.loads((tmp_path / "whole" / "run" / "metrics.json").read_text())["summary"] == \
+           json.loads((tmp_path / "killed" / "run" / "metrics.json").read_text())["summary"]
 
 
 @pytest.mark.parametrize("grid, message", [
@@ -136,3 +137,18 @@ def test_the_shipped_grids_are_valid():
     assert augmented & {c.params.get("model") for c in demo if c.params.get("augment_p", 0) == 0} - {"naive"}
     assert all(c.params.get("folds", 0) >= 2 for c in demo)
     assert len(study) > len(demo)
+
+
+def test_runs_pair_only_when_every_other_field_is_equal_and_verdicts_say_which_is_better(grid_run):
+    from edanb.experiment import collect_runs, compare_runs, per_subject, runs_differing_in, study_table, verdict
+    results = grid_run["results"]
+    table = study_table(collect_runs(results))
+    assert sorted(map(sorted, runs_differing_in(table, "model"))) == [["model-landmarks", "model-naive"]]
+    other = table.copy()
+    other.loc[other.run == "model-naive", "config"] = other.config[other.run == "model-naive"].map(
+        lambda c: json.dumps({**json.loads(c), "epochs": 9}))
+    assert runs_differing_in(other, "model") == []                          # more epochs: not a comparison of models
+    comparison = compare_runs(results, "model-landmarks", "model-naive", "mse")
+    a, b = per_subject(results, "model-landmarks", "mse"), per_subject(results, "model-naive", "mse")
+    assert comparison["better_in"] == int((a < b).sum())                     # lower MSE is better
+    assert f"model-landmarks better in {comparison['better_in']} of" in verdict(comparison)

@@ -121,7 +121,7 @@ def test_gradients_are_clipped_after_backward(small, monkeypatch):
 
 
 def test_ddp_under_torchrun_writes_the_same_schema(small, tmp_path):
-    single = fit(config(small, tmp_path / "single", folds=0, epochs=1))
+    single = fit(config(small, tmp_path / "single", folds=0, epochs=1, target="subject", frames="recording"))  # CLI defaults
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "edanb.train"]
     cmd += _train_command(small, tmp_path / "ddp", 1)[3:] + ["--folds", "0"]
@@ -175,8 +175,11 @@ def test_ddp_with_data_on_the_device_gives_every_rank_the_same_number_of_steps(s
     assert (tmp_path / "ddp" / "metrics.json").is_file()
 
 
-def test_a_trained_naive_model_is_the_naive_baseline_once(small, tmp_path):
-    fit(config(small, tmp_path / "run", model="naive", epochs=1))
+def test_a_naive_run_reports_the_exact_training_mean_once(small, tmp_path):
+    fit(config(small, tmp_path / "run", model="naive", epochs=1, target="minmax"))
     samples = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
     assert not samples.duplicated(["model", "recording", "sample"]).any()
     assert set(samples.model) == {"naive", "elapsed", "oracle"}
+    naive = samples[samples.model == "naive"]
+    assert (naive.groupby("fold").pred.nunique() == 1).all()                 # one constant per fold ...
+    assert naive.groupby("fold").pred.first().between(0.05, 0.95).all()      # ... the training mean, not the untrained 0
