@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 DEMO := data/demo
 JOBS ?= 2
 
-.PHONY: venv demo test lab bench export readme
+.PHONY: venv demo demo-null test lab bench export readme docs
 
 venv: $(STAMP)
 
@@ -32,6 +32,15 @@ demo: venv  ## the whole study on synthetic data: generate, preprocess, run expe
 	echo "rendered: $(DEMO)/results/*/train.ipynb (one per run), $(DEMO)/results/summary.html"; \
 	echo "make demo: $$(( $$(date +%s) - start )) s"; exit $$status
 
+demo-null: venv  ## the demo grid again on null data (faces carry no EDA): every model should score r ~ 0; then the summary pairs each run with its null twin
+	@start=$$(date +%s); set -e; \
+	$(BIN)/edanb synth $(DEMO)/ubfc-null --size 128 --coupling 0 --quiet | tail -n 1; \
+	$(BIN)/edanb preprocess $(DEMO)/ubfc-null --out $(DEMO)/cache-null --size 32 --landmarks --quiet | tail -n 1; \
+	status=0; $(BIN)/edanb run experiments/demo.yaml --results $(DEMO)/results/null --jobs $(JOBS) --quiet \
+		--set data=$(DEMO)/ubfc-null --set cache=$(DEMO)/cache-null || status=$$?; \
+	$(BIN)/edanb summary $(DEMO)/results; \
+	echo "make demo-null: $$(( $$(date +%s) - start )) s"; exit $$status
+
 test: venv  ## notebooks (nbdev_test) then pytest
 	$(BIN)/nbdev_test --n_workers 2
 	$(BIN)/python -m pytest -q tests
@@ -48,3 +57,9 @@ export: venv  ## notebooks -> edanb/, then strip notebook outputs
 
 readme: venv  ## README.md from nbs/index.ipynb
 	$(BIN)/jupyter nbconvert --to markdown --stdout nbs/index.ipynb > README.md
+
+docs: venv  ## offline HTML site (mkdocs.yml): notebooks (nbs/ executed), experiments, demo summary, API, search; EDANB_DOCS_EXECUTE=false: run nothing
+	@start=$$(date +%s); set -e; \
+	$(BIN)/mkdocs build --strict; \
+	echo "open file://$(CURDIR)/_docs/site/index.html (works from disk, search included)"; \
+	echo "make docs: $$(( $$(date +%s) - start )) s"

@@ -44,8 +44,9 @@ def _print_table(table: pd.DataFrame) -> None:
 
 def cmd_run(args) -> int:
     "Run every cell of a grid file with papermill (one run folder each); finished cells are skipped, failures recorded."
-    from edanb.experiment import run_grid
-    table = run_grid(args.grid, args.results, args.jobs, args.notebook, progress=not args.quiet)
+    from edanb.experiment import parse_overrides, run_grid
+    table = run_grid(args.grid, args.results, args.jobs, args.notebook, progress=not args.quiet,
+                     overrides=parse_overrides(args.set), scheduler=args.scheduler)
     _print_table(table)
     counts = table.status.value_counts()
     print(f"\n{counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed: "
@@ -98,7 +99,7 @@ def cmd_split(args) -> int:
 def cmd_preprocess(args) -> int:
     "Sample every recording to the EDA clock, crop faces and cache them; exit 1 if any recording failed."
     table = preprocess_dataset(args.root, args.out, dataclass_from_args(PreprocessConfig, args), workers=args.workers,
-                               progress=not args.quiet)
+                               progress=not args.quiet, scheduler=args.scheduler)
     _print_table(table.fillna(""))
     failed = int((table.status == "failed").sum())
     print(f"\n{len(table) - failed} recording(s) cached in {args.out}, {failed} failed")
@@ -154,6 +155,8 @@ def parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="cache folder")
     dataclass_arguments(prep, PreprocessConfig)
     prep.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
+    prep.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                      help="preprocess on the workers of this Dask distributed scheduler, one task per recording")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(run=cmd_preprocess)
     models = sub.add_parser("models", help=cmd_models.__doc__, description=cmd_models.__doc__)
@@ -173,6 +176,10 @@ def parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     run.add_argument("--results", required=True, help="results folder: one run folder per cell")
     run.add_argument("--jobs", type=int, default=1, help="cells at a time; each gets cores // jobs threads (default: %(default)s)")
     run.add_argument("--notebook", default=None, help="experiment notebook (default: experiments/train.ipynb)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="set a parameter in every cell, over the grid file's (repeatable), e.g. --set data=data/ubfc-null")
+    run.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                     help="run the cells on the workers of this Dask distributed scheduler (e.g. tcp://host:8786) instead of here")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(run=cmd_run)
     summary = sub.add_parser("summary", help=cmd_summary.__doc__, description=cmd_summary.__doc__)
@@ -186,6 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser(argv).parse_args(argv)
     try: return args.run(args)
-    except (DataError, SplitError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (DataError, SplitError, FileExistsError, FileNotFoundError, ValueError, ConnectionError) as e:
         print(f"edanb {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -18,10 +18,11 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOLERANCE_S', 'UBFC_SPLIT', 'PARTS', 'DataError',
-           'read_signal', 'VideoInfo', 'probe_video', 'subject_number', 'recording_paths', 'Recording',
-           'load_recording', 'subject_folders', 'scan', 'discover', 'recordings_table', 'parallel_map', 'SplitError',
-           'split_counts', 'check_split', 'split_subjects', 'kfold_subjects', 'save_split', 'load_split']
+__all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOLERANCE_S', 'UBFC_SPLIT', 'PARTS', 'REDACT_BLOCKS',
+           'DataError', 'read_signal', 'VideoInfo', 'probe_video', 'subject_number', 'recording_paths', 'Recording',
+           'load_recording', 'subject_folders', 'scan', 'discover', 'recordings_table', 'dask_client', 'dask_map',
+           'parallel_map', 'SplitError', 'split_counts', 'check_split', 'split_subjects', 'kfold_subjects',
+           'save_split', 'load_split', 'is_synthetic', 'redact_by_default', 'redact_faces', 'show_face']
 
 # %% ../nbs/00_data.ipynb #c005
 TASKS = ("T1", "T2", "T3")
@@ -206,6 +207,21 @@ def recordings_table(recordings: Sequence[Recording], problems: Sequence[DataErr
                                        "video_s", "eda_s", "bvp_s", "problem"])
 
 # %% ../nbs/00_data.ipynb #c020
+def dask_client(scheduler: str): # address of a running Dask distributed scheduler, e.g. tcp://host:8786
+    "A client of a Dask scheduler (the workers must have edanb installed and see the same files); a clear error when none answers."
+    from distributed import Client
+    try: return Client(scheduler, timeout="10s")
+    except OSError as e: raise ConnectionError(f"{scheduler}: no Dask scheduler answered ({e})") from None
+
+def dask_map(fn, jobs: Sequence[tuple], scheduler: str):
+    "Yield `fn(*job)` for each job as it finishes (not in order), computed on the workers of a Dask scheduler."
+    from distributed import as_completed
+    with dask_client(scheduler) as client:
+        futures = [client.submit(fn, *job, pure=False) for job in jobs]
+        try:
+            for future in as_completed(futures): yield future.result()
+        finally: client.cancel(futures)   # stopped early: the jobs not started yet are dropped
+
 def parallel_map(fn, jobs: Sequence[tuple], workers: int = 2):
     "Yield `fn(*job)` for each job, in order: in this process when `workers <= 1`, else in spawned workers."
     if workers <= 1 or len(jobs) <= 1:
@@ -282,3 +298,38 @@ def load_split(path: str | Path) -> dict[str, list[str]]:
     except FileNotFoundError: raise DataError(path, "split file is missing") from None
     except json.JSONDecodeError as e: raise DataError(path, f"split file is not valid JSON ({e})") from None
     return check_split(data, source=str(path))
+
+# %% ../nbs/00_data.ipynb #c028
+REDACT_BLOCKS = 6  # a redacted face keeps a 6 x 6 mosaic of mean colours: the lighting, not the person
+
+def is_synthetic(root: str | Path) -> bool:
+    "Whether a dataset folder was written by `edanb synth` (it keeps the true cues in `ground_truth/`); UBFC-Phys never is."
+    return any((Path(root) / "ground_truth").glob("*_signals.csv"))
+
+def redact_by_default(data: str | Path | None, # the dataset folder the images come from (None: unknown)
+                     ) -> bool:
+    "Faces are redacted unless the data is known to be the synthetic dataset."
+    return data is None or not is_synthetic(data)
+
+def redact_faces(image,                      # one image to display: (H, W) or (H, W, C), numpy array or torch tensor
+                 blocks: int = REDACT_BLOCKS, # mosaic cells per side
+                ) -> np.ndarray:             # same shape and dtype: each cell is the mean of its pixels
+    "A face image reduced to a coarse mosaic, so that nobody can be recognised in it."
+    array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if array.ndim not in (2, 3): raise ValueError(f"expected one (H, W) or (H, W, C) image, got shape {array.shape}")
+    h, w = array.shape[:2]
+    small = cv2.resize(array.astype(np.float32), (min(blocks, w), min(blocks, h)), interpolation=cv2.INTER_AREA)
+    mosaic = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST).reshape(array.shape)
+    return (np.rint(mosaic) if np.issubdtype(array.dtype, np.integer) else mosaic).astype(array.dtype)
+
+def show_face(ax,                  # matplotlib axes
+              image,               # (H, W) or (H, W, C), numpy or torch: a frame, a face crop or a map of one
+              redact: bool = True, # mosaic it first (see `redact_by_default`)
+              **imshow):           # passed to `ax.imshow` (cmap, vmin, ...)
+    "Draw a face on `ax`, redacted unless told otherwise; every edanb figure of a face goes through here."
+    if redact:
+        image = redact_faces(image)
+        ax.text(0.02, 0.02, "redacted", transform=ax.transAxes, fontsize=6, color="white",
+                bbox=dict(facecolor="black", alpha=0.5, pad=1, linewidth=0))
+    ax.set_axis_off()
+    return ax.imshow(image.detach().cpu() if hasattr(image, "detach") else image, **imshow)

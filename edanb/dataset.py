@@ -20,9 +20,9 @@ from .data import PARTS, TASKS, DataError, check_split, load_split, subject_numb
 from .preprocess import load_cached, read_meta
 
 # %% auto #0
-__all__ = ['TARGET_SCALINGS', 'FRAME_SCALINGS', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index', 'Normaliser',
-           'frame_difference', 'recording_mean_frame', 'fit_normaliser', 'ClipAugment', 'DatasetConfig', 'augment_clip',
-           'ClipDataset', 'cached_recordings', 'split_recordings', 'make_datasets']
+__all__ = ['EVAL_COVERAGE', 'TARGET_SCALINGS', 'FRAME_SCALINGS', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index',
+           'Normaliser', 'frame_difference', 'recording_mean_frame', 'fit_normaliser', 'ClipAugment', 'DatasetConfig',
+           'augment_clip', 'ClipDataset', 'cached_recordings', 'split_recordings', 'make_datasets']
 
 # %% ../nbs/03_dataset.ipynb #c006
 def clip_starts(n: int,                 # samples in the recording
@@ -44,9 +44,11 @@ def clip_starts(n: int,                 # samples in the recording
     if cover_end and starts[-1] != n - window: starts = np.append(starts, n - window)
     return starts
 
+EVAL_COVERAGE = 4  # every evaluated sample is predicted by at least this many clips, each at another position in its clip
+
 def evaluation_stride(window: int, stride: int) -> int:
-    "The largest stride <= `stride` that divides `window` (padded evaluation clips need one)."
-    return max(s for s in range(1, min(stride, window) + 1) if window % s == 0)
+    "The stride of padded evaluation clips: the largest divisor of `window` <= `stride` and <= window / `EVAL_COVERAGE`."
+    return max(s for s in range(1, max(1, min(stride, window // EVAL_COVERAGE)) + 1) if window % s == 0)
 
 def reflect_index(index: np.ndarray, # sample indices, possibly outside [0, n)
                   n: int,            # samples in the recording

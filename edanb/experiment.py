@@ -22,14 +22,17 @@ import yaml
 from scipy.signal import find_peaks
 from tqdm.auto import tqdm
 
+from .data import dask_client
 from .metrics import compare_to_baseline
+from .train import write_json
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'CONDITIONS', 'RUN_INDEPENDENT', 'TABLE_METRICS', 'STRESS_TASKS', 'GridError',
-           'train_defaults', 'Cell', 'grid_cells', 'load_grid', 'cores', 'notebook_error', 'cell_status', 'run_cell',
-           'run_grid', 'crop_of', 'collect_runs', 'fold_model', 'study_table', 'per_subject', 'compare_runs',
-           'runs_differing_in', 'verdict', 'run_summary', 'shape_features', 'recording_features', 'rest_vs_stress',
-           'balanced_accuracy', 'permutation_p', 'bootstrap_balanced_accuracy', 'stress_detection']
+           'train_defaults', 'Cell', 'grid_cells', 'load_grid', 'parse_overrides', 'cores', 'notebook_error',
+           'cell_status', 'run_cell', 'run_grid', 'worker_threads', 'crop_of', 'finished_runs', 'collect_runs',
+           'fold_model', 'study_table', 'per_subject', 'compare_runs', 'runs_differing_in', 'verdict', 'run_summary',
+           'shape_features', 'recording_features', 'rest_vs_stress', 'balanced_accuracy', 'permutation_p',
+           'bootstrap_balanced_accuracy', 'stress_detection']
 
 # %% ../nbs/07_experiment.ipynb #c005
 EXPERIMENTS = Path(importlib.util.find_spec("edanb").origin).resolve().parent.parent / "experiments"
@@ -55,14 +58,16 @@ class Cell:
 
 def grid_cells(grid: dict,               # parsed grid file: {'base': {...}, 'grid': {...} or [{...}, ...]}
                source: str | Path = "grid", # where it came from, for error messages
+               overrides: dict | None = None, # parameters set in every cell, over the grid's own (`edanb run --set`)
               ) -> list[Cell]:
     "The cells of a grid: each block's cartesian product over `base`, duplicates removed, named by what varies."
+    overrides = overrides or {}
     if not isinstance(grid, dict) or "grid" not in grid: raise GridError(source, "needs a 'grid' mapping (and optionally 'base')")
     base, blocks = grid.get("base") or {}, grid["grid"]
     blocks = blocks if isinstance(blocks, list) else [blocks]
     defaults = train_defaults()
     allowed = set(defaults) - {"out"}
-    for block in [base, *blocks]:
+    for block in [base, *blocks, overrides]:
         if not isinstance(block, dict): raise GridError(source, f"expected a mapping of parameters, got {block!r}")
         unknown = sorted(set(block) - allowed)
         if unknown: raise GridError(source, f"unknown parameter(s) {unknown} (TrainConfig fields except 'out')")
@@ -70,7 +75,7 @@ def grid_cells(grid: dict,               # parsed grid file: {'base': {...}, 'gr
     for block in blocks:
         lists = [v if isinstance(v, list) else [v] for v in block.values()]
         for values in itertools.product(*lists):
-            cell = {**base, **dict(zip(block, values))}
+            cell = {**base, **dict(zip(block, values)), **overrides}
             if cell not in params: params.append(cell)
     value = lambda p, k: p.get(k, defaults[k])   # a parameter a cell does not set has TrainConfig's default
     varying = [k for k in keys if len({json.dumps(value(p, k), sort_keys=True) for p in params}) > 1]
@@ -79,21 +84,28 @@ def grid_cells(grid: dict,               # parsed grid file: {'base': {...}, 'gr
     if len(set(names)) < len(names): raise GridError(source, "two cells get the same folder name")
     return cells
 
-def load_grid(path: str | Path) -> list[Cell]:
+def load_grid(path: str | Path,              # grid file (YAML)
+              overrides: dict | None = None, # parameters set in every cell, over the file's own
+             ) -> list[Cell]:
     "Read a YAML grid file into its cells."
     path = Path(path)
     if not path.is_file(): raise GridError(path, "no such grid file")
     try: grid = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e: raise GridError(path, f"not YAML ({e})") from None
-    return grid_cells(grid, path)
+    return grid_cells(grid, path, overrides)
+
+def parse_overrides(items: list[str] | None, # 'key=value' strings; values are read as YAML (3, 0.7, true, [a, b])
+                   ) -> dict:
+    "The `--set key=value` options of `edanb run` as a dict."
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip(): raise GridError("--set", f"expected key=value, got {item!r}")
+        try: overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e: raise GridError("--set", f"{item!r}: value is not YAML ({e})") from None
+    return overrides
 
 # %% ../nbs/07_experiment.ipynb #c008
-def _write_json(path: Path, value) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
-
 def cores() -> int:
     "CPU cores this process may use."
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -118,6 +130,7 @@ def run_cell(cell: Cell,                      # what to run
              notebook: Path,                  # the experiment notebook (experiments/train.ipynb)
              threads: int = 1,                # torch threads for this cell
              running: dict | None = None,     # subprocesses in flight (name -> Popen), so a stopped grid can stop them
+             cwd: str | None = None,          # folder the notebook runs in (relative paths in the parameters); default: here
             ) -> dict:
     "Execute one cell with papermill; return its row of the grid table (cell, status, seconds, reason)."
     folder = results / cell.name
@@ -127,12 +140,12 @@ def run_cell(cell: Cell,                      # what to run
         return dict(cell=cell.name, status="failed", seconds=0.0,
                     reason=f"{folder / 'params.json'} holds other parameters: use another results folder")
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "params.json", cell.params)
+    write_json(folder / "params.json", cell.params)
     (folder / "failed.json").unlink(missing_ok=True)
     parameters = {**cell.params, "out": str(folder.resolve()), "progress": False, "threads": threads}
-    _write_json(folder / ".parameters.json", parameters)
+    write_json(folder / ".parameters.json", parameters)
     env = {**os.environ, **{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
-    command = [sys.executable, "-m", "papermill", str(notebook), str(folder / notebook.name), "--cwd", os.getcwd(),
+    command = [sys.executable, "-m", "papermill", str(notebook), str(folder / notebook.name), "--cwd", cwd or os.getcwd(),
                "--parameters_file", str(folder / ".parameters.json"), "--no-progress-bar", "--log-level", "ERROR"]
     start = time.time()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -142,35 +155,46 @@ def run_cell(cell: Cell,                      # what to run
     seconds = time.time() - start
     (folder / "papermill.log").write_text(log)
     if process.returncode == 0 and (folder / "metrics.json").exists():
-        _write_json(folder / "done.json", dict(seconds=seconds, params=cell.params))
+        write_json(folder / "done.json", dict(seconds=seconds, params=cell.params))
         return dict(cell=cell.name, status="done", seconds=seconds, reason="")
     reason = (notebook_error(folder / notebook.name) or (log.strip().splitlines() or ["no output"])[-1]
               if process.returncode else "the notebook finished without writing metrics.json")
     if process.returncode < 0: reason = f"killed by signal {-process.returncode}"
-    _write_json(folder / "failed.json", dict(seconds=seconds, reason=reason, notebook=str(folder / notebook.name)))
+    write_json(folder / "failed.json", dict(seconds=seconds, reason=reason, notebook=str(folder / notebook.name)))
     return dict(cell=cell.name, status="failed", seconds=seconds, reason=reason)
 
 # %% ../nbs/07_experiment.ipynb #c010
 def run_grid(grid: str | Path,              # grid file (YAML)
-             results: str | Path,           # results folder: one folder per cell
-             jobs: int = 1,                 # cells at a time (at most the cores)
+             results: str | Path,           # results folder: one folder per cell (on a file system every worker sees)
+             jobs: int = 1,                 # cells at a time on this machine (at most the cores); ignored with `scheduler`
              notebook: str | Path | None = None, # experiment notebook (default: experiments/train.ipynb)
              progress: bool = True,
+             overrides: dict | None = None, # parameters set in every cell, over the grid file's (`edanb run --set`)
+             scheduler: str | None = None,  # address of a Dask distributed scheduler: the cells run on its workers
             ) -> pd.DataFrame:              # one row per cell: cell, status (done | skipped | failed), seconds, reason
     "Execute every cell of a grid that is not done yet; failures are recorded and the grid goes on."
-    cells, results = load_grid(grid), Path(results)
-    notebook = Path(notebook) if notebook else EXPERIMENTS / "train.ipynb"
+    cells, results = load_grid(grid, overrides), Path(results).resolve()
+    notebook = Path(notebook or EXPERIMENTS / "train.ipynb").resolve()
     if not notebook.is_file(): raise FileNotFoundError(f"{notebook}: no such experiment notebook")
+    running, rows, cwd = {}, [], os.getcwd()
+    if scheduler:
+        from distributed import as_completed
+        client = dask_client(scheduler)
+        threads = worker_threads(client)
+        submit = lambda cell: client.submit(_run_cell_on_worker, cell, results, notebook, threads, cwd, pure=False)
+        close = client.close
+    else:
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+        jobs = max(1, min(jobs, cores(), len(cells)))
+        pool = ThreadPoolExecutor(jobs)
+        submit = lambda cell: pool.submit(run_cell, cell, results, notebook, max(1, cores() // jobs), running, cwd)
+        close = pool.shutdown
     results.mkdir(parents=True, exist_ok=True)
-    jobs = max(1, min(jobs, cores(), len(cells)))
-    threads = max(1, cores() // jobs)
-    running, rows = {}, []
     def stop(signum, frame): raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, stop) if jobs >= 1 and _main_thread() else None
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    previous = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
     try:
-        with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(cells), desc="grid", unit="cell", disable=not progress) as bar:
-            futures = [pool.submit(run_cell, cell, results, notebook, threads, running) for cell in cells]
+        with tqdm(total=len(cells), desc="grid", unit="cell", disable=not progress) as bar:
+            futures = [submit(cell) for cell in cells]
             try:
                 for future in as_completed(futures):
                     rows.append(future.result()); bar.update()
@@ -180,15 +204,30 @@ def run_grid(grid: str | Path,              # grid file (YAML)
                 for process in list(running.values()): process.terminate()
                 raise
     finally:
+        close()
         if previous is not None: signal.signal(signal.SIGTERM, previous)
     order = {c.name: i for i, c in enumerate(cells)}
     table = pd.DataFrame(rows).sort_values("cell", key=lambda s: s.map(order)).reset_index(drop=True)
-    _write_json(results / "grid.json", dict(grid=str(grid), cells=table.to_dict("records")))
+    write_json(results / "grid.json", dict(grid=str(grid), overrides=overrides or {}, scheduler=scheduler,
+                                           cells=table.to_dict("records")))
     return table
 
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+def worker_threads(client) -> dict[str, int]:
+    "Torch threads per cell on each worker of a Dask cluster: its host's cores shared among the cells that host runs at once."
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    host_cores = client.run(cores)   # address -> cores that worker may use
+    per_host = {}
+    for w in workers.values(): per_host[w["host"]] = per_host.get(w["host"], 0) + w["nthreads"]
+    return {a: max(1, host_cores.get(a, 1) // per_host[w["host"]]) for a, w in workers.items()}
+
+def _run_cell_on_worker(cell: Cell, results: Path, notebook: Path, threads: dict[str, int], cwd: str) -> dict:
+    from distributed import get_worker
+    worker = get_worker()
+    return run_cell(cell, results, notebook, threads.get(worker.address) or max(1, cores() // worker.state.nthreads), cwd=cwd)
 
 # %% ../nbs/07_experiment.ipynb #c012
 CONDITIONS = ("model", "model_args", "loss", "crop", "target", "frames", "augment_p", "data")  # what a study table is broken down by
@@ -205,12 +244,17 @@ RUN_INDEPENDENT = ("out", "progress", "device", "workers")  # may differ between
 def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RUN_INDEPENDENT}
 
+def finished_runs(results: str | Path) -> list[Path]:
+    "The `metrics.json` of every finished run in a results folder, and one level below (e.g. `results/null/<cell>`)."
+    results = Path(results)
+    return sorted([*results.glob("*/metrics.json"), *results.glob("*/*/metrics.json")])
+
 def collect_runs(results: str | Path) -> pd.DataFrame:
     "One row per (run, model, metric) of every finished run under `results`: mean, CI, p against naive and elapsed."
     rows = []
-    for path in sorted(Path(results).glob("*/metrics.json")):
+    for path in finished_runs(results):
         metrics = json.loads(path.read_text())
-        config, run = metrics["config"], path.parent.name
+        config, run = metrics["config"], path.parent.relative_to(results).as_posix()
         tests = pd.DataFrame(metrics.get("tests", []))
         ceiling = {r["model"]: r for r in metrics.get("ceiling_fraction", [])}
         crop = crop_of(config["cache"]) if Path(config["cache"]).is_dir() else "?"
@@ -314,9 +358,10 @@ def run_summary(results: str | Path,               # results folder of `edanb ru
     "Execute the summary notebook on a results folder; write summary.ipynb and summary.html beside the runs (reused while no run is newer)."
     results = Path(results)
     notebook = Path(notebook) if notebook else EXPERIMENTS / "summary.ipynb"
-    if not any(results.glob("*/metrics.json")): raise FileNotFoundError(f"{results}: no finished run (*/metrics.json)")
+    runs = finished_runs(results)
+    if not runs: raise FileNotFoundError(f"{results}: no finished run (*/metrics.json)")
     out, html = results / "summary.ipynb", results / "summary.html"
-    inputs = [notebook, *results.glob("*/metrics.json")]
+    inputs = [notebook, *runs]
     if html.exists() and (results / "summary.csv").exists() and \
             html.stat().st_mtime > max(p.stat().st_mtime for p in inputs):
         return out, html   # up to date: no run finished since it was written

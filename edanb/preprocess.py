@@ -19,8 +19,8 @@ import scipy.ndimage
 import scipy.signal
 from tqdm.auto import tqdm
 
-from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, Recording, load_recording, parallel_map,
-                        scan)
+from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, Recording, dask_map, load_recording,
+                        parallel_map, scan)
 
 # %% auto #0
 __all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'sample_count', 'frame_indices', 'resample', 'bandpass', 'heart_rate',
@@ -331,17 +331,21 @@ def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
                        config: PreprocessConfig | None = None, # parameters
                        workers: int = 2,       # parallel processes
                        progress: bool = True,  # progress bars
+                       scheduler: str | None = None, # a Dask distributed scheduler: one task per recording on its workers
                       ) -> pd.DataFrame:
     "Preprocess every recording under `root` into `cache`; one summary row per recording (failed ones included)."
-    config, cache = config or PreprocessConfig(), Path(cache)
+    config, cache = config or PreprocessConfig(), Path(cache).resolve()
+    if scheduler: root = Path(root).resolve()   # workers elsewhere see the same shared folders, not our cwd
     cache.mkdir(parents=True, exist_ok=True)
     for pattern in (".*.tmp-*", ".*.old-*"):  # left by a killed run
         for stale in cache.glob(pattern): shutil.rmtree(stale, ignore_errors=True)
     recordings, problems = scan(root, tolerance_s=config.tolerance_s)
     rows = [dict(recording=p.path.name, status="failed", error=str(p)) for p in problems]
-    jobs = [(r, str(cache), config, progress and workers <= 1) for r in recordings]
+    jobs = [(r, str(cache), config, progress and workers <= 1 and not scheduler) for r in recordings]
     from edanb import preprocess  # spawned workers import the function by name
-    rows += list(tqdm(parallel_map(preprocess._preprocess_job, jobs, workers), total=len(jobs), desc="preprocess",
-                      disable=not progress))
+    done = (dask_map(preprocess._preprocess_job, jobs, scheduler) if scheduler else
+            parallel_map(preprocess._preprocess_job, jobs, workers))
+    order = {r.name: i for i, r in enumerate(recordings)}
+    rows += sorted(tqdm(done, total=len(jobs), desc="preprocess", disable=not progress), key=lambda row: order[row["recording"]])
     columns = ["recording", "status", "samples", "face_rate", "fallback", "seconds", "error"]
     return pd.DataFrame(rows, columns=columns)

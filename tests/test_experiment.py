@@ -1,4 +1,5 @@
 "The grid runner and the summary: papermill cells, failures recorded and retried, a killed grid finished, the summary's numbers."
+import base64
 import dataclasses
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -34,7 +36,7 @@ def grid_run(small, tmp_path_factory) -> dict:
     first = run_grid(grid, root / "results", jobs=2, progress=False)
     failed_at = (root / "results" / "model-nosuchmodel" / "failed.json").stat().st_mtime_ns
     second = run_grid(grid, root / "results", jobs=2, progress=False)
-    return dict(results=root / "results", first=first.set_index("cell"), second=second.set_index("cell"),
+    return dict(grid=grid, results=root / "results", first=first.set_index("cell"), second=second.set_index("cell"),
                 failed_at=failed_at)
 
 
@@ -42,10 +44,10 @@ def test_the_notebook_parameters_are_every_train_config_field():
     nb = json.loads((EXPERIMENTS / "train.ipynb").read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     names = [line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines() if "=" in line]
-    assert names == [f.name for f in dataclasses.fields(TrainConfig)] + ["threads"]
+    assert names == [f.name for f in dataclasses.fields(TrainConfig)] + ["threads", "redact"]
     defaults = {}
     exec("".join(cell["source"]), {}, defaults)
-    assert {k: v for k, v in defaults.items() if k != "threads"} == dataclasses.asdict(TrainConfig())
+    assert {k: v for k, v in defaults.items() if k not in ("threads", "redact")} == dataclasses.asdict(TrainConfig())
 
 
 def test_a_failing_cell_is_recorded_and_the_others_complete(grid_run):
@@ -94,6 +96,23 @@ def test_the_summary_renders_the_numbers_of_metrics_json(grid_run):
     assert table.loc["model-naive", "rest_vs_stress"].startswith("0.50")   # a constant prediction is chance
 
 
+def test_a_grid_on_a_dask_cluster_equals_the_jobs_run(grid_run, tmp_path):
+    "The cells go to the workers of a local Dask cluster this test starts; each worker runs one cell on one thread."
+    from distributed import LocalCluster
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        table = run_grid(grid_run["grid"], tmp_path / "dask", scheduler=cluster.scheduler_address, progress=False)
+        assert "run_cell_on_worker" in cluster.scheduler.task_prefixes   # the cells ran on the workers
+    assert table.set_index("cell").status.to_dict() == grid_run["first"].status.to_dict()
+    assert "unknown model 'nosuchmodel'" in table.set_index("cell").reason["model-nosuchmodel"]
+    for cell in ("model-landmarks", "model-naive"):
+        a = pd.read_parquet(grid_run["results"] / cell / "predictions.parquet")
+        b = pd.read_parquet(tmp_path / "dask" / cell / "predictions.parquet")
+        pd.testing.assert_frame_equal(a, b, atol=1e-6, rtol=0)
+        assert json.loads((grid_run["results"] / cell / "metrics.json").read_text())["summary"] == \
+               json.loads((tmp_path / "dask" / cell / "metrics.json").read_text())["summary"]
+    assert json.loads((tmp_path / "dask" / "grid.json").read_text())["scheduler"] == cluster.scheduler_address
+
+
 def test_a_killed_grid_rerun_finishes_with_the_same_results(small, tmp_path):
     grid = write_grid(tmp_path / "grid.yaml", small, ["landmarks"], epochs=3)
     whole = run_grid(grid, tmp_path / "whole", progress=False)
@@ -119,13 +138,17 @@ def test_a_killed_grid_rerun_finishes_with_the_same_results(small, tmp_path):
 @pytest.mark.parametrize("grid, message", [
     ("missing.yaml", "no such grid file"),
     ("bad_key", "unknown parameter(s) ['modle']"),
+    ("bad_set", "--set: expected key=value, got 'epochs'"),
+    ("no_scheduler", "tcp://127.0.0.1:9: no Dask scheduler answered"),
 ])
 def test_run_command_fails_at_once_on_a_bad_grid(tmp_path, capsys, grid, message):
-    if grid == "bad_key":
-        grid = tmp_path / "g.yaml"; grid.write_text("grid:\n  modle: [naive]\n")
-    assert main(["run", str(grid), "--results", str(tmp_path / "r")]) == 1
+    extra = {"bad_set": ["--set", "epochs"], "no_scheduler": ["--scheduler", "tcp://127.0.0.1:9"]}.get(grid, [])
+    if grid != "missing.yaml":
+        key = "modle" if grid == "bad_key" else "model"
+        grid = tmp_path / "g.yaml"; grid.write_text(f"grid:\n  {key}: [naive]\n")
+    assert main(["run", str(grid), "--results", str(tmp_path / "r"), *extra]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0] and str(grid) in err[0]
+    assert len(err) == 1 and message in err[0] and (str(grid) in err[0] or extra)
     assert not (tmp_path / "r").exists()
 
 
@@ -152,3 +175,57 @@ def test_runs_pair_only_when_every_other_field_is_equal_and_verdicts_say_which_i
     a, b = per_subject(results, "model-landmarks", "mse"), per_subject(results, "model-naive", "mse")
     assert comparison["better_in"] == int((a < b).sum())                     # lower MSE is better
     assert f"model-landmarks better in {comparison['better_in']} of" in verdict(comparison)
+
+
+def test_the_slurm_example_asks_for_one_gpu_job_per_cell():
+    "experiments/slurm.py (the README's Slurm example): each worker a job with one GPU that runs one cell at a time."
+    sys.path.insert(0, str(EXPERIMENTS))
+    try: from slurm import slurm_cluster
+    finally: sys.path.remove(str(EXPERIMENTS))
+    with slurm_cluster(account="proj", cpus=8, gpus=1) as cluster: script = cluster.job_script()
+    for line in ("#SBATCH -A proj", "#SBATCH --cpus-per-task=8", "#SBATCH --gres=gpu:1", "--nthreads 1", sys.executable):
+        assert line in script, script
+
+
+def frames_shown_in(image: np.ndarray, frames: list[np.ndarray]) -> float:
+    """How clearly any of `frames` appears anywhere in `image`, at any size from 48 px: the best normalised correlation
+    of their fine detail (minus a blur of one source pixel), matplotlib's upsampling imitated by repeating pixels."""
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    detail = lambda a, sigma: a - cv2.GaussianBlur(a, (0, 0), sigma)
+    best = 0.0
+    for side in range(48, min(gray.shape) - 8):
+        sigma = side / frames[0].shape[0]
+        shown = detail(gray, sigma)
+        for frame in frames:
+            small = cv2.cvtColor((frame * 255).astype(np.uint8), cv2.COLOR_RGB2GRAY).astype(np.float32)
+            template = detail(cv2.resize(small, (side, side), interpolation=cv2.INTER_NEAREST), sigma)[4:-4, 4:-4]
+            best = max(best, float(cv2.matchTemplate(shown, template, cv2.TM_CCOEFF_NORMED).max()))
+    return best
+
+
+def test_a_run_on_data_that_is_not_synthetic_shows_no_face(small, tmp_path):
+    "DeepPhys on a copy of the data without edanb's ground truth (so: real people): its figures show no frame unredacted."
+    import shutil
+    from edanb.experiment import fold_model
+    real = shutil.copytree(small["data"], tmp_path / "ubfc", ignore=shutil.ignore_patterns("ground_truth"))
+    grid = write_grid(tmp_path / "grid.yaml", {**small, "data": str(real)}, ["deepphys"], epochs=1)
+    assert run_grid(grid, tmp_path / "results", progress=False).status.tolist() == ["done"]
+    folder = tmp_path / "results" / "run"
+    model, batch = fold_model(folder, fold=0)                    # the clip the notebook shows, as it would show it
+    clip = batch["frames"][0]
+    frames = [((x - x.min()) / (x.max() - x.min() + 1e-9)).permute(1, 2, 0).numpy() for x in clip[[0, len(clip) - 1]]]
+    def figures() -> list[np.ndarray]:
+        "The saved figure of the frames and their attention masks, and the same figure inline in the executed notebook."
+        nb = json.loads((folder / "train.ipynb").read_text())
+        cell = next(c for c in nb["cells"] if "attention_masks" in "".join(c["source"]))
+        inline = [o["data"]["image/png"] for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+        decode = lambda b: cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        return [decode((folder / "attention_masks.png").read_bytes())] + [decode(base64.b64decode(b)) for b in inline]
+    redacted = figures()
+    assert len(redacted) == 2
+    # the same finished run rendered again with redact=False (read back, not retrained): the frames are there to find
+    subprocess.run([sys.executable, "-m", "papermill", str(EXPERIMENTS / "train.ipynb"), str(folder / "train.ipynb"),
+                    "-f", str(folder / ".parameters.json"), "-p", "redact", "False", "--log-level", "ERROR"],
+                   check=True, capture_output=True, timeout=600)
+    assert min(frames_shown_in(image, frames) for image in figures()) > 0.75   # the check finds frames that are shown
+    assert max(frames_shown_in(image, frames) for image in redacted) < 0.5, "an unredacted frame is rendered"

@@ -267,3 +267,21 @@ def test_killed_run_then_rerun_equals_uninterrupted(synth_root, tmp_path):
     assert 0 < len(done) < 18, f"the kill should land mid-way, {len(done)} entries were complete"
     subprocess.run([str(exe), *args, "--out", str(cache)], check=True, capture_output=True, timeout=600)
     assert cache_files(cache) == cache_files(tmp_path / "reference")
+
+
+def test_a_dask_cluster_builds_the_same_cache_and_resumes(tiny_root, tmp_path):
+    "One task per recording on a local Dask cluster the test starts: the cache equals a local run's, and a rerun resumes."
+    from distributed import LocalCluster
+    config = PreprocessConfig(size=32, landmarks=True)
+    preprocess_dataset(tiny_root, tmp_path / "local", config, workers=1, progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        table = preprocess_dataset(tiny_root, tmp_path / "dask", config, progress=False, scheduler=cluster.scheduler_address)
+        assert table.recording.tolist() == [f"s{s}_T{t}" for s in (1, 2) for t in (1, 2, 3)]   # in order, whatever finished first
+        assert (table.status == "built").all()
+        assert "preprocess_job" in cluster.scheduler.task_prefixes   # the workers did it
+        assert cache_files(tmp_path / "dask") == cache_files(tmp_path / "local")
+        import shutil; shutil.rmtree(tmp_path / "dask" / "s2_T1")   # as if its worker had died
+        again = preprocess_dataset(tiny_root, tmp_path / "dask", config, progress=False,
+                                   scheduler=cluster.scheduler_address).set_index("recording")
+    assert again.status["s2_T1"] == "built" and (again.drop("s2_T1").status == "cached").all()
+    assert cache_files(tmp_path / "dask") == cache_files(tmp_path / "local")

@@ -183,3 +183,22 @@ def test_a_naive_run_reports_the_exact_training_mean_once(small, tmp_path):
     naive = samples[samples.model == "naive"]
     assert (naive.groupby("fold").pred.nunique() == 1).all()                 # one constant per fold ...
     assert naive.groupby("fold").pred.first().between(0.05, 0.95).all()      # ... the training mean, not the untrained 0
+
+
+def test_ddp_across_two_nodes_meeting_at_a_rendezvous(small, tmp_path):
+    "The README's multi-node command, as two single-process 'nodes' on this machine (c10d rendezvous on 127.0.0.1, gloo)."
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "edanb-test",
+                               "-m", "edanb.train", *_train_command(small, tmp_path / "ddp", 1)[3:], "--folds", "0"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert {"landmarks", "naive", "elapsed"} <= set(metrics["models"])
+    split = json.loads((tmp_path / "ddp" / "fold0" / "split.json").read_text())
+    assert set(pd.read_parquet(tmp_path / "ddp" / "predictions.parquet").subject) == set(split["test"])
+    assert not list((tmp_path / "ddp").glob("**/.*tmp-*"))
