@@ -22,7 +22,8 @@ __all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOL
            'DataError', 'read_signal', 'VideoInfo', 'probe_video', 'subject_number', 'recording_paths', 'Recording',
            'load_recording', 'subject_folders', 'scan', 'discover', 'recordings_table', 'dask_client', 'dask_map',
            'parallel_map', 'SplitError', 'split_counts', 'check_split', 'split_subjects', 'kfold_subjects',
-           'save_split', 'load_split', 'is_synthetic', 'redact_by_default', 'redact_faces', 'show_face']
+           'save_split', 'load_split', 'is_synthetic', 'synthetic_coupling', 'redact_by_default', 'redact_faces',
+           'show_face']
 
 # %% ../nbs/00_data.ipynb #c005
 TASKS = ("T1", "T2", "T3")
@@ -213,14 +214,19 @@ def dask_client(scheduler: str): # address of a running Dask distributed schedul
     try: return Client(scheduler, timeout="10s")
     except OSError as e: raise ConnectionError(f"{scheduler}: no Dask scheduler answered ({e})") from None
 
-def dask_map(fn, jobs: Sequence[tuple], scheduler: str):
+def dask_map(fn, jobs: Sequence[tuple], scheduler: str,
+             on_error=None): # `on_error(job, exception)` -> what to yield for a job that raised or lost its worker
     "Yield `fn(*job)` for each job as it finishes (not in order), computed on the workers of a Dask scheduler."
     from distributed import as_completed
     with dask_client(scheduler) as client:
-        futures = [client.submit(fn, *job, pure=False) for job in jobs]
+        futures = {client.submit(fn, *job, pure=False): job for job in jobs}
         try:
-            for future in as_completed(futures): yield future.result()
-        finally: client.cancel(futures)   # stopped early: the jobs not started yet are dropped
+            for future in as_completed(futures):
+                try: yield future.result()
+                except Exception as e:   # e.g. KilledWorker: one job lost, the others go on
+                    if on_error is None: raise
+                    yield on_error(futures[future], e)
+        finally: client.cancel(list(futures))   # stopped early: the jobs not started yet are dropped
 
 def parallel_map(fn, jobs: Sequence[tuple], workers: int = 2):
     "Yield `fn(*job)` for each job, in order: in this process when `workers <= 1`, else in spawned workers."
@@ -306,6 +312,11 @@ def is_synthetic(root: str | Path) -> bool:
     "Whether a dataset folder was written by `edanb synth` (it keeps the true cues in `ground_truth/`); UBFC-Phys never is."
     return any((Path(root) / "ground_truth").glob("*_signals.csv"))
 
+def synthetic_coupling(root: str | Path) -> float | None:
+    "How strongly the faces of an `edanb synth` dataset carry its EDA (0: the null control); None for any other folder."
+    try: return float(json.loads((Path(root) / "ground_truth" / "params.json").read_text())["config"]["coupling"])
+    except (OSError, ValueError, KeyError, TypeError): return None
+
 def redact_by_default(data: str | Path | None, # the dataset folder the images come from (None: unknown)
                      ) -> bool:
     "Faces are redacted unless the data is known to be the synthetic dataset."
@@ -318,8 +329,11 @@ def redact_faces(image,                      # one image to display: (H, W) or (
     array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
     if array.ndim not in (2, 3): raise ValueError(f"expected one (H, W) or (H, W, C) image, got shape {array.shape}")
     h, w = array.shape[:2]
-    small = cv2.resize(array.astype(np.float32), (min(blocks, w), min(blocks, h)), interpolation=cv2.INTER_AREA)
-    mosaic = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST).reshape(array.shape)
+    channels = array.reshape(h, w, -1).astype(np.float32)
+    cells = lambda c: cv2.resize(cv2.resize(c, (min(blocks, w), min(blocks, h)), interpolation=cv2.INTER_AREA), (w, h),
+                                 interpolation=cv2.INTER_NEAREST)   # OpenCV resizes at most 4 channels at a time
+    mosaic = np.stack([cells(channels[..., k]) for k in range(channels.shape[-1])], -1).reshape(array.shape)
+    if array.dtype == bool: return mosaic >= 0.5
     return (np.rint(mosaic) if np.issubdtype(array.dtype, np.integer) else mosaic).astype(array.dtype)
 
 def show_face(ax,                  # matplotlib axes

@@ -71,6 +71,9 @@ def grid_cells(grid: dict,               # parsed grid file: {'base': {...}, 'gr
         if not isinstance(block, dict): raise GridError(source, f"expected a mapping of parameters, got {block!r}")
         unknown = sorted(set(block) - allowed)
         if unknown: raise GridError(source, f"unknown parameter(s) {unknown} (TrainConfig fields except 'out')")
+    typed = lambda block, where: {k: [_typed(k, x, defaults[k], where) for x in v] if isinstance(v, list)
+                                  else _typed(k, v, defaults[k], where) for k, v in block.items()}
+    base, blocks, overrides = typed(base, source), [typed(b, source) for b in blocks], typed(overrides, "--set")
     params, keys = [], list(dict.fromkeys(k for block in blocks for k in block))
     for block in blocks:
         lists = [v if isinstance(v, list) else [v] for v in block.values()]
@@ -94,15 +97,24 @@ def load_grid(path: str | Path,              # grid file (YAML)
     except yaml.YAMLError as e: raise GridError(path, f"not YAML ({e})") from None
     return grid_cells(grid, path, overrides)
 
-def parse_overrides(items: list[str] | None, # 'key=value' strings; values are read as YAML (3, 0.7, true, [a, b])
+def _typed(key: str, value, default, source) -> object:
+    "A parameter given as text (`--set`, or YAML's `1e-3`, which PyYAML reads as a string) in its field's type."
+    kind = type(default)
+    if not isinstance(value, str) or kind is str: return value
+    if kind is bool and value.strip().lower() in ("true", "false"): return value.strip().lower() == "true"
+    if kind is not bool:
+        try: return kind(value)
+        except ValueError: pass
+    raise GridError(source, f"{key}: expected {kind.__name__}, got {value!r}")
+
+def parse_overrides(items: list[str] | None, # 'key=value' strings, e.g. 'data=/shared/UBFC-Phys', 'lr=1e-3', 'diff=true'
                    ) -> dict:
-    "The `--set key=value` options of `edanb run` as a dict."
+    "The `--set key=value` options of `edanb run` as a dict of strings (`grid_cells` gives each its field's type)."
     overrides = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip(): raise GridError("--set", f"expected key=value, got {item!r}")
-        try: overrides[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e: raise GridError("--set", f"{item!r}: value is not YAML ({e})") from None
+        overrides[key.strip()] = value
     return overrides
 
 # %% ../nbs/07_experiment.ipynb #c008
@@ -180,28 +192,31 @@ def run_grid(grid: str | Path,              # grid file (YAML)
     if scheduler:
         from distributed import as_completed
         client = dask_client(scheduler)
-        threads = worker_threads(client)
+        try: threads = worker_threads(client)
+        except BaseException: client.close(); raise
         submit = lambda cell: client.submit(_run_cell_on_worker, cell, results, notebook, threads, cwd, pure=False)
+        stop_cells = lambda: client.run(_terminate_cells)   # the papermill processes on every worker
         close = client.close
     else:
         from concurrent.futures import ThreadPoolExecutor, as_completed
         jobs = max(1, min(jobs, cores(), len(cells)))
         pool = ThreadPoolExecutor(jobs)
         submit = lambda cell: pool.submit(run_cell, cell, results, notebook, max(1, cores() // jobs), running, cwd)
+        stop_cells = lambda: _terminate_cells(running)
         close = pool.shutdown
     results.mkdir(parents=True, exist_ok=True)
     def stop(signum, frame): raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
     try:
         with tqdm(total=len(cells), desc="grid", unit="cell", disable=not progress) as bar:
-            futures = [submit(cell) for cell in cells]
+            futures = {submit(cell): cell for cell in cells}
             try:
                 for future in as_completed(futures):
-                    rows.append(future.result()); bar.update()
+                    rows.append(_cell_row(future, futures[future], results)); bar.update()
                     bar.set_postfix_str(f"{rows[-1]['cell']}: {rows[-1]['status']}")
             except KeyboardInterrupt:
                 for f in futures: f.cancel()
-                for process in list(running.values()): process.terminate()
+                stop_cells()
                 raise
     finally:
         close()
@@ -224,10 +239,29 @@ def worker_threads(client) -> dict[str, int]:
     for w in workers.values(): per_host[w["host"]] = per_host.get(w["host"], 0) + w["nthreads"]
     return {a: max(1, host_cores.get(a, 1) // per_host[w["host"]]) for a, w in workers.items()}
 
+def _cell_row(future, cell: Cell, results: Path) -> dict:
+    "A finished cell's row of the grid table; a cell that raised or lost its Dask worker is recorded as failed."
+    try: return future.result()
+    except Exception as e:   # e.g. distributed's KilledWorker: this cell failed, the grid goes on
+        reason = f"{type(e).__name__}: {e}"
+        (results / cell.name).mkdir(parents=True, exist_ok=True)
+        write_json(results / cell.name / "failed.json", dict(seconds=0.0, reason=reason))
+        return dict(cell=cell.name, status="failed", seconds=0.0, reason=reason)
+
+_WORKER_CELLS: dict = {}   # the papermill processes of the cells running in this process (a Dask worker's)
+
+def _terminate_cells(running: dict | None = None) -> int:
+    "Stop the papermill processes of the cells in flight (default: this Dask worker's); how many were stopped."
+    running = _WORKER_CELLS if running is None else running
+    processes = list(running.values())
+    for process in processes: process.terminate()
+    return len(processes)
+
 def _run_cell_on_worker(cell: Cell, results: Path, notebook: Path, threads: dict[str, int], cwd: str) -> dict:
     from distributed import get_worker
     worker = get_worker()
-    return run_cell(cell, results, notebook, threads.get(worker.address) or max(1, cores() // worker.state.nthreads), cwd=cwd)
+    threads = threads.get(worker.address) or max(1, cores() // worker.state.nthreads)
+    return run_cell(cell, results, notebook, threads, _WORKER_CELLS, cwd)
 
 # %% ../nbs/07_experiment.ipynb #c012
 CONDITIONS = ("model", "model_args", "loss", "crop", "target", "frames", "augment_p", "data")  # what a study table is broken down by

@@ -343,7 +343,8 @@ def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
     rows = [dict(recording=p.path.name, status="failed", error=str(p)) for p in problems]
     jobs = [(r, str(cache), config, progress and workers <= 1 and not scheduler) for r in recordings]
     from edanb import preprocess  # spawned workers import the function by name
-    done = (dask_map(preprocess._preprocess_job, jobs, scheduler) if scheduler else
+    lost = lambda job, e: dict(recording=job[0].name, status="failed", error=f"{type(e).__name__}: {e}")  # e.g. its worker died
+    done = (dask_map(preprocess._preprocess_job, jobs, scheduler, on_error=lost) if scheduler else
             parallel_map(preprocess._preprocess_job, jobs, workers))
     order = {r.name: i for i, r in enumerate(recordings)}
     rows += sorted(tqdm(done, total=len(jobs), desc="preprocess", disable=not progress), key=lambda row: order[row["recording"]])

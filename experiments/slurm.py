@@ -3,8 +3,9 @@
     python experiments/slurm.py experiments/study.yaml --results /shared/runs/study --workers 8 --account myproject
 
 The workers run the cells with papermill in this same environment (`sys.executable`), so the environment and the data,
-cache and results folders must be on a file system that the compute nodes share (use absolute paths in the grid, or
-`--set data=/shared/UBFC-Phys --set cache=/shared/cache`). The script stays in the foreground until the grid is done
+cache and results folders must be on a file system that the compute nodes share. Every cell runs in the folder this
+script was started from, so start it in a shared folder, or use absolute paths in the grid (`--set data=/shared/UBFC-Phys`;
+setting `cache` would collapse a grid that compares caches). The script stays in the foreground until the grid is done
 and then releases the jobs; run it again to resume (finished cells are skipped, a cell cut off by the wall time
 resumes from its last epoch). PBS, LSF, SGE: the same with `dask_jobqueue.PBSCluster` etc.
 """

@@ -229,3 +229,51 @@ def test_a_run_on_data_that_is_not_synthetic_shows_no_face(small, tmp_path):
                    check=True, capture_output=True, timeout=600)
     assert min(frames_shown_in(image, frames) for image in figures()) > 0.75   # the check finds frames that are shown
     assert max(frames_shown_in(image, frames) for image in redacted) < 0.5, "an unredacted frame is rendered"
+
+
+def tiny_notebook(path: Path, code: str) -> Path:
+    "An experiment notebook of one cell (papermill injects the cell's parameters, `out` among them, before it)."
+    import nbformat
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_a_cell_that_kills_its_dask_worker_is_recorded_and_the_grid_goes_on(tmp_path):
+    from distributed import LocalCluster
+    notebook = tiny_notebook(tmp_path / "nb.ipynb", "import json, pathlib, psutil\n"
+        "if out.endswith('seed-1'): psutil.Process().parent().parent().kill()   # kernel -> papermill -> the worker\n"
+        "pathlib.Path(out, 'metrics.json').write_text('{}')")
+    (tmp_path / "g.yaml").write_text("grid:\n  seed: [0, 1]\n")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        table = run_grid(tmp_path / "g.yaml", tmp_path / "r", notebook=notebook, progress=False,
+                         scheduler=cluster.scheduler_address).set_index("cell")
+    assert table.status.to_dict() == {"seed-0": "done", "seed-1": "failed"}
+    assert table.reason["seed-1"].startswith("KilledWorker")
+    assert json.loads((tmp_path / "r" / "seed-1" / "failed.json").read_text())["reason"] == table.reason["seed-1"]
+    assert (tmp_path / "r" / "grid.json").is_file()
+
+
+def test_a_stopped_dask_grid_stops_its_cells_on_the_workers(tmp_path):
+    "SIGTERM to `edanb run --scheduler`: the papermill process running on the worker is stopped too."
+    import psutil
+    from distributed import LocalCluster
+    notebook = tiny_notebook(tmp_path / "nb.ipynb", "import time; time.sleep(600)")
+    (tmp_path / "g.yaml").write_text("grid:\n  seed: [0]\n")
+    cells = lambda: [p for p in psutil.process_iter(["cmdline"]) if "papermill" in " ".join(p.info["cmdline"] or [])
+                     and str(tmp_path / "r") in " ".join(p.info["cmdline"] or [])]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        grid = subprocess.Popen([str(BIN / "edanb"), "run", str(tmp_path / "g.yaml"), "--results", str(tmp_path / "r"),
+                                 "--notebook", str(notebook), "--scheduler", cluster.scheduler_address, "--quiet"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not cells() and time.time() < deadline: time.sleep(0.5)
+        assert cells(), "the cell never started"
+        grid.send_signal(signal.SIGTERM)
+        grid.wait(timeout=60)
+        deadline = time.time() + 20
+        while cells() and time.time() < deadline: time.sleep(0.5)
+        left = cells()
+        for p in left: p.kill()
+        assert not left, "a cell kept running on the worker after the grid was stopped"

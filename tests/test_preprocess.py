@@ -285,3 +285,15 @@ def test_a_dask_cluster_builds_the_same_cache_and_resumes(tiny_root, tmp_path):
                                    scheduler=cluster.scheduler_address).set_index("recording")
     assert again.status["s2_T1"] == "built" and (again.drop("s2_T1").status == "cached").all()
     assert cache_files(tmp_path / "dask") == cache_files(tmp_path / "local")
+
+
+def test_dask_map_reports_a_job_whose_worker_died_and_yields_the_others():
+    "What `preprocess_dataset --scheduler` relies on: a recording that kills its worker becomes a failed row, not a crash."
+    import os
+    from distributed import LocalCluster
+    from edanb.data import dask_map
+    work = lambda x: os._exit(1) if x == 1 else x * 10   # a lambda travels by value to the workers
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        out = list(dask_map(work, [(0,), (1,), (2,)], cluster.scheduler_address,
+                            on_error=lambda job, e: f"job {job[0]}: {type(e).__name__}"))
+    assert sorted(out, key=str) == [0, 20, "job 1: KilledWorker"]
