@@ -294,6 +294,11 @@ def test_dask_map_reports_a_job_whose_worker_died_and_yields_the_others():
     from edanb.data import dask_map
     work = lambda x: os._exit(1) if x == 1 else x * 10   # a lambda travels by value to the workers
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        out = list(dask_map(work, [(0,), (1,), (2,)], cluster.scheduler_address,
+        out = list(dask_map(work, [(x,) for x in range(4)], cluster.scheduler_address,
                             on_error=lambda job, e: f"job {job[0]}: {type(e).__name__}"))
-    assert sorted(out, key=str) == [0, 20, "job 1: KilledWorker"]
+    # one answer per job, none lost; a job queued on the dying worker may die with it (Dask counts the death against it)
+    answers = {o // 10 if isinstance(o, int) else int(o.split()[1].rstrip(":")): o for o in out}
+    assert len(out) == 4 and sorted(answers) == [0, 1, 2, 3]
+    assert answers[1] == "job 1: KilledWorker"
+    assert all(a in (x * 10, f"job {x}: KilledWorker") for x, a in answers.items())
+    assert any(isinstance(a, int) for a in answers.values())   # the others were computed
