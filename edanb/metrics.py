@@ -13,6 +13,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
+from .data import is_synthetic
 from .dataset import Normaliser, clip_starts, evaluation_stride, reflect_index
 from .preprocess import load_cached
 from .synth import CUE_COLUMNS
@@ -21,8 +22,7 @@ from .synth import CUE_COLUMNS
 __all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'METRICS', 'LOWER_IS_BETTER', 'pearson_per_clip', 'ccc_per_clip', 'mse_loss',
            'npc_loss', 'ccc_loss', 'make_loss', 'stitch', 'pearson_r', 'series_table', 'stitch_shapes',
            'clip_correlations', 'predictions_table', 'series_predictions', 'ccc', 'series_metrics', 'metrics_table',
-           'bootstrap_ci', 'summarise', 'compare_to_baseline', 'has_ground_truth', 'oracle_predictions',
-           'oracle_fraction']
+           'bootstrap_ci', 'summarise', 'compare_to_baseline', 'oracle_predictions', 'oracle_fraction']
 
 # %% ../nbs/05_metrics.ipynb #c006
 VAR_EPS = 1e-5    # relative: each clip's variances get VAR_EPS x the variance of its *target* added ...
@@ -276,10 +276,6 @@ def compare_to_baseline(subjects: pd.DataFrame,   # per-subject metrics of sever
     return pd.DataFrame(rows)
 
 # %% ../nbs/05_metrics.ipynb #c023
-def has_ground_truth(root: str | Path) -> bool:
-    "True for a synthetic dataset folder (it has ground_truth/*_signals.csv)."
-    return any((Path(root) / "ground_truth").glob("*_signals.csv"))
-
 def _cues(root: Path, cache: Path, name: str, normaliser: Normaliser) -> tuple[np.ndarray, np.ndarray]:
     "The rendered cues on the cache's clock, with an intercept column, and the normalised target."
     entry = load_cached(cache, name)
@@ -298,7 +294,7 @@ def oracle_predictions(root: str | Path,       # the synthetic dataset folder (w
                       ) -> pd.DataFrame:
     "The oracle as a model: one linear map from the rendered cues to normalised EDA, fitted on 'train', applied to `evaluate`."
     root, cache = Path(root), Path(cache)
-    if not has_ground_truth(root): raise FileNotFoundError(f"{root / 'ground_truth'}: no *_signals.csv (not synthetic data?)")
+    if not is_synthetic(root): raise FileNotFoundError(f"{root / 'ground_truth'}: no *_signals.csv (not synthetic data?)")
     train = [_cues(root, cache, name, normaliser) for name in parts["train"]]
     weights = np.linalg.lstsq(np.concatenate([c for c, _ in train]), np.concatenate([y for _, y in train]), rcond=None)[0]
     series, targets = {}, {}

@@ -22,10 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from .data import kfold_subjects, load_split, save_split, split_subjects, subject_number
+from .data import is_synthetic, kfold_subjects, load_split, save_split, split_subjects, subject_number
 from .dataset import (DatasetConfig, Normaliser, augment_clip, cached_recordings, frame_difference, make_datasets, reflect_index,
                            split_recordings)
-from .metrics import (compare_to_baseline, has_ground_truth, make_loss, metrics_table, oracle_fraction,
+from .metrics import (compare_to_baseline, make_loss, metrics_table, oracle_fraction,
                            oracle_predictions, predictions_table, series_predictions, summarise)
 from .models import MODELS, create_model
 
@@ -406,7 +406,7 @@ def reference_predictions(config: TrainConfig, split: dict, datasets: dict, norm
     score_series = lambda series: series_predictions(series, test, normaliser, config.window, config.stride, hz)
     out = [score_series({n: np.full(len(y), mean) for n, y in test.items()}).assign(model="naive"),
            score_series({n: line(len(y)) for n, y in test.items()}).assign(model="elapsed")]
-    if has_ground_truth(config.data):
+    if is_synthetic(config.data):
         parts = split_recordings(config.cache, split, [t.strip() for t in config.tasks.split(",") if t.strip()])
         out.append(oracle_predictions(config.data, config.cache, parts, normaliser, window=config.window, stride=config.stride))
     return out
