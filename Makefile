@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 DEMO := data/demo
 JOBS ?= 2
 
-.PHONY: venv demo demo-null test lab bench export readme docs
+.PHONY: venv demo demo-null test test-fast lab bench export readme docs
 
 venv: $(STAMP)
 
@@ -41,9 +41,15 @@ demo-null: venv  ## the demo grid again on null data (faces carry no EDA): every
 	$(BIN)/edanb summary $(DEMO)/results; \
 	echo "make demo-null: $$(( $$(date +%s) - start )) s"; exit $$status
 
-test: venv  ## notebooks (nbdev_test) then pytest
-	$(BIN)/nbdev_test --n_workers 2
+test: venv  ## everything: notebooks (nbdev_test, slow cells included) then pytest (all of it); what CI runs
+	$(BIN)/nbdev_test --n_workers 2 --flags slow
 	$(BIN)/python -m pytest -q tests
+
+test-fast: venv  ## the developer loop (under 2 min): notebooks without `#| slow` cells, pytest without slow, dask and torchrun tests
+	@start=$$(date +%s); set -e; \
+	$(BIN)/nbdev_test --n_workers 2; \
+	$(BIN)/python -m pytest -q -m "not slow and not dask and not torchrun" tests; \
+	echo "make test-fast: $$(( $$(date +%s) - start )) s"
 
 lab: venv  ## JupyterLab on the notebooks
 	$(BIN)/jupyter lab --notebook-dir=nbs $$( [ "$$(id -u)" = 0 ] && echo --allow-root )

@@ -8,19 +8,22 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 from fastcore.docments import docments
 
 from . import __version__
+from .config import TrainConfig
+from .core import format_fraction, format_p
 from .data import DURATION_TOLERANCE_S, DataError, SplitError, kfold_subjects, save_split, scan, split_subjects, recordings_table
 from .preprocess import PreprocessConfig, preprocess_dataset
 from .synth import SynthConfig, generate
 
 # %% auto #0
-__all__ = ['dataclass_arguments', 'dataclass_from_args', 'cmd_run', 'cmd_summary', 'cmd_info', 'cmd_synth', 'cmd_split',
-           'cmd_preprocess', 'cmd_models', 'cmd_train', 'parser', 'main']
+__all__ = ['COMMANDS', 'dataclass_arguments', 'dataclass_from_args', 'print_table', 'readable_summary', 'finite_count', 'cmd_run',
+           'cmd_summary', 'cmd_info', 'cmd_synth', 'cmd_split', 'cmd_preprocess', 'cmd_models', 'cmd_train',
+           'add_scheduler', 'add_info', 'add_synth', 'add_split', 'add_preprocess', 'add_models', 'add_train',
+           'add_run', 'add_summary', 'parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #c005
 def dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -37,17 +40,33 @@ def dataclass_from_args(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 # %% ../nbs/90_cli.ipynb #c006
-def _print_table(table: pd.DataFrame) -> None:
+def print_table(table: pd.DataFrame) -> None:
+    "Print a table whole, without its index."
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200,
                            "display.max_colwidth", 120):
         print(table.to_string(index=False))
 
+def readable_summary(table: pd.DataFrame) -> pd.DataFrame:
+    "The summary's headline columns as the notebooks print them: p to 2 significant digits, fractions to 2, n/a for none."
+    out = table[[c for c in ("run", "r", "ccc", "p_vs_elapsed (r)", "better than elapsed (r)", "fraction_of_ceiling",
+                             "rest_vs_stress") if c in table]].copy()
+    if "p_vs_elapsed (r)" in out: out["p_vs_elapsed (r)"] = out["p_vs_elapsed (r)"].map(format_p)
+    if "fraction_of_ceiling" in out: out["fraction_of_ceiling"] = out["fraction_of_ceiling"].map(format_fraction)
+    if "better than elapsed (r)" in out:   # no test (a constant has no r): 0 of 0 subjects says nothing
+        out["better than elapsed (r)"] = out["better than elapsed (r)"].map(lambda v: v if finite_count(v) else "n/a")
+    return out.fillna("n/a")
+
+def finite_count(value) -> bool:
+    "'8/12' -> True; '0/0', '' or NaN -> False."
+    return isinstance(value, str) and "/" in value and value.split("/")[1] not in ("", "0")
+
+# %% ../nbs/90_cli.ipynb #c008
 def cmd_run(args) -> int:
     "Run every cell of a grid file with papermill (one run folder each); finished cells are skipped, failures recorded."
     from edanb.experiment import parse_overrides, run_grid
     table = run_grid(args.grid, args.results, args.jobs, args.notebook, progress=not args.quiet,
                      overrides=parse_overrides(args.set), scheduler=args.scheduler)
-    _print_table(table)
+    print_table(table.assign(seconds=table.seconds.round(1)))
     counts = table.status.value_counts()
     print(f"\n{counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed: "
           f"run folders in {args.results} (each with its executed train.ipynb)")
@@ -55,29 +74,26 @@ def cmd_run(args) -> int:
 
 def cmd_summary(args) -> int:
     "Execute the summary notebook on a results folder: summary.ipynb, summary.html and summary.csv beside the runs."
-    from edanb.experiment import run_summary
+    from edanb.study import run_summary
     try: notebook, html = run_summary(args.results, args.notebook)
     except RuntimeError as e: raise ValueError(str(e)) from None
-    table = pd.read_csv(Path(args.results) / "summary.csv")
-    _print_table(table[[c for c in ("run", "r", "ccc", "p_vs_elapsed (r)", "better than elapsed (r)",
-                                                 "fraction_of_ceiling", "rest_vs_stress")
-                        if c in table]])
+    print_table(readable_summary(pd.read_csv(Path(args.results) / "summary.csv")))
     print(f"\nsummary: {notebook}\n         {html}")
     return 0
 
 def cmd_info(args) -> int:
     "Validate a dataset folder and print one line per recording and per problem."
     recordings, problems = scan(args.root, tolerance_s=args.tolerance)
-    _print_table(recordings_table(recordings, problems))
+    print_table(recordings_table(recordings, problems))
     print(f"\n{len(recordings)} recording(s) ok, {len(problems)} problem(s)")
     return 1 if problems else 0
 
 def cmd_synth(args) -> int:
-    "Generate a synthetic UBFC-Phys-format dataset and print its summary."
+    "Generate a synthetic UBFC-Phys-format dataset and print its summary (with --quiet, one line)."
     config = dataclass_from_args(SynthConfig, args)
     table = generate(args.out, config, workers=args.workers, progress=not args.quiet, force=args.force)
-    _print_table(table)
-    print(f"\n{len(table)} recording(s) in {args.out}; oracle ceiling r = {table.oracle_r.mean():.3f} "
+    if not args.quiet: print_table(table); print()
+    print(f"{len(table)} recording(s) in {args.out}; oracle ceiling r = {table.oracle_r.mean():.3f} "
           f"(see {Path(args.out) / 'ground_truth' / 'oracle.json'})")
     return 0
 
@@ -97,13 +113,13 @@ def cmd_split(args) -> int:
     return 0
 
 def cmd_preprocess(args) -> int:
-    "Sample every recording to the EDA clock, crop faces and cache them; exit 1 if any recording failed."
+    "Sample every recording to the EDA clock, crop faces and cache them; exit 1 if any recording failed (--quiet: those only)."
     table = preprocess_dataset(args.root, args.out, dataclass_from_args(PreprocessConfig, args), workers=args.workers,
                                progress=not args.quiet, scheduler=args.scheduler)
-    _print_table(table.fillna(""))
-    failed = int((table.status == "failed").sum())
-    print(f"\n{len(table) - failed} recording(s) cached in {args.out}, {failed} failed")
-    return 1 if failed else 0
+    failed = table.status == "failed"
+    if not args.quiet or failed.any(): print_table(table[failed if args.quiet else table.status.notna()].fillna("")); print()
+    print(f"{len(table) - int(failed.sum())} recording(s) cached in {args.out}, {int(failed.sum())} failed")
+    return 1 if failed.any() else 0
 
 def cmd_models(args) -> int:
     "List the registered models: inputs, parameters, and (with --time) CPU forward time for one batch."
@@ -115,62 +131,75 @@ def cmd_models(args) -> int:
     if args.time:
         timing = model_table(args.preset, batch=args.batch, frames=args.frames, size=args.size)
         table.insert(3, "forward_ms", timing.forward_ms.round(1).to_numpy())
-    _print_table(table)
+    print_table(table)
     return 0
 
 def cmd_train(args) -> int:
     "Train and test a model (k-fold subject cross-validation with --folds); write a run folder and print the headline table."
-    from edanb.train import TrainConfig, fit, headline
-    metrics = fit(dataclass_from_args(TrainConfig, args))
-    _print_table(headline(metrics))
+    from edanb.metrics import headline
+    from edanb.train import end_distributed, fit
+    try: metrics = fit(dataclass_from_args(TrainConfig, args))
+    finally: end_distributed()   # under torchrun: leave the process group
+    print_table(headline(metrics))
     print(f"\nrun folder: {args.out} (metrics.json, predictions.parquet, fold*/history.csv)")
     return 0
 
-# %% ../nbs/90_cli.ipynb #c007
-def parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    "The `edanb` command and its subcommands (torch is imported only when `argv` asks for `train`)."
-    p = argparse.ArgumentParser(prog="edanb", description="Predict EDA from facial video: data, synthesis, experiments.")
-    p.add_argument("--version", action="version", version=f"edanb {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# %% ../nbs/90_cli.ipynb #c009
+def add_scheduler(command, what: str):
+    "The `--scheduler ADDRESS` option of a command that can run its jobs on a Dask cluster."
+    command.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                         help=f"run on the workers of this Dask distributed scheduler (e.g. tcp://host:8786), {what}")
+
+def add_info(sub):
     info = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
     info.add_argument("root", help="dataset folder holding s1/, s2/, ...")
     info.add_argument("--tolerance", type=float, default=DURATION_TOLERANCE_S,
                       help="allowed disagreement of video, EDA and BVP durations, seconds (default: %(default)s)")
-    info.set_defaults(run=cmd_info)
+    return info
+
+def add_synth(sub):
     synth = sub.add_parser("synth", help=cmd_synth.__doc__, description=cmd_synth.__doc__)
     synth.add_argument("out", help="folder to write")
     dataclass_arguments(synth, SynthConfig)
     synth.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
     synth.add_argument("--force", action="store_true", help="regenerate even if OUT already holds this dataset")
-    synth.add_argument("--quiet", action="store_true", help="no progress bar")
-    synth.set_defaults(run=cmd_synth)
+    synth.add_argument("--quiet", action="store_true", help="no progress bar, one line of output")
+    return synth
+
+def add_split(sub):
     split = sub.add_parser("split", help=cmd_split.__doc__, description=cmd_split.__doc__)
     split.add_argument("root", help="dataset folder")
     split.add_argument("--out", required=True, help="JSON file to write (a folder of fold*.json with --kfold)")
     split.add_argument("--seed", type=int, default=0, help="shuffling seed (default: %(default)s)")
     split.add_argument("--kfold", type=int, default=0, help="write k folds by subject instead of one split")
-    split.set_defaults(run=cmd_split)
+    return split
+
+def add_preprocess(sub):
     prep = sub.add_parser("preprocess", help=cmd_preprocess.__doc__, description=cmd_preprocess.__doc__)
     prep.add_argument("root", help="dataset folder")
     prep.add_argument("--out", required=True, help="cache folder")
     dataclass_arguments(prep, PreprocessConfig)
     prep.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
-    prep.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                      help="preprocess on the workers of this Dask distributed scheduler, one task per recording")
-    prep.add_argument("--quiet", action="store_true", help="no progress bars")
-    prep.set_defaults(run=cmd_preprocess)
+    add_scheduler(prep, "one task per recording")
+    prep.add_argument("--quiet", action="store_true", help="no progress bars; print the failed recordings and one line")
+    return prep
+
+# %% ../nbs/90_cli.ipynb #c010
+def add_models(sub):
     models = sub.add_parser("models", help=cmd_models.__doc__, description=cmd_models.__doc__)
     models.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="model sizes (default: %(default)s)")
     models.add_argument("--time", action="store_true", help="also time one forward pass per model on the CPU")
     models.add_argument("--batch", type=int, default=8, help="clips per timed batch (default: %(default)s)")
     models.add_argument("--frames", type=int, default=32, help="samples per clip (default: %(default)s)")
     models.add_argument("--size", type=int, default=72, help="frame side in px (default: %(default)s)")
-    models.set_defaults(run=cmd_models)
+    return models
+
+def add_train(sub):
     train = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
-    if "train" in argv[:1]:  # the options come from TrainConfig, which needs torch: only for this subcommand
-        from edanb.train import TrainConfig
-        dataclass_arguments(train, TrainConfig)
-    train.set_defaults(run=cmd_train)
+    dataclass_arguments(train, TrainConfig)
+    return train
+
+def add_run(sub):
     run = sub.add_parser("run", help=cmd_run.__doc__, description=cmd_run.__doc__)
     run.add_argument("grid", help="grid file (YAML): base parameters and lists to combine, e.g. experiments/demo.yaml")
     run.add_argument("--results", required=True, help="results folder: one run folder per cell")
@@ -178,20 +207,33 @@ def parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     run.add_argument("--notebook", default=None, help="experiment notebook (default: experiments/train.ipynb)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="set a parameter in every cell, over the grid file's (repeatable), e.g. --set data=data/ubfc-null")
-    run.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                     help="run the cells on the workers of this Dask distributed scheduler (e.g. tcp://host:8786) instead of here")
+    add_scheduler(run, "one task per cell, instead of here")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.set_defaults(run=cmd_run)
+    return run
+
+def add_summary(sub):
     summary = sub.add_parser("summary", help=cmd_summary.__doc__, description=cmd_summary.__doc__)
     summary.add_argument("results", help="results folder of `edanb run`")
     summary.add_argument("--notebook", default=None, help="summary notebook (default: experiments/summary.ipynb)")
-    summary.set_defaults(run=cmd_summary)
+    return summary
+
+# %% ../nbs/90_cli.ipynb #c011
+COMMANDS = dict(info=(add_info, cmd_info), synth=(add_synth, cmd_synth), split=(add_split, cmd_split),
+                preprocess=(add_preprocess, cmd_preprocess), models=(add_models, cmd_models),
+                train=(add_train, cmd_train), run=(add_run, cmd_run), summary=(add_summary, cmd_summary))
+
+def parser() -> argparse.ArgumentParser:
+    "The `edanb` command and its subcommands (no torch is imported to build it)."
+    p = argparse.ArgumentParser(prog="edanb", description="Predict EDA from facial video: data, synthesis, experiments.")
+    p.add_argument("--version", action="version", version=f"edanb {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, run in COMMANDS.values(): add(sub).set_defaults(run=run)
     return p
 
 def main(argv: list[str] | None = None) -> int:
     "Run the `edanb` command line; return its exit code."
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser(argv).parse_args(argv)
+    args = parser().parse_args(argv)
     try: return args.run(args)
     except (DataError, SplitError, FileExistsError, FileNotFoundError, ValueError, ConnectionError) as e:
         print(f"edanb {args.command}: error: {e}", file=sys.stderr)

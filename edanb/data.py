@@ -5,10 +5,8 @@
 # %% ../nbs/00_data.ipynb #c003
 from __future__ import annotations
 import json
-import multiprocessing
 import re
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -18,12 +16,11 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOLERANCE_S', 'UBFC_SPLIT', 'PARTS', 'REDACT_BLOCKS',
-           'DataError', 'read_signal', 'VideoInfo', 'probe_video', 'subject_number', 'recording_paths', 'Recording',
-           'load_recording', 'subject_folders', 'scan', 'discover', 'recordings_table', 'dask_client', 'dask_map',
-           'parallel_map', 'SplitError', 'split_counts', 'check_split', 'split_subjects', 'kfold_subjects',
-           'save_split', 'load_split', 'is_synthetic', 'synthetic_coupling', 'redact_by_default', 'redact_faces',
-           'show_face']
+__all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOLERANCE_S', 'UBFC_SPLIT', 'PARTS', 'DataError',
+           'read_signal', 'VideoInfo', 'probe_video', 'subject_number', 'recording_paths', 'Recording',
+           'load_recording', 'subject_folders', 'scan', 'discover', 'recordings_table', 'SplitError', 'split_counts',
+           'check_split', 'split_subjects', 'kfold_subjects', 'save_split', 'load_split', 'is_synthetic',
+           'synthetic_coupling']
 
 # %% ../nbs/00_data.ipynb #c005
 TASKS = ("T1", "T2", "T3")
@@ -208,35 +205,6 @@ def recordings_table(recordings: Sequence[Recording], problems: Sequence[DataErr
                                        "video_s", "eda_s", "bvp_s", "problem"])
 
 # %% ../nbs/00_data.ipynb #c020
-def dask_client(scheduler: str): # address of a running Dask distributed scheduler, e.g. tcp://host:8786
-    "A client of a Dask scheduler (the workers must have edanb installed and see the same files); a clear error when none answers."
-    from distributed import Client
-    try: return Client(scheduler, timeout="10s")
-    except OSError as e: raise ConnectionError(f"{scheduler}: no Dask scheduler answered ({e})") from None
-
-def dask_map(fn, jobs: Sequence[tuple], scheduler: str,
-             on_error=None): # `on_error(job, exception)` -> what to yield for a job that raised or lost its worker
-    "Yield `fn(*job)` for each job as it finishes (not in order), computed on the workers of a Dask scheduler."
-    from distributed import as_completed
-    with dask_client(scheduler) as client:
-        futures = {client.submit(fn, *job, pure=False): job for job in jobs}
-        try:
-            for future in as_completed(futures):
-                try: yield future.result()
-                except Exception as e:   # e.g. KilledWorker: one job lost, the others go on
-                    if on_error is None: raise
-                    yield on_error(futures[future], e)
-        finally: client.cancel(list(futures))   # stopped early: the jobs not started yet are dropped
-
-def parallel_map(fn, jobs: Sequence[tuple], workers: int = 2):
-    "Yield `fn(*job)` for each job, in order: in this process when `workers <= 1`, else in spawned workers."
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs: yield fn(*job)
-        return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(fn, *zip(*jobs))
-
-# %% ../nbs/00_data.ipynb #c023
 UBFC_SPLIT = (35, 10, 11)  # train / val / test subjects of the original study (56 subjects)
 PARTS = ("train", "val", "test")
 
@@ -305,9 +273,7 @@ def load_split(path: str | Path) -> dict[str, list[str]]:
     except json.JSONDecodeError as e: raise DataError(path, f"split file is not valid JSON ({e})") from None
     return check_split(data, source=str(path))
 
-# %% ../nbs/00_data.ipynb #c028
-REDACT_BLOCKS = 6  # a redacted face keeps a 6 x 6 mosaic of mean colours: the lighting, not the person
-
+# %% ../nbs/00_data.ipynb #c024
 def is_synthetic(root: str | Path) -> bool:
     "Whether a dataset folder was written by `edanb synth` (it keeps the true cues in `ground_truth/`); UBFC-Phys never is."
     return any((Path(root) / "ground_truth").glob("*_signals.csv"))
@@ -316,34 +282,3 @@ def synthetic_coupling(root: str | Path) -> float | None:
     "How strongly the faces of an `edanb synth` dataset carry its EDA (0: the null control); None for any other folder."
     try: return float(json.loads((Path(root) / "ground_truth" / "params.json").read_text())["config"]["coupling"])
     except (OSError, ValueError, KeyError, TypeError): return None
-
-def redact_by_default(data: str | Path | None, # the dataset folder the images come from (None: unknown)
-                     ) -> bool:
-    "Faces are redacted unless the data is known to be the synthetic dataset."
-    return data is None or not is_synthetic(data)
-
-def redact_faces(image,                      # one image to display: (H, W) or (H, W, C), numpy array or torch tensor
-                 blocks: int = REDACT_BLOCKS, # mosaic cells per side
-                ) -> np.ndarray:             # same shape and dtype: each cell is the mean of its pixels
-    "A face image reduced to a coarse mosaic, so that nobody can be recognised in it."
-    array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
-    if array.ndim not in (2, 3): raise ValueError(f"expected one (H, W) or (H, W, C) image, got shape {array.shape}")
-    h, w = array.shape[:2]
-    channels = array.reshape(h, w, -1).astype(np.float32)
-    cells = lambda c: cv2.resize(cv2.resize(c, (min(blocks, w), min(blocks, h)), interpolation=cv2.INTER_AREA), (w, h),
-                                 interpolation=cv2.INTER_NEAREST)   # OpenCV resizes at most 4 channels at a time
-    mosaic = np.stack([cells(channels[..., k]) for k in range(channels.shape[-1])], -1).reshape(array.shape)
-    if array.dtype == bool: return mosaic >= 0.5
-    return (np.rint(mosaic) if np.issubdtype(array.dtype, np.integer) else mosaic).astype(array.dtype)
-
-def show_face(ax,                  # matplotlib axes
-              image,               # (H, W) or (H, W, C), numpy or torch: a frame, a face crop or a map of one
-              redact: bool = True, # mosaic it first (see `redact_by_default`)
-              **imshow):           # passed to `ax.imshow` (cmap, vmin, ...)
-    "Draw a face on `ax`, redacted unless told otherwise; every edanb figure of a face goes through here."
-    if redact:
-        image = redact_faces(image)
-        ax.text(0.02, 0.02, "redacted", transform=ax.transAxes, fontsize=6, color="white",
-                bbox=dict(facecolor="black", alpha=0.5, pad=1, linewidth=0))
-    ax.set_axis_off()
-    return ax.imshow(image.detach().cpu() if hasattr(image, "detach") else image, **imshow)

@@ -16,13 +16,14 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from .config import EDA_SCALINGS, FRAME_SCALINGS, DatasetConfig
 from .data import PARTS, TASKS, DataError, check_split, load_split, subject_number
 from .preprocess import load_cached, read_meta
 
 # %% auto #0
-__all__ = ['EVAL_COVERAGE', 'TARGET_SCALINGS', 'FRAME_SCALINGS', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index',
-           'Normaliser', 'frame_difference', 'recording_mean_frame', 'fit_normaliser', 'ClipAugment', 'DatasetConfig',
-           'augment_clip', 'ClipDataset', 'cached_recordings', 'split_recordings', 'make_datasets']
+__all__ = ['EVAL_COVERAGE', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index', 'Normaliser', 'frame_difference',
+           'recording_mean_frame', 'fit_normaliser', 'ClipAugment', 'augment_clip', 'ClipDataset', 'cached_recordings',
+           'split_recordings', 'make_datasets']
 
 # %% ../nbs/03_dataset.ipynb #c006
 def clip_starts(n: int,                 # samples in the recording
@@ -59,29 +60,26 @@ def reflect_index(index: np.ndarray, # sample indices, possibly outside [0, n)
     m = np.mod(index, period)
     return np.where(m >= n, period - m, m)
 
-# %% ../nbs/03_dataset.ipynb #c009
-TARGET_SCALINGS = ("zscore", "minmax", "subject")
-FRAME_SCALINGS = ("unit", "standard", "recording")
-
+# %% ../nbs/03_dataset.ipynb #c011
 @dataclass
 class Normaliser:
     "Statistics of the training recordings: the invertible EDA scaling and the frame and frame-difference scaling."
-    kind: str = "zscore"        # target scaling: zscore | minmax | subject
+    eda_scaling: str = "zscore" # EDA scaling (EDA_SCALINGS): zscore | minmax | subject
     centre: float = 0.0         # µS subtracted from EDA (train mean, or train min); unused for 'subject'
     scale: float = 1.0          # µS per normalised unit
     baselines: dict = field(default_factory=dict)  # 'subject' only: each recording's own EDA mean (µS)
     frame_mean: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # per channel, on frames scaled to [0, 1]
     frame_std: list = field(default_factory=lambda: [1.0, 1.0, 1.0])
     diff_std: float = 1.0       # std of the normalised frame differences
-    frames: str = "unit"        # frame scaling (FRAME_SCALINGS); 'recording' subtracts each recording's own mean frame
+    frame_scaling: str = "unit" # frame scaling (FRAME_SCALINGS); 'recording' subtracts each recording's own mean frame
     train_recordings: list = field(default_factory=list)  # what the statistics were computed from
 
     def add_baseline(self, recording: str, eda_us: np.ndarray):
         "Record a recording's own mean ('subject' scaling only: it comes from that recording's labels)."
-        if self.kind == "subject": self.baselines[recording] = float(np.mean(eda_us))
+        if self.eda_scaling == "subject": self.baselines[recording] = float(np.mean(eda_us))
 
     def centre_of(self, recording: str) -> float:
-        if self.kind != "subject": return self.centre
+        if self.eda_scaling != "subject": return self.centre
         if recording not in self.baselines: raise KeyError(f"{recording}: no baseline recorded ('subject' scaling)")
         return self.baselines[recording]
 
@@ -103,7 +101,7 @@ class Normaliser:
         try: return cls(**json.loads(Path(path).read_text()))
         except (json.JSONDecodeError, TypeError) as e: raise DataError(path, f"not a saved Normaliser ({e})") from None
 
-# %% ../nbs/03_dataset.ipynb #c010
+# %% ../nbs/03_dataset.ipynb #c012
 def frame_difference(x: torch.Tensor,  # frames (T+1, 3, H, W) scaled to [0, 1]
                     ) -> torch.Tensor:  # (T, 3, H, W): (x[t+1] - x[t]) / (x[t+1] + x[t]), DeepPhys' normalised difference
     "DeepPhys' normalised frame difference, safe where both frames are black."
@@ -112,7 +110,7 @@ def frame_difference(x: torch.Tensor,  # frames (T+1, 3, H, W) scaled to [0, 1]
 def recording_mean_frame(frames: np.ndarray, # a recording's cached frames (N, H, W, 3) uint8 (a memory map is fine)
                          chunk: int = 256,     # frames summed at a time: memory stays one chunk
                         ) -> torch.Tensor:     # (3, H, W) float32 in [0, 1]
-    "The mean frame of a whole recording: the subject's static appearance, which `frames='recording'` subtracts."
+    "The mean frame of a whole recording: the subject's static appearance, which `frame_scaling='recording'` subtracts."
     total = np.zeros(frames.shape[1:], np.float64)
     for i in range(0, len(frames), chunk): total += frames[i:i + chunk].sum(0, dtype=np.float64)
     return torch.from_numpy(total / max(len(frames), 1) / 255).permute(2, 0, 1).float()
@@ -121,26 +119,26 @@ def _sample_positions(n: int, count: int) -> np.ndarray:
     return np.unique(np.linspace(0, max(n - 2, 0), min(count, max(n - 1, 1))).astype(int))
 
 def fit_normaliser(entries: dict[str, dict], # training recordings only: name -> `load_cached` entry
-                   kind: str = "zscore",      # target scaling (TARGET_SCALINGS)
-                   frames: str = "unit",      # frame scaling (FRAME_SCALINGS)
+                   eda_scaling: str = "zscore",  # EDA scaling (EDA_SCALINGS)
+                   frame_scaling: str = "unit",  # frame scaling (FRAME_SCALINGS)
                    frame_samples: int = 64,   # frames per recording used for the frame statistics
                   ) -> Normaliser:
     "Fit every statistic on the training recordings; nothing else is looked at."
-    if kind not in TARGET_SCALINGS: raise ValueError(f"target scaling {kind!r}: choose from {TARGET_SCALINGS}")
-    if frames not in FRAME_SCALINGS: raise ValueError(f"frame scaling {frames!r}: choose from {FRAME_SCALINGS}")
+    if eda_scaling not in EDA_SCALINGS: raise ValueError(f"EDA scaling {eda_scaling!r}: choose from {EDA_SCALINGS}")
+    if frame_scaling not in FRAME_SCALINGS: raise ValueError(f"frame scaling {frame_scaling!r}: choose from {FRAME_SCALINGS}")
     if not entries: raise ValueError("no training recordings to fit the normaliser on")
     eda = [np.asarray(e["eda"], np.float64) for e in entries.values()]
     pooled = np.concatenate(eda)
     centre, scale = {"zscore": (pooled.mean(), pooled.std()), "minmax": (pooled.min(), np.ptp(pooled)),
-                     "subject": (0.0, np.concatenate([e - e.mean() for e in eda]).std())}[kind]
-    if not scale > 1e-9: raise ValueError(f"training EDA is constant ({kind} scale {scale}): cannot normalise")
+                     "subject": (0.0, np.concatenate([e - e.mean() for e in eda]).std())}[eda_scaling]
+    if not scale > 1e-9: raise ValueError(f"training EDA is constant ({eda_scaling} scale {scale}): cannot normalise")
     moments = torch.zeros(3, 3, dtype=torch.float64)  # rows: count, sum, sum of squares; columns: R, G, B
     diff_moments = torch.zeros(3, dtype=torch.float64)
     for e in entries.values():  # running sums: memory stays one recording's sample, whatever the dataset size
         pos = _sample_positions(len(e["frames"]), frame_samples)
         pairs = torch.from_numpy(np.stack([e["frames"][pos], e["frames"][np.minimum(pos + 1, len(e["frames"]) - 1)]]))
         x = pairs.permute(0, 1, 4, 2, 3).double() / 255           # (2, k, 3, H, W)
-        if frames == "recording": x_dev = x[0] - recording_mean_frame(e["frames"]).double()  # deviations from its mean
+        if frame_scaling == "recording": x_dev = x[0] - recording_mean_frame(e["frames"]).double()  # deviations from its mean
         else: x_dev = x[0]
         pixels, diffs = x_dev.transpose(0, 1).reshape(3, -1), frame_difference(x).flatten()
         moments += torch.stack([torch.full((3,), pixels.shape[1], dtype=torch.float64), pixels.sum(1), (pixels ** 2).sum(1)])
@@ -150,12 +148,12 @@ def fit_normaliser(entries: dict[str, dict], # training recordings only: name ->
         return mean, torch.sqrt(torch.clamp(squares / count - mean ** 2, min=0))
     pixel_mean, pixel_std = mean_std(*moments)
     mean, std = {"standard": (pixel_mean.tolist(), pixel_std.tolist()), "recording": ([0.0] * 3, pixel_std.tolist()),
-                 "unit": ([0.0] * 3, [1.0] * 3)}[frames]
-    return Normaliser(kind=kind, centre=float(centre), scale=float(scale), frame_mean=mean, frame_std=std,
-                      diff_std=float(mean_std(*diff_moments)[1]) or 1.0, frames=frames,
+                 "unit": ([0.0] * 3, [1.0] * 3)}[frame_scaling]
+    return Normaliser(eda_scaling=eda_scaling, centre=float(centre), scale=float(scale), frame_mean=mean, frame_std=std,
+                      diff_std=float(mean_std(*diff_moments)[1]) or 1.0, frame_scaling=frame_scaling,
                       train_recordings=sorted(entries))
 
-# %% ../nbs/03_dataset.ipynb #c014
+# %% ../nbs/03_dataset.ipynb #c016
 def _mirror_68() -> list[int]:
     "For each of dlib's 68 landmarks, the index of its mirror image (jaw, brows, nose, eyes, lips)."
     pairs = [(i, 16 - i) for i in range(8)] + [(17 + i, 26 - i) for i in range(5)] + [(31, 35), (32, 34)]
@@ -193,20 +191,7 @@ class ClipAugment:
         video, points = self.transform(video, tv_tensors.KeyPoints(points, canvas_size=(h, w)))
         return video.as_subclass(torch.Tensor), points.as_subclass(torch.Tensor) / torch.tensor([w, h])
 
-# %% ../nbs/03_dataset.ipynb #c018
-@dataclass
-class DatasetConfig:
-    "How the cached recordings become training clips."
-    window: int = 32          # samples per clip (8 s at 4 Hz)
-    stride: int = 8           # samples between the starts of consecutive clips
-    target: str = "zscore"    # EDA scaling: zscore | minmax (the study's [0, 1]) | subject (each recording's own mean removed)
-    frames: str = "unit"      # frame scaling: unit ([0, 1], the study) | standard (per channel, train statistics)
-    augment_p: float = 0.7    # probability that a training clip is augmented (0 = never)
-    diff: bool = False        # also return normalised frame differences (DeepPhys' motion input)
-    landmarks: bool = False   # also return the 68 landmarks (the cache must be built with --landmarks)
-    tasks: str = "T1,T2,T3"   # tasks to use, comma-separated
-
-# %% ../nbs/03_dataset.ipynb #c019
+# %% ../nbs/03_dataset.ipynb #c020
 def _zscore(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     return ((x - x.mean()) / (x.std() if x.std() > 1e-9 else 1.0)).astype(np.float32)
@@ -217,7 +202,7 @@ def augment_clip(augment: ClipAugment | None,        # the training augmentation
                  mean_frame: torch.Tensor | None = None, # (3, H, W) in [0, 1]: the recording's mean frame ('recording' scaling)
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The clip as floats in [0, 1] after one augmentation draw, its landmarks, and its recording's mean frame. The mean
-    frame goes through the same draw as the clip, so what `frames='recording'` subtracts is aligned with it."""
+    frame goes through the same draw as the clip, so what `frame_scaling='recording'` subtracts is aligned with it."""
     if augment is None: return raw.float() / 255, marks, mean_frame
     if mean_frame is None:
         raw, marks = augment(raw, marks)
@@ -252,13 +237,13 @@ class ClipDataset(Dataset):
             self.targets[name] = normaliser.transform(entry["eda"], name).astype(np.float32)
             self.bvp[name] = _zscore(entry["bvp"])
             if landmarks: self.marks[name] = entry["landmarks"].astype(np.float32)
-        # frames='recording': each recording's mean frame (its own video only, never a label), subtracted from its clips
+        # frame_scaling='recording': each recording's mean frame (its own video only, never a label), subtracted from its clips
         self.mean_frames = ({name: recording_mean_frame(self.frames_of(name)) for name in names}
-                            if normaliser.frames == "recording" else {})
+                            if normaliser.frame_scaling == "recording" else {})
         self.clips = pd.DataFrame([(name, int(s)) for name in names
                                    for s in clip_starts(len(self.targets[name]), window, self.stride, pad=pad)],
                                   columns=["recording", "start"])
-        self._mean, self._std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1)
+        self.pixel_mean, self.pixel_std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1)
                                  for v in (normaliser.frame_mean, normaliser.frame_std))
 
     def __len__(self) -> int: return len(self.clips)
@@ -269,7 +254,7 @@ class ClipDataset(Dataset):
         if name not in self._frames: self._frames[name] = np.load(self.cache / name / "frames.npy", mmap_mode="r")
         return self._frames[name]
 
-    def _samples(self, start: int, stop: int, n: int) -> slice | np.ndarray:
+    def sample_index(self, start: int, stop: int, n: int) -> slice | np.ndarray:
         "The samples [start, stop) of a recording of n: a slice inside it (cut at its end), mirrored indices outside."
         if not self.pad or (start >= 0 and stop <= n): return slice(start, min(stop, n))
         return reflect_index(np.arange(start, stop), n)
@@ -277,12 +262,12 @@ class ClipDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         name, start = self.clips.recording.iat[i], int(self.clips.start.iat[i])
         stop, meta, n = start + self.window, self.meta[name], len(self.targets[name])
-        clip, extended = self._samples(start, stop, n), self._samples(start, stop + self.diff, n)  # one more for the last difference
+        clip, extended = self.sample_index(start, stop, n), self.sample_index(start, stop + self.diff, n)  # one more for the last difference
         raw = torch.from_numpy(np.array(self.frames_of(name)[extended])).permute(0, 3, 1, 2)  # a copy: the map is read-only
         marks = torch.from_numpy(self.marks[name][extended]) if self.landmarks else None
         x, marks, mean_frame = augment_clip(self.augment, raw, marks, self.mean_frames.get(name))
         frames = x[:self.window] if mean_frame is None else x[:self.window] - mean_frame  # 'recording' scaling
-        item = dict(frames=(frames - self._mean) / self._std, eda=torch.from_numpy(self.targets[name][clip]),
+        item = dict(frames=(frames - self.pixel_mean) / self.pixel_std, eda=torch.from_numpy(self.targets[name][clip]),
                     bvp=torch.from_numpy(self.bvp[name][clip]), recording=name, subject=meta["subject"],
                     task=meta["task"], start=start, t0=start / meta["target_hz"])
         if self.diff:
@@ -292,7 +277,7 @@ class ClipDataset(Dataset):
         if self.landmarks: item["landmarks"] = marks[:self.window]
         return item
 
-# %% ../nbs/03_dataset.ipynb #c021
+# %% ../nbs/03_dataset.ipynb #c022
 def cached_recordings(cache: str | Path) -> pd.DataFrame:
     "The complete cache entries: recording, subject, task, samples, size, target_hz (subject, then task order)."
     cache = Path(cache)
@@ -329,9 +314,8 @@ def make_datasets(cache: str | Path,                       # cache folder writte
     "Train / val / test clip datasets and the normaliser fitted on the training recordings only."
     config = config or DatasetConfig()
     split = load_split(split) if isinstance(split, (str, Path)) else split
-    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
-    parts = split_recordings(cache, split, tasks)
-    normaliser = fit_normaliser({n: load_cached(cache, n) for n in parts["train"]}, config.target, config.frames)
+    parts = split_recordings(cache, split, config.task_list())
+    normaliser = fit_normaliser({n: load_cached(cache, n) for n in parts["train"]}, config.eda_scaling, config.frame_scaling)
     augment = ClipAugment(config.augment_p) if config.augment_p > 0 else None
     datasets = {part: ClipDataset(cache, names, normaliser, config.window, config.stride, pad=part != "train",
                                   augment=augment if part == "train" else None, diff=config.diff,

@@ -4,6 +4,7 @@
 
 # %% ../nbs/05_metrics.ipynb #c003
 from __future__ import annotations
+import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -13,6 +14,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
+from .core import format_interval, pearson
 from .data import is_synthetic
 from .dataset import Normaliser, clip_starts, evaluation_stride, reflect_index
 from .preprocess import load_cached
@@ -20,9 +22,10 @@ from .synth import CUE_COLUMNS
 
 # %% auto #0
 __all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'METRICS', 'LOWER_IS_BETTER', 'pearson_per_clip', 'ccc_per_clip', 'mse_loss',
-           'npc_loss', 'ccc_loss', 'make_loss', 'stitch', 'pearson_r', 'series_table', 'stitch_shapes',
-           'clip_correlations', 'predictions_table', 'series_predictions', 'ccc', 'series_metrics', 'metrics_table',
-           'bootstrap_ci', 'summarise', 'compare_to_baseline', 'oracle_predictions', 'oracle_fraction']
+           'npc_loss', 'ccc_loss', 'make_loss', 'stitch', 'series_table', 'stitch_shapes', 'clip_correlations',
+           'predictions_table', 'series_predictions', 'ccc', 'series_metrics', 'metrics_table', 'bootstrap_ci',
+           'summarise', 'compare_to_baseline', 'oracle_predictions', 'oracle_fraction', 'elapsed_time_series',
+           'reference_predictions', 'ceiling_table', 'run_metrics', 'headline']
 
 # %% ../nbs/05_metrics.ipynb #c006
 VAR_EPS = 1e-5    # relative: each clip's variances get VAR_EPS x the variance of its *target* added ...
@@ -61,7 +64,7 @@ def make_loss(name: str,              # one of LOSSES
     if name not in losses: raise ValueError(f"unknown loss {name!r}: choose from {LOSSES}")
     return losses[name]
 
-# %% ../nbs/05_metrics.ipynb #c009
+# %% ../nbs/05_metrics.ipynb #c011
 def stitch(starts: np.ndarray,  # first sample of each clip, (N,); may be negative for clips of a padded recording
            clips: np.ndarray,   # clip values, (N, T)
            n: int,              # samples in the recording
@@ -74,13 +77,7 @@ def stitch(starts: np.ndarray,  # first sample of each clip, (N,); may be negati
     np.add.at(total, index[inside], clips[inside]); np.add.at(count, index[inside], 1)
     with np.errstate(invalid="ignore", divide="ignore"): return np.where(count > 0, total / count, np.nan)
 
-# %% ../nbs/05_metrics.ipynb #c011
-def pearson_r(pred: np.ndarray, target: np.ndarray) -> float:
-    "Pearson r; NaN when either series is constant (a flat prediction has no correlation, not r = 0)."
-    p, t = np.asarray(pred, np.float64), np.asarray(target, np.float64)
-    if len(p) < 2 or np.ptp(p) < 1e-12 or np.ptp(t) < 1e-12: return float("nan")
-    return float(np.corrcoef(p, t)[0, 1])
-
+# %% ../nbs/05_metrics.ipynb #c015
 def series_table(recording: str,            # recording name, e.g. 's3_T2'
                  pred: np.ndarray,          # prediction, normalised units, one value per sample
                  target: np.ndarray,        # target, normalised units
@@ -98,7 +95,7 @@ def series_table(recording: str,            # recording name, e.g. 's3_T2'
     if normaliser is not None:
         table["target_us"] = normaliser.inverse(table.target, recording)
         if calibrated:
-            name = "pred_us_given_true_mean" if normaliser.kind == "subject" else "pred_us"
+            name = "pred_us_given_true_mean" if normaliser.eda_scaling == "subject" else "pred_us"
             table[name] = normaliser.inverse(table.pred, recording)
     return table
 
@@ -133,7 +130,7 @@ def clip_correlations(starts: np.ndarray,  # first sample of each clip (may be n
                      ) -> np.ndarray:      # (N,) Pearson r of each clip over its samples inside the recording
     "Per-clip r, the metric an NPC loss optimises: NaN for a flat clip."
     n = len(target)
-    return np.array([pearson_r(clip[max(-s, 0):n - s], target[max(s, 0):s + len(clip)]) for s, clip in zip(starts, clips)])
+    return np.array([pearson(clip[max(-s, 0):n - s], target[max(s, 0):s + len(clip)]) for s, clip in zip(starts, clips)])
 
 def predictions_table(recordings: Sequence[str],        # recording of each clip
                       starts: Sequence[int],            # first sample of each clip
@@ -172,7 +169,7 @@ def series_predictions(series: dict[str, np.ndarray],  # recording -> a predicti
         clips.append(np.asarray(pred, np.float64)[reflect_index(s[:, None] + np.arange(window), len(pred))])
     return predictions_table(names, np.concatenate(starts), np.concatenate(clips), targets, normaliser, hz)
 
-# %% ../nbs/05_metrics.ipynb #c013
+# %% ../nbs/05_metrics.ipynb #c018
 METRICS = ("mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "r", "clip_r", "npc", "ccc")
 LOWER_IS_BETTER = {"mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "npc"}
 
@@ -193,7 +190,7 @@ def series_metrics(rows: pd.DataFrame) -> dict:
         out |= ({f"mse{suffix}": np.mean(err ** 2), f"rmse{suffix}": np.sqrt(np.mean(err ** 2)),
                  f"mae{suffix}": np.mean(np.abs(err))} if calibrated else
                 {f"{m}{suffix}": nan for m in ("mse", "rmse", "mae")})
-    r = pearson_r(rows.pred, rows.target)
+    r = pearson(rows.pred, rows.target)
     out |= dict(r=r, npc=-r, ccc=ccc(rows.pred, rows.target) if calibrated else nan)
     if "clip_r" in rows: out["clip_r"] = float(rows.clip_r.mean())  # NaN left out; pooled: weighted by samples
     return out
@@ -221,7 +218,7 @@ def metrics_table(samples: pd.DataFrame,        # from predictions_table (option
     grouped = per_recording.groupby(_keys(samples, "subject"), sort=False)
     return grouped[metrics].mean().join(grouped.size().rename("recordings")).reset_index()
 
-# %% ../nbs/05_metrics.ipynb #c017
+# %% ../nbs/05_metrics.ipynb #c024
 def bootstrap_ci(values: np.ndarray,     # one value per subject (NaN ignored)
                  n_boot: int = 2000,     # bootstrap resamples
                  level: float = 0.95,    # coverage of the interval
@@ -248,7 +245,7 @@ def summarise(subjects: pd.DataFrame,          # metrics_table(..., 'subject'), 
                          "mean": mean, "ci_low": low, "ci_high": high, "subjects": int(table[metric].notna().sum())})
     return pd.DataFrame(rows)
 
-# %% ../nbs/05_metrics.ipynb #c020
+# %% ../nbs/05_metrics.ipynb #c027
 def compare_to_baseline(subjects: pd.DataFrame,   # per-subject metrics of several models ('model' column)
                         baseline: str = "naive",  # the model to compare against
                         metric: str = "mse_us",   # paired per-subject metric
@@ -275,7 +272,7 @@ def compare_to_baseline(subjects: pd.DataFrame,   # per-subject metrics of sever
                          smallest_possible_p=2.0 ** (1 - used) if used else nan))
     return pd.DataFrame(rows)
 
-# %% ../nbs/05_metrics.ipynb #c023
+# %% ../nbs/05_metrics.ipynb #c033
 def _cues(root: Path, cache: Path, name: str, normaliser: Normaliser) -> tuple[np.ndarray, np.ndarray]:
     "The rendered cues on the cache's clock, with an intercept column, and the normalised target."
     entry = load_cached(cache, name)
@@ -312,3 +309,85 @@ def oracle_fraction(subjects: pd.DataFrame, # per-subject metrics with a 'model'
     means = wide.mean()
     return pd.DataFrame(dict(model=means.index, **{metric: means.values, f"oracle_{metric}": means["oracle"],
                                                   "fraction_of_oracle": means.values / means["oracle"]}))
+
+# %% ../nbs/05_metrics.ipynb #c038
+def elapsed_time_series(targets: dict[str, np.ndarray], # training recordings -> normalised target
+                        hz: float = 4.0,
+                       ) -> Callable[[int], np.ndarray]:  # n samples -> the prediction for a recording of n samples
+    "The elapsed-time baseline: one least-squares line of the target on seconds since the recording started, fitted on training recordings."
+    t = np.concatenate([np.arange(len(y)) / hz for y in targets.values()])
+    slope, intercept = np.polyfit(t, np.concatenate(list(targets.values())), 1)
+    return lambda n: intercept + slope * np.arange(n) / hz
+
+# %% ../nbs/05_metrics.ipynb #c041
+def reference_predictions(datasets: dict,          # a fold's train / val / test `ClipDataset`s
+                          normaliser: Normaliser,  # fitted on its training recordings
+                          window: int = 32,        # the evaluation clips of the models they are compared with
+                          stride: int = 8,
+                          data: str | Path = "",   # the dataset folder: on synthetic data the oracle is added
+                          cache: str | Path = "",  # its cache
+                         ) -> list[pd.DataFrame]:
+    "The baselines every results table carries: naive (the training mean), elapsed time, and the oracle on synthetic data."
+    test, train = datasets["test"].targets, datasets["train"].targets
+    hz = datasets["test"].meta[next(iter(test))]["target_hz"] if test else 4.0
+    mean, line = float(np.concatenate(list(train.values())).mean()), elapsed_time_series(train, hz)
+    score_series = lambda series: series_predictions(series, test, normaliser, window, stride, hz)
+    out = [score_series({n: np.full(len(y), mean) for n, y in test.items()}).assign(model="naive"),
+           score_series({n: line(len(y)) for n, y in test.items()}).assign(model="elapsed")]
+    if data and is_synthetic(data):
+        parts = {part: list(d.targets) for part, d in datasets.items()}
+        out.append(oracle_predictions(data, cache, parts, normaliser, window=window, stride=stride))
+    return out
+
+# %% ../nbs/05_metrics.ipynb #c044
+def _records(table: pd.DataFrame) -> list[dict]:
+    return json.loads(table.to_json(orient="records", double_precision=15))
+
+def ceiling_table(subjects: pd.DataFrame, data: str | Path) -> pd.DataFrame | None:
+    "Each model's mean per-subject r as a fraction of the synthetic dataset's per-recording ceiling (`oracle.json`, same subjects)."
+    path = Path(data) / "ground_truth" / "oracle.json"
+    if not path.is_file(): return None
+    per_recording = pd.Series({k: v["r"] for k, v in json.loads(path.read_text())["recordings"].items()})
+    ceiling = per_recording.groupby(per_recording.index.str.split("_").str[0]).mean()
+    wide = subjects.pivot(index="subject", columns="model", values="r")
+    ceiling = ceiling.reindex(wide.index)
+    if not ceiling.mean() > 0: return None   # the null control (coupling 0): no ceiling to be a fraction of
+    return pd.DataFrame(dict(model=wide.columns, r=wide.mean().values, ceiling_r=float(ceiling.mean()),
+                             fraction_of_ceiling=wide.mean().values / float(ceiling.mean()), ceiling="oracle.json"))
+
+def run_metrics(samples: pd.DataFrame,  # pooled test predictions of a run (predictions.parquet)
+                data: str | Path = "",  # the dataset folder (its oracle.json on synthetic data)
+                n_boot: int = 2000,
+               ) -> dict:
+    "Everything `metrics.json` holds, computed from the predictions alone (so it can be recomputed and checked)."
+    subjects = metrics_table(samples, "subject")
+    models = list(dict.fromkeys(samples.model))
+    tests = []
+    for baseline, metrics in (("naive", ("mse", "mse_us", "ccc", "r", "clip_r")), ("elapsed", ("r", "clip_r", "ccc", "mse"))):
+        for metric in (m for m in metrics if m in subjects and baseline in models):
+            table = subjects.copy()
+            if metric in ("r", "clip_r") and baseline == "naive":  # a constant has no correlation: the null value is 0
+                table.loc[table.model == "naive", metric] = table.loc[table.model == "naive", metric].fillna(0.0)
+            tests.append(compare_to_baseline(table, baseline, metric))
+    out = dict(models=models, subjects=int(samples.subject.nunique()),
+               per_subject=_records(subjects), per_recording=_records(metrics_table(samples, "recording")),
+               pooled=_records(metrics_table(samples, "pooled")),
+               summary=_records(summarise(subjects, metrics=("mse", "mse_us", "rmse_us", "mae_us", "r", "clip_r", "ccc", "npc"),
+                                          n_boot=n_boot)),
+               tests=_records(pd.concat(tests, ignore_index=True)) if tests else [])
+    if "oracle" in models: out["oracle_fraction"] = _records(oracle_fraction(subjects))
+    ceiling = ceiling_table(subjects, data) if data else None
+    if ceiling is not None: out["ceiling_fraction"] = _records(ceiling)
+    return out
+
+# %% ../nbs/05_metrics.ipynb #c047
+def headline(metrics: dict,                                   # from `fit` or metrics.json
+             columns: tuple = ("r", "clip_r", "ccc", "mse", "mse_us"),
+            ) -> pd.DataFrame:
+    "One row per model: mean over test subjects and 95% bootstrap interval of the headline metrics, best first."
+    summary = pd.DataFrame(metrics["summary"])
+    summary = summary[summary.metric.isin(columns)]
+    cell = lambda row: format_interval(row["mean"], row.ci_low, row.ci_high)
+    table = summary.assign(value=summary.apply(cell, axis=1)).pivot(index="model", columns="metric", values="value")
+    order = summary[summary.metric == "r"].set_index("model")["mean"].fillna(-np.inf).sort_values(ascending=False).index
+    return table.reindex(index=order, columns=[c for c in columns if c in table]).reset_index().rename_axis(columns=None)

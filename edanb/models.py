@@ -14,25 +14,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['MODELS', 'PRESETS', 'TARGETS', 'register', 'create_model', 'count_parameters', 'NaiveMean', 'conv_block_2d',
+__all__ = ['MODELS', 'PRESETS', 'OUTPUTS', 'register', 'create_model', 'count_parameters', 'NaiveMean', 'conv_block_2d',
            'BVPBranch', 'SeqCNN', 'SeqCNNBVP', 'conv_block_3d', 'PhysNet', 'AttentionMask', 'DeepPhys',
-           'sinusoidal_positions', 'TAM3D', 'shape_features', 'LandmarkTCN', 'example_batch', 'model_table']
+           'sinusoidal_positions', 'TAM3D', 'landmark_features', 'LandmarkTCN', 'example_batch', 'model_table']
 
 # %% ../nbs/04_models.ipynb #c006
 MODELS: dict[str, type[nn.Module]] = {}
 
 def register(name: str):
-    "Class decorator: make a model creatable by `name` (it must declare its training `target`)."
+    "Class decorator: make a model creatable by `name` (it must declare what its `output` is trained against)."
     def deco(cls):
-        if getattr(cls, "target", None) not in TARGETS:
-            raise TypeError(f"{cls.__name__}: set the class attribute `target` to one of {TARGETS}")
+        if getattr(cls, "output", None) not in OUTPUTS:
+            raise TypeError(f"{cls.__name__}: set the class attribute `output` to one of {OUTPUTS}")
         MODELS[name] = cls
         cls.name = name
         return cls
     return deco
 
 PRESETS = ("tiny", "paper")
-TARGETS = ("level",)  # what a model's output is trained against: the normalised EDA itself
+OUTPUTS = ("level",)  # what a model's output is trained against: the normalised EDA itself
 
 def create_model(name: str,              # a registered model name (see `MODELS`)
                  preset: str = "tiny",   # tiny (CPU demo) | paper (the study's sizes)
@@ -62,7 +62,7 @@ def _frames_2d(x: torch.Tensor) -> torch.Tensor:
 class NaiveMean(nn.Module):
     "Predict one constant (the training mean, once trained with MSE) for every frame; reads no video."
     inputs = ("frames",)
-    target = "level"
+    output = "level"
     presets = {}
     def __init__(self, mean: float = 0.0, **_):
         super().__init__()
@@ -94,7 +94,7 @@ class BVPBranch(nn.Module):
 class SeqCNN(nn.Module):
     "Per-frame CNN encoder, an LSTM over time, one EDA value per frame (optionally fused with BVP)."
     inputs = ("frames",)
-    target = "level"
+    output = "level"
     presets = dict(tiny=dict(width=0.25, hidden=32), paper=dict(width=1.0, hidden=128))
     def __init__(self, width: float = 0.25,   # channel multiplier of (32, 64, 128, 256, 512)
                  hidden: int = 32,            # LSTM hidden size (the study: 128)
@@ -135,7 +135,7 @@ def conv_block_3d(c_in: int, c_out: int, kernel=(3, 3, 3)) -> nn.Sequential:
 class PhysNet(nn.Module):
     "PhysNet's 3D-CNN encoder–decoder (T -> T/4 -> T), one EDA value per frame; optional BVP fusion before the head."
     inputs = ("frames",)
-    target = "level"
+    output = "level"
     presets = dict(tiny=dict(width=0.5), paper=dict(width=1.0))
     min_frames = 8
     def __init__(self, width: float = 0.5,    # channel multiplier of (16, 32, 64)
@@ -177,7 +177,7 @@ class AttentionMask(nn.Module):
 class DeepPhys(nn.Module):
     "Two-branch DeepPhys: appearance attention gates the motion, an appearance readout adds the level; (B, T) out."
     inputs = ("frames", "diff")
-    target = "level"
+    output = "level"
     presets = dict(tiny=dict(width=0.5, dense=64), paper=dict(width=1.0, dense=128, size=36))
     def __init__(self, width: float = 0.5,   # channel multiplier of (32, 64)
                  dense: int = 64,            # hidden units of the motion head (the paper: 128)
@@ -236,7 +236,7 @@ def sinusoidal_positions(t: int, channels: int) -> torch.Tensor:
 class TAM3D(nn.Module):
     "3D-CNN features per frame, self-attention over the clip's frames, one EDA value per frame."
     inputs = ("frames",)
-    target = "level"
+    output = "level"
     presets = dict(tiny=dict(width=0.5, heads=2, layers=1), paper=dict(width=1.0, heads=4, layers=2))
     def __init__(self, width: float = 0.5,  # channel multiplier of (16, 32, 64)
                  heads: int = 2,            # attention heads
@@ -269,7 +269,7 @@ class TAM3D(nn.Module):
         return layer.self_attn(h, h, h, need_weights=True, average_attn_weights=True)[1]
 
 # %% ../nbs/04_models.ipynb #c018
-def shape_features(landmarks: torch.Tensor,  # (B, T, 68, 2), NaN where there was no detection
+def landmark_features(landmarks: torch.Tensor,  # (B, T, 68, 2), NaN where there was no detection
                    velocities: bool = True,  # append frame-to-frame differences
                   ) -> torch.Tensor:         # (B, T, 136 [+ 136] + 1): shape, velocity, validity
     "Landmarks with translation and scale removed per frame; NaN frames become zeros with a validity flag of 0."
@@ -289,7 +289,7 @@ def shape_features(landmarks: torch.Tensor,  # (B, T, 68, 2), NaN where there wa
 class LandmarkTCN(nn.Module):
     "Face-shape features from the 68 landmarks, a temporal CNN over the clip, one EDA value per frame."
     inputs = ("landmarks",)
-    target = "level"
+    output = "level"
     presets = dict(tiny=dict(hidden=64), paper=dict(hidden=128))
     def __init__(self, hidden: int = 64,       # channels of the temporal convolutions
                  velocities: bool = True,      # use frame-to-frame landmark velocities too
@@ -307,7 +307,7 @@ class LandmarkTCN(nn.Module):
         marks = batch["landmarks"]
         if marks.dim() != 4 or marks.shape[2:] != (68, 2):
             raise ValueError(f"landmarks: expected (B, T, 68, 2), got {tuple(marks.shape)}")
-        return self.net(shape_features(marks, self.velocities).transpose(1, 2)).squeeze(1)
+        return self.net(landmark_features(marks, self.velocities).transpose(1, 2)).squeeze(1)
 
 # %% ../nbs/04_models.ipynb #c020
 def example_batch(batch: int = 2,    # clips

@@ -5,7 +5,6 @@
 # %% ../nbs/02_preprocess.ipynb #c003
 from __future__ import annotations
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -17,16 +16,15 @@ import numpy as np
 import pandas as pd
 import scipy.ndimage
 import scipy.signal
-from tqdm.auto import tqdm
 
-from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, Recording, dask_map, load_recording,
-                        parallel_map, scan)
+from .core import parallel_map, progress_bar, write_atomic
+from .data import BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, Recording, load_recording, scan
 
 # %% auto #0
 __all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'sample_count', 'frame_indices', 'resample', 'bandpass', 'heart_rate',
            'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'detect_face', 'box_path', 'crop_window',
-           'crop_steps', 'reduction_for', 'landmarks_68', 'source_stamp', 'cache_key', 'read_meta',
-           'preprocess_recording', 'load_cached', 'preprocess_dataset']
+           'crop_steps', 'reduction_for', 'landmarks_68', 'source_stamp', 'cache_key', 'read_meta', 'write_entry',
+           'preprocess_recording', 'load_cached', 'preprocess_job', 'preprocess_dataset']
 
 # %% ../nbs/02_preprocess.ipynb #c006
 def sample_count(rec: Recording, target_hz: float = EDA_HZ) -> int:
@@ -185,7 +183,7 @@ def reduction_for(side: int, size: int) -> int:
     "The coarsest JPEG decode scale (1, 2, 4 or 8) that still leaves at least `size` pixels across a crop of `side`."
     return max(r for r in REDUCED if side / r >= size or r == 1)
 
-# %% ../nbs/02_preprocess.ipynb #c017
+# %% ../nbs/02_preprocess.ipynb #c019
 def landmarks_68(image: np.ndarray, box: np.ndarray, reduction: int, window: tuple[int, int, int]) -> np.ndarray:
     "68 (x, y) landmarks of the face in `box` (full-res centre x, centre y, side), normalised to the crop `window`."
     import dlib
@@ -197,7 +195,7 @@ def landmarks_68(image: np.ndarray, box: np.ndarray, reduction: int, window: tup
     x0, y0, w = window
     return (points - (x0, y0)) / w
 
-# %% ../nbs/02_preprocess.ipynb #c019
+# %% ../nbs/02_preprocess.ipynb #c021
 CACHE_VERSION = 2  # 2: box path interpolated between detections and smoothed without phase lag
 ARRAYS = ("frames", "eda", "bvp", "hr", "t", "frame_index", "boxes", "landmarks")
 
@@ -214,7 +212,7 @@ def read_meta(folder: Path) -> dict | None:
     try: return json.loads((folder / "meta.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError): return None
 
-# %% ../nbs/02_preprocess.ipynb #c020
+# %% ../nbs/02_preprocess.ipynb #c022
 def _signals(rec: Recording, config: PreprocessConfig, n: int) -> dict[str, np.ndarray]:
     "EDA, BVP and heart rate on the sampling clock."
     times = np.arange(n) / config.target_hz
@@ -233,7 +231,7 @@ def _face_path(rec: Recording, config: PreprocessConfig, index: np.ndarray, prog
     r = reduction_for(rec.width, config.detect_width)  # the detector needs `detect_width` pixels, not the crop's
     with FrameReader(rec.video) as reader:
         reader.reduction = r
-        for i in tqdm(attempts, desc=f"{rec.name} faces", disable=not progress, leave=False):
+        for i in progress_bar(attempts, progress, desc=f"{rec.name} faces", leave=False):
             box = detect_face(reader.read(int(index[i])), r, config)
             if box is not None: at.append(i); found.append(box)
     path = box_path(np.array(at, int), np.array(found).reshape(-1, 3), n, config.smooth_s * config.target_hz)
@@ -249,7 +247,7 @@ def _crop_frames(rec: Recording, config: PreprocessConfig, index: np.ndarray, fr
     boxes = np.zeros((len(index), 3), np.int32)
     marks = np.full((len(index), 68, 2), np.nan, np.float32) if config.landmarks else None
     with FrameReader(rec.video) as reader:
-        for i, frame_no in enumerate(tqdm(index, desc=rec.name, disable=not progress, leave=False)):
+        for i, frame_no in enumerate(progress_bar(index, progress, desc=rec.name, leave=False)):
             box = None if path is None else path[i]
             x0, y0, side = crop_window(box, rec.width, rec.height, config.box_scale)
             reader.reduction = r = reduction_for(side, config.size)
@@ -261,13 +259,25 @@ def _crop_frames(rec: Recording, config: PreprocessConfig, index: np.ndarray, fr
             if marks is not None and box is not None: marks[i] = landmarks_68(image, box, r, (x0, y0, side))
     return dict(boxes=boxes, landmarks=marks, **faces, reductions=sorted(reductions))
 
-# %% ../nbs/02_preprocess.ipynb #c022
-def _replace_dir(tmp: Path, final: Path):
-    "Move the finished `tmp` folder to `final`, replacing an older entry."
-    trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists(): final.rename(trash)
-    tmp.rename(final)
-    shutil.rmtree(trash, ignore_errors=True)
+# %% ../nbs/02_preprocess.ipynb #c024
+def write_entry(folder: Path, rec: Recording, config: PreprocessConfig, n: int, key: dict, progress: bool) -> dict:
+    "Write a new cache entry of `n` samples into `folder` (meta.json last); return its metadata."
+    folder.mkdir(parents=True)
+    index = frame_indices(n, rec.fps, config.target_hz)
+    signals = _signals(rec, config, n)
+    frames = np.lib.format.open_memmap(folder / "frames.npy", "w+", np.uint8, (n, config.size, config.size, 3))
+    crops = _crop_frames(rec, config, index, frames, progress)
+    frames.flush(); del frames
+    arrays = dict(signals, frame_index=index, boxes=crops.pop("boxes"), landmarks=crops.pop("landmarks"))
+    for name, array in arrays.items():
+        if array is not None: np.save(folder / f"{name}.npy", array)
+    used = n / config.target_hz
+    meta = dict(recording=rec.name, subject=rec.subject, task=rec.task, samples=n, target_hz=config.target_hz,
+                seconds=used, cut_s=dict(video=rec.video_seconds - used, eda=rec.eda_seconds - used,
+                                         bvp=rec.bvp_seconds - used),
+                face_rate=crops["detections"] / max(crops["attempts"], 1), **crops, key=key)
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
 
 def preprocess_recording(rec: Recording,            # a validated recording (`edanb.data.load_recording`)
                          cache: str | Path,         # cache folder; the entry goes to cache/<recording name>/
@@ -281,29 +291,11 @@ def preprocess_recording(rec: Recording,            # a validated recording (`ed
     if meta is not None and meta["key"] == key: return {**meta, "status": "cached"}
     n = sample_count(rec, config.target_hz)
     if n == 0: raise DataError(rec.video, "no sample of the EDA clock falls inside the video")
-    index = frame_indices(n, rec.fps, config.target_hz)
-    tmp = Path(cache) / f".{rec.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        signals = _signals(rec, config, n)
-        frames = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (n, config.size, config.size, 3))
-        crops = _crop_frames(rec, config, index, frames, progress)
-        frames.flush(); del frames
-        arrays = dict(signals, frame_index=index, boxes=crops.pop("boxes"), landmarks=crops.pop("landmarks"))
-        for name, array in arrays.items():
-            if array is not None: np.save(tmp / f"{name}.npy", array)
-        used = n / config.target_hz
-        meta = dict(recording=rec.name, subject=rec.subject, task=rec.task, samples=n, target_hz=config.target_hz,
-                    seconds=used, cut_s=dict(video=rec.video_seconds - used, eda=rec.eda_seconds - used,
-                                             bvp=rec.bvp_seconds - used),
-                    face_rate=crops["detections"] / max(crops["attempts"], 1), **crops, key=key)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        _replace_dir(tmp, final)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    return {**meta, "status": "built"}
+    built = {}
+    write_atomic(final, lambda folder: built.update(write_entry(folder, rec, config, n, key, progress)))
+    return {**built, "status": "built"}
 
-# %% ../nbs/02_preprocess.ipynb #c023
+# %% ../nbs/02_preprocess.ipynb #c025
 def load_cached(cache: str | Path, name: str) -> dict:
     "A cache entry as arrays (frames memory-mapped, nothing else large) plus its `meta`."
     folder = Path(cache) / name
@@ -313,8 +305,8 @@ def load_cached(cache: str | Path, name: str) -> dict:
               for n in ARRAYS if (folder / f"{n}.npy").exists()}
     return {**arrays, "meta": meta}
 
-# %% ../nbs/02_preprocess.ipynb #c028
-def _preprocess_job(rec: Recording, cache: str, config: PreprocessConfig, progress: bool) -> dict:
+# %% ../nbs/02_preprocess.ipynb #c032
+def preprocess_job(rec: Recording, cache: str, config: PreprocessConfig, progress: bool) -> dict:
     "One recording (already validated by `scan`), with every error caught and returned, so the others finish."
     start = time.perf_counter()
     try:
@@ -344,9 +336,8 @@ def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
     jobs = [(r, str(cache), config, progress and workers <= 1 and not scheduler) for r in recordings]
     from edanb import preprocess  # spawned workers import the function by name
     lost = lambda job, e: dict(recording=job[0].name, status="failed", error=f"{type(e).__name__}: {e}")  # e.g. its worker died
-    done = (dask_map(preprocess._preprocess_job, jobs, scheduler, on_error=lost) if scheduler else
-            parallel_map(preprocess._preprocess_job, jobs, workers))
+    done = parallel_map(preprocess.preprocess_job, jobs, workers, scheduler, on_error=lost)
     order = {r.name: i for i, r in enumerate(recordings)}
-    rows += sorted(tqdm(done, total=len(jobs), desc="preprocess", disable=not progress), key=lambda row: order[row["recording"]])
+    rows += sorted(progress_bar(done, progress, total=len(jobs), desc="preprocess"), key=lambda row: order[row["recording"]])
     columns = ["recording", "status", "samples", "face_rate", "fallback", "seconds", "error"]
     return pd.DataFrame(rows, columns=columns)

@@ -5,7 +5,6 @@
 # %% ../nbs/01_synth.ipynb #c003
 from __future__ import annotations
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,16 +12,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
-from .data import BVP_HZ, EDA_HZ, TASKS, VIDEO_FPS, parallel_map, recording_paths, subject_number
+from .core import parallel_map, pearson, progress_bar, write_atomic
+from .data import BVP_HZ, EDA_HZ, TASKS, VIDEO_FPS, recording_paths, subject_number
 
 # %% auto #0
 __all__ = ['STREAMS', 'TASK_AROUSAL', 'PATCH_ROWS', 'PATCH_COLS', 'FACE_BOX', 'MOUTH', 'JPEG_QUALITY', 'EXPRESSION_MAX',
            'CUE_COLUMNS', 'stream', 'Subject', 'make_subject', 'ou_process', 'lowpass', 'scr_kernel', 'pulse_wave',
            'Physiology', 'simulate_physiology', 'face_patch', 'background', 'Nuisance', 'simulate_nuisance', 'Cues',
-           'cues_from_physiology', 'affine', 'face_box', 'FaceRenderer', 'write_recording', 'pearson', 'oracle_scores',
-           'SynthConfig', 'generate', 'summary']
+           'cues_from_physiology', 'affine', 'face_box', 'FaceRenderer', 'write_recording', 'pearson_or_zero',
+           'oracle_scores', 'SynthConfig', 'generate', 'summary']
 
 # %% ../nbs/01_synth.ipynb #c006
 STREAMS = {"subject": 0, "physiology": 1, "nuisance": 2, "appearance": 3}
@@ -274,28 +273,27 @@ def write_recording(out: str | Path,     # dataset folder
 
 def _render_video(path: Path, renderer: FaceRenderer, nuisance: Nuisance, cues: Cues, size: int,
                   quality: int = JPEG_QUALITY) -> list[tuple]:
-    tmp = path.with_name(path.stem + ".partial.avi")
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), VIDEO_FPS, (size, size))
-    if not writer.isOpened(): raise OSError(f"{tmp}: cannot open an MJPG video writer")
-    writer.set(cv2.VIDEOWRITER_PROP_QUALITY, quality)
+    "Render and write the video atomically; the true face box of every frame."
     boxes, patch_size = [], renderer.patch.shape[0]
-    try:
-        for i in range(len(cues.flush)):
-            m = affine(renderer.subject, nuisance, i, size, patch_size)
-            writer.write(renderer.frame(m, cues.flush[i], cues.expression[i], cues.pulse[i], nuisance.light[i], i))
-            boxes.append(face_box(m))
-    finally: writer.release()
-    os.replace(tmp, path)
+    def render(tmp: Path):
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), VIDEO_FPS, (size, size))
+        if not writer.isOpened(): raise OSError(f"{tmp}: cannot open an MJPG video writer")
+        writer.set(cv2.VIDEOWRITER_PROP_QUALITY, quality)
+        try:
+            for i in range(len(cues.flush)):
+                m = affine(renderer.subject, nuisance, i, size, patch_size)
+                writer.write(renderer.frame(m, cues.flush[i], cues.expression[i], cues.pulse[i], nuisance.light[i], i))
+                boxes.append(face_box(m))
+        finally: writer.release()
+    write_atomic(path, render)
     return boxes
 
 # %% ../nbs/01_synth.ipynb #c022
 CUE_COLUMNS = ["flush", "expression", "pulse"]
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    "Pearson r, defined as 0 when either series is constant (no linear relation can be shown)."
-    x, y = np.asarray(x, float) - np.mean(x), np.asarray(y, float) - np.mean(y)
-    denom = np.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / denom) if denom > 1e-12 else 0.0
+def pearson_or_zero(x: np.ndarray, y: np.ndarray) -> float:
+    "`edanb.core.pearson`, 0 where it is undefined: a constant series (the cues at coupling 0) shows no linear relation."
+    return float(np.nan_to_num(pearson(x, y)))
 
 def _linear_fit(cues: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(cues, target, rcond=None)[0]
@@ -313,7 +311,7 @@ def oracle_scores(root: str | Path) -> dict:
     if not recordings: raise FileNotFoundError(f"{root / 'ground_truth'}: no *_signals.csv files")
     weights = _linear_fit(np.concatenate([c for c, _ in recordings.values()]),
                           np.concatenate([e for _, e in recordings.values()]))
-    per = {name: dict(r=pearson(c @ weights, e), r_own_fit=pearson(c @ _linear_fit(c, e), e))
+    per = {name: dict(r=pearson_or_zero(c @ weights, e), r_own_fit=pearson_or_zero(c @ _linear_fit(c, e), e))
            for name, (c, e) in recordings.items()}
     return dict(method="Pearson r per recording between EDA and one linear map of the rendered cues "
                        "(fitted on all recordings after removing each recording's mean), averaged over recordings",
@@ -366,8 +364,8 @@ def generate(out: str | Path,             # folder to write (created)
     jobs = [(out, config.seed, n, task, config.seconds, config.size, config.coupling, config.quality)
             for n in range(1, config.subjects + 1) for task in TASKS]
     from edanb import synth  # spawned workers import the function by name, not a notebook's copy of it
-    for _ in tqdm(parallel_map(synth.write_recording, jobs, workers), total=len(jobs), desc=f"synth {out.name}",
-                  disable=not progress): pass
+    for _ in progress_bar(parallel_map(synth.write_recording, jobs, workers), progress, total=len(jobs),
+                          desc=f"synth {out.name}"): pass
     for n in range(1, config.subjects + 1):
         (out / f"s{n}" / f"info_s{n}.txt").write_text(f"synthetic subject s{n}\n{json.dumps(asdict(make_subject(config.seed, n)))}\n")
     (out / "ground_truth" / "oracle.json").write_text(json.dumps(oracle_scores(out), indent=2) + "\n")

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,87 +19,23 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm.auto import tqdm
 
-from .data import is_synthetic, kfold_subjects, load_split, save_split, split_subjects, subject_number
-from .dataset import (DatasetConfig, Normaliser, augment_clip, cached_recordings, frame_difference, make_datasets, reflect_index,
-                           split_recordings)
-from .metrics import (compare_to_baseline, make_loss, metrics_table, oracle_fraction,
-                           oracle_predictions, predictions_table, series_predictions, summarise)
+from .config import RUN_INDEPENDENT, DatasetConfig, TrainConfig
+from .core import progress_bar, write_atomic, write_json
+from .data import kfold_subjects, load_split, save_split, split_subjects, subject_number
+from .dataset import (ClipDataset, Normaliser, augment_clip, cached_recordings, frame_difference,
+                           make_datasets, reflect_index)
+from .metrics import make_loss, metrics_table, predictions_table, reference_predictions, run_metrics
 from .models import MODELS, create_model
 
 # %% auto #0
-__all__ = ['RUN_INDEPENDENT', 'TrainConfig', 'write_atomic', 'write_json', 'make_splits', 'seed_everything', 'resolve_device',
-           'distributed', 'rng_state', 'set_rng_state', 'to_device', 'autocast', 'predict', 'score', 'selection_value',
-           'clip_targets', 'ResidentClips', 'shuffled_order', 'ResidentBatches', 'make_optimiser', 'train_epoch',
-           'build_model', 'fit_fold', 'elapsed_time_series', 'reference_predictions', 'ceiling_table', 'run_metrics',
-           'fit', 'headline', 'main']
+__all__ = ['make_splits', 'seed_everything', 'resolve_device', 'distributed', 'rng_state', 'set_rng_state', 'fold_device',
+           'end_distributed', 'to_device', 'autocast', 'predict', 'score', 'selection_value', 'clip_targets',
+           'ResidentClips', 'shuffled_order', 'ResidentBatches', 'make_optimiser', 'train_epoch', 'dataset_config',
+           'build_model', 'model_and_data', 'EarlyStopping', 'Training', 'Fold', 'start_fold', 'resume', 'epoch_loader',
+           'validate', 'run_epoch', 'save_epoch', 'epoch_line', 'test_fold', 'fit_fold', 'same_run', 'fit']
 
-# %% ../nbs/06_train.ipynb #c006
-@dataclass
-class TrainConfig(DatasetConfig):
-    "One experiment: data, split, model, optimisation, evaluation. Every field is a papermill parameter and a CLI option."
-    target: str = "subject"        # EDA scaling: subject (each recording's own mean removed; default, see below) | zscore | minmax (the study)
-    frames: str = "recording"      # frame scaling: recording (each recording's mean frame removed; default) | unit (the study) | standard
-    data: str = "data/ubfc-synth"  # dataset folder (its subjects; on synthetic data also the oracle's ground truth)
-    cache: str = "data/cache"      # cache folder written by `edanb preprocess`
-    out: str = "runs/seqcnn"       # run folder (resumed if it holds a run with the same configuration)
-    split: str = ""                # a split file (`edanb split`); empty: made from `seed` (the study's 35/10/11, or folds)
-    folds: int = 0                 # k-fold subject cross-validation: every subject tested once (0: one split)
-    val_subjects: int = 0          # validation subjects per fold, taken from its training part (0: one fold's share)
-    model: str = "seqcnn"          # a registered model (`edanb models`)
-    preset: str = "tiny"           # model sizes: tiny | paper
-    model_args: str = ""           # JSON overrides of the model's arguments, e.g. '{"use_bvp": true}'
-    loss: str = "mse+npc"          # mse | npc | mse+npc | ccc
-    optimiser: str = "adamw"       # adam | adamw
-    lr: float = 1e-3               # peak learning rate
-    weight_decay: float = 1e-4     # decoupled (adamw) or L2 (adam)
-    batch_size: int = 16           # clips per step
-    epochs: int = 30               # at most this many epochs
-    scheduler: str = "cosine"      # none | cosine (to 0 over `epochs`) | plateau (halve when `select` stalls)
-    patience: int = 15             # stop after this many epochs without a better `select` (the study: 15)
-    select: str = "r"              # validation metric that picks the best epoch: r | clip_r | ccc | mse | loss
-    grad_clip: float = 1.0         # clip the gradient norm to this, after backward (0: no clipping)
-    augment_p: float = 0.0         # the study's augmentation probability (0.7); off by default, see the notebook
-    seed: int = 0                  # split, initialisation, shuffling and augmentation
-    device: str = "auto"           # auto | cpu | cuda | cuda:N
-    workers: int = 0               # DataLoader worker processes
-    amp: str = "none"              # mixed precision: none | bf16 | fp16 (fp16 adds a GradScaler)
-    data_on_device: bool = False   # keep every clip's frames on the device as uint8 and build batches there (GPU data path)
-    progress: bool = True          # progress bars and a line per epoch
-
-    def __post_init__(self):
-        choices = dict(loss=("mse", "npc", "mse+npc", "ccc"), optimiser=("adam", "adamw"), amp=("none", "bf16", "fp16"),
-                       scheduler=("none", "cosine", "plateau"), select=("r", "clip_r", "ccc", "mse", "loss"))
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed: raise ValueError(f"{name} {getattr(self, name)!r}: choose from {allowed}")
-        if self.folds and self.split: raise ValueError("give either a split file or folds, not both")
-        if self.loss == "npc" and self.select in ("ccc", "mse"):
-            raise ValueError(f"select={self.select!r} needs a level and a scale, which a model trained with NPC alone does not "
-                             "predict: choose r, clip_r or loss")
-        if self.model not in MODELS: raise ValueError(f"unknown model {self.model!r}: registered models are {sorted(MODELS)}")
-        self.overrides()  # a bad JSON string fails here, not after the data is loaded
-
-    def overrides(self) -> dict:
-        "The model's argument overrides (`model_args`) as a dict."
-        try: value = json.loads(self.model_args) if self.model_args.strip() else {}
-        except json.JSONDecodeError as e: raise ValueError(f"model_args is not JSON: {self.model_args!r} ({e})") from None
-        if not isinstance(value, dict): raise ValueError(f"model_args must be a JSON object, not {self.model_args!r}")
-        return value
-
-# %% ../nbs/06_train.ipynb #c008
-def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
-    "Write a file through `write(tmp)` and rename it into place: a reader never sees half a file."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
-
-def write_json(path: Path, value) -> Path:
-    return write_atomic(path, lambda p: p.write_text(json.dumps(value, indent=1, default=float) + "\n"))
-
-# %% ../nbs/06_train.ipynb #c011
+# %% ../nbs/06_train.ipynb #c007
 def make_splits(config: TrainConfig) -> list[dict[str, list[str]]]:
     "The split(s) of the run: a given file, one seeded study split, or k folds in which every subject is tested once."
     if config.split: return [load_split(config.split)]
@@ -118,7 +53,7 @@ def make_splits(config: TrainConfig) -> list[dict[str, list[str]]]:
         out.append(dict(train=[s for s in pool if s not in val], val=val, test=fold["test"]))
     return out
 
-# %% ../nbs/06_train.ipynb #c014
+# %% ../nbs/06_train.ipynb #c010
 def seed_everything(seed: int):
     "Python, numpy and torch generators, and deterministic algorithms where torch has them."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
@@ -146,7 +81,17 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["cpu"])
     if state["cuda"]: torch.cuda.set_rng_state_all(state["cuda"])
 
-# %% ../nbs/06_train.ipynb #c016
+def fold_device(config: TrainConfig) -> torch.device:
+    "This process's device: the configured one, or under torchrun on GPUs the GPU of this rank."
+    _, world = distributed()
+    if world == 1 or not torch.cuda.is_available(): return resolve_device(config.device)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+def end_distributed():
+    "Leave the torchrun process group, if this process joined one."
+    if dist.is_initialized(): dist.destroy_process_group()
+
+# %% ../nbs/06_train.ipynb #c012
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -189,11 +134,11 @@ def selection_value(recordings: pd.DataFrame, val_loss: float, metric: str) -> f
 
 def clip_targets(dataset) -> np.ndarray:
     "(N, T) target of every clip of a dataset (mirrored beyond a padded recording's ends), as its items hold them."
-    rows = [dataset.targets[name][dataset._samples(start, start + dataset.window, len(dataset.targets[name]))]
+    rows = [dataset.targets[name][dataset.sample_index(start, start + dataset.window, len(dataset.targets[name]))]
             for name, start in zip(dataset.clips.recording, dataset.clips.start)]
     return np.stack(rows) if rows else np.zeros((0, dataset.window), np.float32)
 
-# %% ../nbs/06_train.ipynb #c018
+# %% ../nbs/06_train.ipynb #c014
 class ResidentClips:
     """Every clip of a `ClipDataset` served from tensors held on one device: the frames as uint8 (about 2 GB for the
     whole UBFC-Phys cache at 72 px), clips gathered, scaled, differenced and augmented there. No loader, no workers."""
@@ -212,7 +157,7 @@ class ResidentClips:
             local = reflect_index(span, n) if dataset.pad else np.minimum(span, n - 1)  # clamped: a zero last difference
             rows.append(offsets[name] + local)
         self.index = torch.from_numpy(np.stack(rows)).to(device)                       # (clips, T + 1)
-        self._mean, self._std = dataset._mean.to(device), dataset._std.to(device)
+        self.pixel_mean, self.pixel_std = dataset.pixel_mean.to(device), dataset.pixel_std.to(device)
         # frames='recording': the mean frame of each clip's recording, looked up by the clip's recording number
         self.mean_frames = torch.stack([dataset.mean_frames[n] for n in names]).to(device) if dataset.mean_frames else None
         number = {name: i for i, name in enumerate(names)}
@@ -236,7 +181,7 @@ class ResidentClips:
         else: x = raw.float() / 255
         frames = x[:, :self.window] if means is None else x[:, :self.window] - means[:, None]  # 'recording' scaling
         rows = ds.clips.iloc[clips.cpu().numpy()]
-        out = dict(frames=(frames - self._mean) / self._std, eda=self.eda[clip], bvp=self.bvp[clip],
+        out = dict(frames=(frames - self.pixel_mean) / self.pixel_std, eda=self.eda[clip], bvp=self.bvp[clip],
                    recording=rows.recording.tolist(), subject=[ds.meta[r]["subject"] for r in rows.recording],
                    task=[ds.meta[r]["task"] for r in rows.recording], start=torch.tensor(rows.start.to_numpy()),
                    t0=torch.tensor([s / ds.meta[r]["target_hz"] for r, s in zip(rows.recording, rows.start)],
@@ -264,7 +209,7 @@ class ResidentBatches:
     def __len__(self) -> int: return len(self.chunks)
     def __iter__(self): return (self.clips.batch(c) for c in self.chunks)
 
-# %% ../nbs/06_train.ipynb #c021
+# %% ../nbs/06_train.ipynb #c017
 def make_optimiser(model: torch.nn.Module, config: TrainConfig):
     cls = torch.optim.AdamW if config.optimiser == "adamw" else torch.optim.Adam
     optimiser = cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -277,7 +222,7 @@ def train_epoch(model, loader, optimiser, loss_fn, config: TrainConfig, device, 
     "One pass over the training clips; the gradient norm is clipped after backward (and after unscaling)."
     model.train()
     total, count, norms = 0.0, 0, []
-    for batch in tqdm(loader, desc=desc, total=len(loader), leave=False, disable=not config.progress):
+    for batch in progress_bar(loader, config.progress, desc=desc, total=len(loader), leave=False):
         batch = to_device(batch, device)
         optimiser.zero_grad(set_to_none=True)
         with autocast(config, device): pred = model(batch)
@@ -290,8 +235,8 @@ def train_epoch(model, loader, optimiser, loss_fn, config: TrainConfig, device, 
         norms.append(float(norm))
     return dict(train_loss=total / max(count, 1), grad_norm=float(np.median(norms)) if norms else float("nan"))
 
-# %% ../nbs/06_train.ipynb #c023
-def _dataset_config(config: TrainConfig, inputs) -> DatasetConfig:
+# %% ../nbs/06_train.ipynb #c019
+def dataset_config(config: TrainConfig, inputs) -> DatasetConfig:
     "The run's DatasetConfig, with the inputs the model reads switched on."
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(DatasetConfig)}
     return DatasetConfig(**{**fields, "diff": config.diff or "diff" in inputs,
@@ -301,10 +246,163 @@ def build_model(config: TrainConfig, size: int) -> torch.nn.Module:
     "The configured model for frames of `size` px."
     return create_model(config.model, config.preset, **{"size": size, **config.overrides()})
 
-def _checkpoint(model, optimiser, scheduler, scaler, state: dict, history: list) -> dict:
-    return dict(model=model.state_dict(), optimiser=optimiser.state_dict(),
-                scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict(),
-                state=state, history=history, rng=rng_state())
+def model_and_data(config: TrainConfig, split: dict[str, list[str]],
+                  ) -> tuple[torch.nn.Module, dict[str, ClipDataset], Normaliser]:
+    "The configured model (its weights drawn now) and the split's datasets with the inputs it reads."
+    model = build_model(config, int(cached_recordings(config.cache)["size"].iat[0]))
+    datasets, normaliser = make_datasets(config.cache, split, dataset_config(config, model.inputs))
+    return model, datasets, normaliser
+
+# %% ../nbs/06_train.ipynb #c022
+@dataclass
+class EarlyStopping:
+    "A fold's early-stopping state: epochs done, the best selection value and its epoch, epochs since, whether to stop."
+    epoch: int = 0          # epochs done
+    best: float = -np.inf   # best selection value so far (higher is better)
+    best_epoch: int = -1    # the epoch that reached it
+    stale: int = 0          # epochs since
+    done: bool = False      # patience ran out
+
+    def update(self, value: float, patience: int) -> bool:
+        "Record the selection value of the next epoch; True if that epoch is the best so far."
+        improved = value > self.best or self.best_epoch < 0
+        self.best_epoch = self.epoch if improved else self.best_epoch
+        self.best, self.stale = max(value, self.best), 0 if improved else self.stale + 1
+        self.epoch += 1
+        self.done = self.stale >= patience
+        return improved
+
+# %% ../nbs/06_train.ipynb #c025
+@dataclass
+class Training:
+    "What one fold's optimisation changes: model (and its DDP wrapper), optimiser, scheduler, gradient scaler; and the loss."
+    model: torch.nn.Module
+    net: torch.nn.Module     # the model, or its DistributedDataParallel wrapper under torchrun
+    optimiser: torch.optim.Optimizer
+    scheduler: object        # None, or a torch.optim.lr_scheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: Callable
+
+    @classmethod
+    def start(cls, model: torch.nn.Module, config: TrainConfig, device: torch.device) -> Training:
+        model.to(device)
+        net = DistributedDataParallel(model) if distributed()[1] > 1 else model
+        optimiser, scheduler = make_optimiser(model, config)
+        return cls(model, net, optimiser, scheduler, torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
+                   make_loss(config.loss))
+
+    def step_scheduler(self, value: float, kind: str):
+        "One scheduler step after an epoch (`plateau` watches the selection value)."
+        if self.scheduler: self.scheduler.step(value) if kind == "plateau" else self.scheduler.step()
+
+    def checkpoint(self, stopping: EarlyStopping, history: list) -> dict:
+        "Everything a resumed run needs (`last.pt`)."
+        return dict(model=self.model.state_dict(), optimiser=self.optimiser.state_dict(),
+                    scheduler=self.scheduler.state_dict() if self.scheduler else None, scaler=self.scaler.state_dict(),
+                    state=asdict(stopping), history=history, rng=rng_state())
+
+    def restore(self, checkpoint: dict) -> tuple[EarlyStopping, list]:
+        "Weights, optimiser, scheduler, scaler and generators from a checkpoint; its early-stopping state and history."
+        self.model.load_state_dict(checkpoint["model"]); self.optimiser.load_state_dict(checkpoint["optimiser"])
+        if self.scheduler: self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        return EarlyStopping(**checkpoint["state"]), checkpoint["history"]
+
+# %% ../nbs/06_train.ipynb #c027
+@dataclass
+class Fold:
+    "What the steps of one fold share."
+    config: TrainConfig
+    number: int                          # the fold's number
+    folder: Path                         # where its files go
+    device: torch.device
+    training: Training
+    datasets: dict[str, ClipDataset]     # train / val / test
+    normaliser: Normaliser
+    val_targets: torch.Tensor            # (clips, T) targets of the validation clips
+    resident: dict                       # part -> ResidentClips (`data_on_device`), else empty
+
+def start_fold(config: TrainConfig, split: dict[str, list[str]], folder: Path, fold: int = 0) -> Fold:
+    "Seed, build the model and datasets, write the fold's split and normaliser, and set up its training."
+    device = fold_device(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed + 1000 * fold)
+    model, datasets, normaliser = model_and_data(config, split)
+    if distributed()[0] == 0:
+        save_split(split, folder / "split.json", fold=fold)
+        write_atomic(folder / "normaliser.json", normaliser.save)
+    training = Training.start(model, config, device)
+    resident = {part: ResidentClips(d, device) for part, d in datasets.items()} if config.data_on_device else {}
+    return Fold(config, fold, folder, device, training, datasets, normaliser,
+                torch.from_numpy(clip_targets(datasets["val"])), resident)
+
+def resume(fold: Fold) -> tuple[EarlyStopping, list]:
+    "The early-stopping state and history to go on from: from `last.pt` if the fold was interrupted, else a fresh start."
+    if not (fold.folder / "last.pt").exists(): return EarlyStopping(), []
+    checkpoint = torch.load(fold.folder / "last.pt", map_location="cpu", weights_only=True)  # RNG states stay on the CPU
+    stopping, history = fold.training.restore(checkpoint)
+    if fold.config.progress and distributed()[0] == 0: print(f"fold {fold.number}: resumed after epoch {stopping.epoch}")
+    return stopping, history
+
+# %% ../nbs/06_train.ipynb #c030
+def epoch_loader(fold: Fold, epoch: int):
+    "The training batches of one epoch: a shuffling DataLoader (a DistributedSampler under torchrun), or resident batches."
+    rank, world = distributed()
+    config, train = fold.config, fold.datasets["train"]
+    generator = torch.Generator().manual_seed(config.seed * 100003 + 1009 * fold.number + epoch)  # shuffling, worker seeds
+    if fold.resident: return fold.resident["train"].batches(config.batch_size, shuffled_order(len(train), generator, rank, world))
+    if world == 1:
+        return DataLoader(train, config.batch_size, shuffle=True, num_workers=config.workers, generator=generator)
+    sampler = DistributedSampler(train, world, rank, shuffle=True, seed=config.seed + fold.number)
+    sampler.set_epoch(epoch)
+    return DataLoader(train, config.batch_size, sampler=sampler, num_workers=config.workers, generator=generator)
+
+def validate(fold: Fold) -> tuple[dict, float]:
+    "Validation loss over the clips and mean per-recording r, clip r, CCC and MSE; and the value that selects the epoch."
+    val, model = fold.datasets["val"], fold.training.model
+    preds = predict(model, val, fold.config, fold.device, fold.resident.get("val"))
+    row = dict(val_loss=float(fold.training.loss_fn(torch.from_numpy(preds), fold.val_targets)))
+    recordings = metrics_table(score(val, preds, fold.normaliser, fold.config))   # per validation recording
+    row |= {f"val_{m}": float(recordings[m].mean()) for m in ("r", "clip_r", "ccc", "mse")}
+    return row, selection_value(recordings, row["val_loss"], fold.config.select)
+
+def run_epoch(fold: Fold, stopping: EarlyStopping) -> tuple[dict, bool]:
+    "Train one epoch, validate, step the scheduler and early stopping: the epoch's row of history.csv, and if it is the best."
+    epoch, start, training = stopping.epoch, time.perf_counter(), fold.training
+    row = dict(epoch=epoch, **train_epoch(training.net, epoch_loader(fold, epoch), training.optimiser, training.loss_fn,
+                                          fold.config, fold.device, training.scaler, f"fold {fold.number} epoch {epoch}"))
+    if distributed()[1] > 1:  # every rank evaluates with rank 0's BatchNorm statistics
+        for buffer in training.model.buffers(): dist.broadcast(buffer, 0)
+    metrics, value = validate(fold)
+    row |= metrics | dict(lr=training.optimiser.param_groups[0]["lr"], seconds=time.perf_counter() - start)
+    training.step_scheduler(value, fold.config.scheduler)
+    return row, stopping.update(value, fold.config.patience)
+
+# %% ../nbs/06_train.ipynb #c033
+def save_epoch(fold: Fold, stopping: EarlyStopping, history: list, improved: bool):
+    "best.pt (when the epoch is the best so far), last.pt (everything a resumed run needs) and history.csv."
+    model, folder = fold.training.model, fold.folder
+    if improved: write_atomic(folder / "best.pt", lambda p: torch.save(dict(model=model.state_dict(), epoch=stopping.best_epoch), p))
+    write_atomic(folder / "last.pt", lambda p: torch.save(fold.training.checkpoint(stopping, history), p))
+    write_atomic(folder / "history.csv", lambda p: pd.DataFrame(history).to_csv(p, index=False))
+
+def epoch_line(fold: int, row: dict, improved: bool) -> str:
+    "The one line an epoch prints (and a log keeps)."
+    return (f"fold {fold} epoch {row['epoch']}: train {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+            f"val r {row['val_r']:.3f}  clip r {row['val_clip_r']:.3f}  ({row['seconds']:.1f} s)" + ("  *best" if improved else ""))
+
+# %% ../nbs/06_train.ipynb #c036
+def test_fold(fold: Fold) -> pd.DataFrame:
+    "Reload the best weights and predict the test recordings: stitched samples of the model and the reference baselines."
+    best = torch.load(fold.folder / "best.pt", map_location="cpu", weights_only=True)
+    fold.training.model.load_state_dict(best["model"])
+    config, test = fold.config, fold.datasets["test"]
+    preds = predict(fold.training.model, test, config, fold.device, fold.resident.get("test"))
+    samples = score(test, preds, fold.normaliser, config).assign(model=config.model)
+    references = reference_predictions(fold.datasets, fold.normaliser, config.window, config.stride, config.data, config.cache)
+    if config.model in {r.model.iat[0] for r in references}: samples = samples.iloc[:0]   # naive: the exact training mean
+    return pd.concat([samples, *references], ignore_index=True).assign(fold=fold.number, best_epoch=best["epoch"])
 
 def fit_fold(config: TrainConfig,                 # the run's configuration
              split: dict[str, list[str]],         # this fold's subjects
@@ -313,151 +411,22 @@ def fit_fold(config: TrainConfig,                 # the run's configuration
              on_epoch: Callable[[pd.DataFrame], None] | None = None, # called with the history after every epoch
             ) -> pd.DataFrame:                    # stitched test predictions of the best epoch (all models of the fold)
     "Train one fold, validate every epoch on whole recordings, keep the best weights, reload them and test."
-    rank, world = distributed()
-    device = resolve_device(config.device) if world == 1 or not torch.cuda.is_available() else \
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    folder.mkdir(parents=True, exist_ok=True)
-    size = int(cached_recordings(config.cache)["size"].iat[0])
-    seed_everything(config.seed + 1000 * fold)
-    model = build_model(config, size)
-    datasets, normaliser = make_datasets(config.cache, split, _dataset_config(config, model.inputs))
-    if rank == 0:
-        save_split(split, folder / "split.json", fold=fold)
-        write_atomic(folder / "normaliser.json", normaliser.save)
-    model.to(device)
-    net = DistributedDataParallel(model) if world > 1 else model
-    optimiser, scheduler = make_optimiser(model, config)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    loss_fn = make_loss(config.loss)
-    state, history = dict(epoch=0, best=-np.inf, best_epoch=-1, stale=0, done=False), []
-    if (folder / "last.pt").exists():  # resume: weights, optimiser, scheduler, early stopping and generators
-        ckpt = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
-        model.load_state_dict(ckpt["model"]); optimiser.load_state_dict(ckpt["optimiser"])
-        if scheduler: scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"]); state, history = ckpt["state"], ckpt["history"]
-        set_rng_state(ckpt["rng"])
-        if config.progress and rank == 0: print(f"fold {fold}: resumed after epoch {state['epoch']}")
-    val_targets = torch.from_numpy(clip_targets(datasets["val"]))
-    train = datasets["train"]
-    resident = {part: ResidentClips(d, device) for part, d in datasets.items()} if config.data_on_device else {}
-    while not state["done"] and state["epoch"] < config.epochs:
-        epoch, start = state["epoch"], time.perf_counter()
-        generator = torch.Generator().manual_seed(config.seed * 100003 + 1009 * fold + epoch)  # shuffling, worker seeds
-        if resident:
-            loader = resident["train"].batches(config.batch_size, shuffled_order(len(train), generator, rank, world))
-        elif world > 1:
-            sampler = DistributedSampler(train, world, rank, shuffle=True, seed=config.seed + fold)
-            sampler.set_epoch(epoch)
-            loader = DataLoader(train, config.batch_size, sampler=sampler, num_workers=config.workers, generator=generator)
-        else:
-            loader = DataLoader(train, config.batch_size, shuffle=True, num_workers=config.workers, generator=generator)
-        row = dict(epoch=epoch, **train_epoch(net, loader, optimiser, loss_fn, config, device, scaler,
-                                              f"fold {fold} epoch {epoch}"))
-        if world > 1:  # every rank evaluates with rank 0's BatchNorm statistics
-            for buffer in model.buffers(): dist.broadcast(buffer, 0)
-        preds = predict(model, datasets["val"], config, device, resident.get("val"))
-        row["val_loss"] = float(loss_fn(torch.from_numpy(preds), val_targets))
-        val = metrics_table(score(datasets["val"], preds, normaliser, config))   # per validation recording
-        row |= {f"val_{m}": float(val[m].mean()) for m in ("r", "clip_r", "ccc", "mse")}
-        value = selection_value(val, row["val_loss"], config.select)
-        row |= dict(lr=optimiser.param_groups[0]["lr"], seconds=time.perf_counter() - start)
-        if scheduler: scheduler.step(value) if config.scheduler == "plateau" else scheduler.step()
-        improved = value > state["best"] or state["best_epoch"] < 0   # the first epoch always leaves a best.pt
-        state = dict(epoch=epoch + 1, best=max(value, state["best"]), best_epoch=epoch if improved else state["best_epoch"],
-                     stale=0 if improved else state["stale"] + 1, done=False)
-        state["done"] = state["stale"] >= config.patience
+    state = start_fold(config, split, folder, fold)
+    stopping, history = resume(state)
+    while not stopping.done and stopping.epoch < config.epochs:
+        row, improved = run_epoch(state, stopping)
         history.append(row)
-        if rank == 0:
-            if improved: write_atomic(folder / "best.pt", lambda p: torch.save(dict(model=model.state_dict(), epoch=epoch), p))
-            write_atomic(folder / "last.pt", lambda p: torch.save(_checkpoint(model, optimiser, scheduler, scaler, state, history), p))
-            write_atomic(folder / "history.csv", lambda p: pd.DataFrame(history).to_csv(p, index=False))
-            if config.progress:
-                print(f"fold {fold} epoch {epoch}: train {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
-                      f"val r {row['val_r']:.3f}  clip r {row['val_clip_r']:.3f}  ({row['seconds']:.1f} s)"
-                      + ("  *best" if improved else ""))
+        if distributed()[0] == 0:
+            save_epoch(state, stopping, history, improved)
+            if config.progress: print(epoch_line(fold, row, improved))
             if on_epoch: on_epoch(pd.DataFrame(history))
-        if world > 1: dist.barrier()
-    best = torch.load(folder / "best.pt", map_location="cpu", weights_only=True)  # the best epoch's weights, not the last
-    model.load_state_dict(best["model"])
-    test = datasets["test"]
-    samples = score(test, predict(model, test, config, device, resident.get("test")), normaliser, config) \
-        .assign(model=config.model)
-    references = reference_predictions(config, split, datasets, normaliser)
-    if config.model in {r.model.iat[0] for r in references}:
-        # a 'naive' run reports the exact training mean (the reference), not the trained NaiveMean: a constant has no r,
-        # so selection by r keeps its first epoch, far from the mean; and two prediction sets must not share one name
-        samples = samples.iloc[:0]
-    return pd.concat([samples, *references], ignore_index=True).assign(fold=fold, best_epoch=best["epoch"])
+        if distributed()[1] > 1: dist.barrier()
+    return test_fold(state)
 
-# %% ../nbs/06_train.ipynb #c025
-def elapsed_time_series(targets: dict[str, np.ndarray], # training recordings -> normalised target
-                        hz: float = 4.0,
-                       ) -> Callable[[int], np.ndarray]:  # n samples -> the prediction for a recording of n samples
-    "The elapsed-time baseline: one least-squares line of the target on seconds since the recording started, fitted on training recordings."
-    t = np.concatenate([np.arange(len(y)) / hz for y in targets.values()])
-    slope, intercept = np.polyfit(t, np.concatenate(list(targets.values())), 1)
-    return lambda n: intercept + slope * np.arange(n) / hz
-
-def reference_predictions(config: TrainConfig, split: dict, datasets: dict, normaliser: Normaliser) -> list[pd.DataFrame]:
-    "The baselines every results table carries: naive (the training mean), elapsed time, and the oracle on synthetic data."
-    test, train = datasets["test"].targets, datasets["train"].targets
-    hz = datasets["test"].meta[next(iter(test))]["target_hz"] if test else 4.0
-    mean, line = float(np.concatenate(list(train.values())).mean()), elapsed_time_series(train, hz)
-    score_series = lambda series: series_predictions(series, test, normaliser, config.window, config.stride, hz)
-    out = [score_series({n: np.full(len(y), mean) for n, y in test.items()}).assign(model="naive"),
-           score_series({n: line(len(y)) for n, y in test.items()}).assign(model="elapsed")]
-    if is_synthetic(config.data):
-        parts = split_recordings(config.cache, split, [t.strip() for t in config.tasks.split(",") if t.strip()])
-        out.append(oracle_predictions(config.data, config.cache, parts, normaliser, window=config.window, stride=config.stride))
-    return out
-
-# %% ../nbs/06_train.ipynb #c028
-def _records(table: pd.DataFrame) -> list[dict]:
-    return json.loads(table.to_json(orient="records", double_precision=15))
-
-def ceiling_table(subjects: pd.DataFrame, data: str | Path) -> pd.DataFrame | None:
-    "Each model's mean per-subject r as a fraction of the synthetic dataset's per-recording ceiling (`oracle.json`, same subjects)."
-    path = Path(data) / "ground_truth" / "oracle.json"
-    if not path.is_file(): return None
-    per_recording = pd.Series({k: v["r"] for k, v in json.loads(path.read_text())["recordings"].items()})
-    ceiling = per_recording.groupby(per_recording.index.str.split("_").str[0]).mean()
-    wide = subjects.pivot(index="subject", columns="model", values="r")
-    ceiling = ceiling.reindex(wide.index)
-    if not ceiling.mean() > 0: return None   # the null control (coupling 0): no ceiling to be a fraction of
-    return pd.DataFrame(dict(model=wide.columns, r=wide.mean().values, ceiling_r=float(ceiling.mean()),
-                             fraction_of_ceiling=wide.mean().values / float(ceiling.mean()), ceiling="oracle.json"))
-
-def run_metrics(samples: pd.DataFrame,  # pooled test predictions of a run (predictions.parquet)
-                data: str | Path = "",  # the dataset folder (its oracle.json on synthetic data)
-                n_boot: int = 2000,
-               ) -> dict:
-    "Everything `metrics.json` holds, computed from the predictions alone (so it can be recomputed and checked)."
-    subjects = metrics_table(samples, "subject")
-    models = list(dict.fromkeys(samples.model))
-    tests = []
-    for baseline, metrics in (("naive", ("mse", "mse_us", "ccc", "r", "clip_r")), ("elapsed", ("r", "clip_r", "ccc", "mse"))):
-        for metric in (m for m in metrics if m in subjects and baseline in models):
-            table = subjects.copy()
-            if metric in ("r", "clip_r") and baseline == "naive":  # a constant has no correlation: the null value is 0
-                table.loc[table.model == "naive", metric] = table.loc[table.model == "naive", metric].fillna(0.0)
-            tests.append(compare_to_baseline(table, baseline, metric))
-    out = dict(models=models, subjects=int(samples.subject.nunique()),
-               per_subject=_records(subjects), per_recording=_records(metrics_table(samples, "recording")),
-               pooled=_records(metrics_table(samples, "pooled")),
-               summary=_records(summarise(subjects, metrics=("mse", "mse_us", "rmse_us", "mae_us", "r", "clip_r", "ccc", "npc"),
-                                          n_boot=n_boot)),
-               tests=_records(pd.concat(tests, ignore_index=True)) if tests else [])
-    if "oracle" in models: out["oracle_fraction"] = _records(oracle_fraction(subjects))
-    ceiling = ceiling_table(subjects, data) if data else None
-    if ceiling is not None: out["ceiling_fraction"] = _records(ceiling)
-    return out
-
-# %% ../nbs/06_train.ipynb #c029
-RUN_INDEPENDENT = ("out", "progress", "workers", "device")  # may differ when a run is resumed
-
-def _same_run(saved: dict, config: TrainConfig) -> bool:
-    mine = asdict(config)
-    return all(saved.get(k) == v for k, v in mine.items() if k not in RUN_INDEPENDENT)
+# %% ../nbs/06_train.ipynb #c038
+def same_run(saved: dict, config: TrainConfig) -> bool:
+    "Whether a run folder's config.json describes this run (fields that may differ on resuming aside: `RUN_INDEPENDENT`)."
+    return all(saved.get(k) == v for k, v in asdict(config).items() if k not in RUN_INDEPENDENT)
 
 def fit(config: TrainConfig,                                      # the experiment
         on_epoch: Callable[[pd.DataFrame], None] | None = None,   # called with the history after every epoch
@@ -465,7 +434,7 @@ def fit(config: TrainConfig,                                      # the experime
     "Train every fold, test each with its best weights, write the run folder; resume an interrupted run, read a finished one."
     rank, _ = distributed()
     out = Path(config.out)
-    if (out / "config.json").exists() and not _same_run(json.loads((out / "config.json").read_text()), config):
+    if (out / "config.json").exists() and not same_run(json.loads((out / "config.json").read_text()), config):
         raise ValueError(f"{out}: holds a run with another configuration (see its config.json); choose another --out")
     if (out / "metrics.json").exists():
         if rank == 0: print(f"{out}: finished run, not retrained (metrics.json)")
@@ -482,33 +451,9 @@ def fit(config: TrainConfig,                                      # the experime
         parts.append(samples)
     samples = pd.concat(parts, ignore_index=True)
     metrics = dict(run_metrics(samples, config.data), config=asdict(config), folds=len(parts),
-                   trained_on=dict(output=MODELS[config.model].target, scaling=config.target, loss=config.loss,
+                   trained_on=dict(output=MODELS[config.model].output, scaling=config.eda_scaling, loss=config.loss,
                                    shape_only=config.loss == "npc"))
     if rank == 0:
         write_atomic(out / "predictions.parquet", lambda p: samples.to_parquet(p, index=False))
         write_json(out / "metrics.json", metrics)
     return metrics
-
-# %% ../nbs/06_train.ipynb #c030
-def headline(metrics: dict,                                   # from `fit` or metrics.json
-             columns: tuple = ("r", "clip_r", "ccc", "mse", "mse_us"),
-            ) -> pd.DataFrame:
-    "One row per model: mean over test subjects and 95% bootstrap interval of the headline metrics, best first."
-    summary = pd.DataFrame(metrics["summary"])
-    summary = summary[summary.metric.isin(columns)]
-    cell = lambda row: f"{row['mean']:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]" if np.isfinite(row["mean"]) else "n/a"
-    table = summary.assign(value=summary.apply(cell, axis=1)).pivot(index="model", columns="metric", values="value")
-    order = summary[summary.metric == "r"].set_index("model")["mean"].fillna(-np.inf).sort_values(ascending=False).index
-    return table.reindex(index=order, columns=[c for c in columns if c in table]).reset_index().rename_axis(columns=None)
-
-# %% ../nbs/06_train.ipynb #c037
-def main(argv: list[str] | None = None) -> int:
-    "`python -m edanb.train [options]` (also under `torchrun`): the same options as `edanb train`."
-    from edanb.cli import main as cli_main
-    try: return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-    finally:
-        if dist.is_initialized(): dist.destroy_process_group()
-
-# %% ../nbs/06_train.ipynb #c038
-#| eval: false
-if __name__ == "__main__": sys.exit(main())

@@ -50,8 +50,8 @@ def test_normaliser_sees_training_data_only(synth_cache, tmp_path):
         np.save(changed / name / "eda.npy", np.load(changed / name / "eda.npy") * 10 + 3)
         frames = np.load(changed / name / "frames.npy")
         np.save(changed / name / "frames.npy", 255 - frames)
-    datasets, after = make_datasets(changed, SPLIT, DatasetConfig(frames="standard"))
-    _, before_std = make_datasets(synth_cache, SPLIT, DatasetConfig(frames="standard"))
+    datasets, after = make_datasets(changed, SPLIT, DatasetConfig(frame_scaling="standard"))
+    _, before_std = make_datasets(synth_cache, SPLIT, DatasetConfig(frame_scaling="standard"))
     assert after == before_std and before.train_recordings == after.train_recordings
     assert all(name.split("_")[0] in SPLIT["train"] for name in after.train_recordings)
     # and the change does reach the test data, so the comparison above could fail
@@ -60,7 +60,7 @@ def test_normaliser_sees_training_data_only(synth_cache, tmp_path):
 
 @pytest.mark.parametrize("kind", ["zscore", "minmax", "subject"])
 def test_normaliser_round_trip_to_microsiemens(synth_cache, tmp_path, kind):
-    datasets, norm = make_datasets(synth_cache, SPLIT, DatasetConfig(target=kind))
+    datasets, norm = make_datasets(synth_cache, SPLIT, DatasetConfig(eda_scaling=kind))
     loaded = Normaliser.load(norm.save(tmp_path / "normaliser.json"))
     assert loaded == norm
     for name, target in datasets["test"].targets.items():

@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from edanb.cli import main
-from edanb.experiment import EXPERIMENTS, load_grid, run_grid, run_summary
-from edanb.train import TrainConfig
+from edanb.experiment import EXPERIMENTS, load_grid, run_grid
+from edanb.study import run_summary
+from edanb.config import TrainConfig
 
 BIN = Path(sys.executable).parent
 
@@ -163,7 +164,7 @@ def test_the_shipped_grids_are_valid():
 
 
 def test_runs_pair_only_when_every_other_field_is_equal_and_verdicts_say_which_is_better(grid_run):
-    from edanb.experiment import collect_runs, compare_runs, per_subject, runs_differing_in, study_table, verdict
+    from edanb.study import collect_runs, compare_runs, per_subject, runs_differing_in, study_table, verdict
     results = grid_run["results"]
     table = study_table(collect_runs(results))
     assert sorted(map(sorted, runs_differing_in(table, "model"))) == [["model-landmarks", "model-naive"]]
@@ -206,7 +207,7 @@ def frames_shown_in(image: np.ndarray, frames: list[np.ndarray]) -> float:
 def test_a_run_on_data_that_is_not_synthetic_shows_no_face(small, tmp_path):
     "DeepPhys on a copy of the data without edanb's ground truth (so: real people): its figures show no frame unredacted."
     import shutil
-    from edanb.experiment import fold_model
+    from edanb.study import fold_model
     real = shutil.copytree(small["data"], tmp_path / "ubfc", ignore=shutil.ignore_patterns("ground_truth"))
     grid = write_grid(tmp_path / "grid.yaml", {**small, "data": str(real)}, ["deepphys"], epochs=1)
     assert run_grid(grid, tmp_path / "results", progress=False).status.tolist() == ["done"]

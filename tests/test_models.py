@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from edanb.dataset import frame_difference
-from edanb.models import MODELS, TARGETS, count_parameters, create_model, example_batch, register
+from edanb.models import MODELS, OUTPUTS, count_parameters, create_model, example_batch, register
 
 # the model zoo's registry, plus the BVP variant of physnet
 VARIANTS = [(name, {}) for name in MODELS] + [("physnet", dict(use_bvp=True))]
@@ -74,8 +74,8 @@ def test_presets_differ_in_size():
 
 
 def test_every_model_declares_its_target():
-    assert {cls.target for cls in MODELS.values()} <= set(TARGETS)
-    with pytest.raises(TypeError, match="target"): register("untargeted")(type("Untargeted", (torch.nn.Module,), {}))
+    assert {cls.output for cls in MODELS.values()} <= set(OUTPUTS)
+    with pytest.raises(TypeError, match="output"): register("untargeted")(type("Untargeted", (torch.nn.Module,), {}))
     assert "untargeted" not in MODELS
 
 
@@ -178,7 +178,7 @@ def test_video_model_reads_eda_level_and_changes(name, kw):
     sit at each clip's level (MSE < 0.3 x the variance, of which the clips' own levels are about 60%)."""
     size = 32 if name.startswith("seqcnn") else 16      # seqcnn's five poolings need 32 px; the rest are cheaper at 16
     model = make(name, size=size, **kw)
-    assert model.target == "level"                      # so its prediction is compared with the level as it is
+    assert model.output == "level"                      # so its prediction is compared with the level as it is
     held_out = eda_in_frames(1000, size=size)
     good = lambda r, mse_over_var: r >= 0.8 and mse_over_var < 0.3
     step = train_on_fresh_batches(model, lambda seed: eda_in_frames(seed, size=size),

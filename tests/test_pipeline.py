@@ -36,7 +36,7 @@ def test_landmark_model_trains_and_is_scored(synth_cache):
     """A few epochs of the cheapest model, scored on the test subject against the naive baseline.
     The mouth opening follows each SCR, so the target is the within-recording deviation ('subject' scaling)."""
     datasets, norm = make_datasets(synth_cache, SPLIT, DatasetConfig(window=16, stride=4, landmarks=True,
-                                                                     target="subject", augment_p=0))
+                                                                     eda_scaling="subject", augment_p=0))
     torch.manual_seed(0)
     model, naive = create_model("landmarks"), create_model("naive")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

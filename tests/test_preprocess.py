@@ -287,15 +287,15 @@ def test_a_dask_cluster_builds_the_same_cache_and_resumes(tiny_root, tmp_path):
     assert cache_files(tmp_path / "dask") == cache_files(tmp_path / "local")
 
 
-def test_dask_map_reports_a_job_whose_worker_died_and_yields_the_others():
+def test_parallel_map_on_dask_reports_a_job_whose_worker_died_and_yields_the_others():
     "What `preprocess_dataset --scheduler` relies on: a recording that kills its worker becomes a failed row, not a crash."
     import os
     from distributed import LocalCluster
-    from edanb.data import dask_map
+    from edanb.core import parallel_map
     work = lambda x: os._exit(1) if x == 1 else x * 10   # a lambda travels by value to the workers
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        out = list(dask_map(work, [(x,) for x in range(4)], cluster.scheduler_address,
-                            on_error=lambda job, e: f"job {job[0]}: {type(e).__name__}"))
+        out = list(parallel_map(work, [(x,) for x in range(4)], scheduler=cluster.scheduler_address,
+                                on_error=lambda job, e: f"job {job[0]}: {type(e).__name__}"))
     # one answer per job, none lost; a job queued on the dying worker may die with it (Dask counts the death against it)
     answers = {o // 10 if isinstance(o, int) else int(o.split()[1].rstrip(":")): o for o in out}
     assert len(out) == 4 and sorted(answers) == [0, 1, 2, 3]

@@ -12,7 +12,8 @@ import pytest
 from conftest import STATS_CONFIG
 from edanb import synth
 from edanb.data import TASKS, discover, probe_video, recording_paths, read_signal
-from edanb.synth import SynthConfig, generate, oracle_scores, pearson
+from edanb.core import pearson
+from edanb.synth import SynthConfig, generate, oracle_scores
 
 SUBJECTS, SECONDS = STATS_CONFIG["subjects"], STATS_CONFIG["seconds"]
 

@@ -16,14 +16,15 @@ import torch
 from edanb import train
 from edanb.cli import main
 from edanb.models import create_model
-from edanb.train import TrainConfig, fit, run_metrics, train_epoch
+from edanb.metrics import run_metrics
+from edanb.train import TrainConfig, fit, train_epoch
 
 BIN = Path(sys.executable).parent
 
 
 def config(small, out, **kw) -> TrainConfig:
     return TrainConfig(**{**small, "out": str(out), "model": "landmarks", "window": 16, "stride": 4, "batch_size": 8,
-                          "lr": 3e-3, "epochs": 2, "folds": 3, "progress": False, "target": "zscore", "frames": "unit", **kw})
+                          "lr": 3e-3, "epochs": 2, "folds": 3, "progress": False, "eda_scaling": "zscore", "frame_scaling": "unit", **kw})
 
 
 def test_a_run_writes_every_artefact_and_its_metrics_recompute(small, tmp_path):
@@ -63,7 +64,7 @@ def test_the_best_epoch_is_reloaded_before_testing(small, tmp_path, monkeypatch)
     samples = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
     assert (samples.best_epoch == 0).all()
     datasets, norm = train.make_datasets(cfg.cache, json.loads((fold / "split.json").read_text()),
-                                         train._dataset_config(cfg, ("landmarks",)))
+                                         train.dataset_config(cfg, ("landmarks",)))
     got = samples[samples.model == "landmarks"].pred.to_numpy()
     for weights, same in ((best["model"], True), (last["model"], False)):
         model = create_model("landmarks", "tiny", size=32)
@@ -74,7 +75,7 @@ def test_the_best_epoch_is_reloaded_before_testing(small, tmp_path, monkeypatch)
 
 
 def _train_command(small, out, epochs) -> list[str]:
-    return [sys.executable, "-m", "edanb.train", "--data", small["data"], "--cache", small["cache"], "--out", str(out),
+    return [sys.executable, "-m", "edanb", "train", "--data", small["data"], "--cache", small["cache"], "--out", str(out),
             "--model", "landmarks", "--window", "16", "--stride", "4", "--batch-size", "8", "--lr", "0.003",
             "--epochs", str(epochs), "--no-progress"]
 
@@ -106,7 +107,7 @@ def test_a_killed_run_resumes_to_the_same_weights(small, tmp_path):
 def test_gradients_are_clipped_after_backward(small, monkeypatch):
     cfg = config(small, "unused", grad_clip=0.01, folds=0)
     model = create_model("landmarks", "tiny", size=32)
-    datasets, _ = train.make_datasets(cfg.cache, train.make_splits(cfg)[0], train._dataset_config(cfg, model.inputs))
+    datasets, _ = train.make_datasets(cfg.cache, train.make_splits(cfg)[0], train.dataset_config(cfg, model.inputs))
     loader = torch.utils.data.DataLoader(datasets["train"], batch_size=8)
     optimiser, _ = train.make_optimiser(model, cfg)
     norms, step = [], optimiser.step
@@ -121,10 +122,10 @@ def test_gradients_are_clipped_after_backward(small, monkeypatch):
 
 
 def test_ddp_under_torchrun_writes_the_same_schema(small, tmp_path):
-    single = fit(config(small, tmp_path / "single", folds=0, epochs=1, target="subject", frames="recording"))  # CLI defaults
+    single = fit(config(small, tmp_path / "single", folds=0, epochs=1, eda_scaling="subject", frame_scaling="recording"))  # CLI defaults
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "edanb.train"]
-    cmd += _train_command(small, tmp_path / "ddp", 1)[3:] + ["--folds", "0"]
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "edanb", "train"]
+    cmd += _train_command(small, tmp_path / "ddp", 1)[4:] + ["--folds", "0"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
@@ -168,15 +169,15 @@ def test_the_device_resident_data_path_trains_and_scores(small, tmp_path):
 
 def test_ddp_with_data_on_the_device_gives_every_rank_the_same_number_of_steps(small, tmp_path):
     "Unequal shares of the shuffled clips would leave one rank waiting in an all-reduce forever."
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "edanb.train"]
-    cmd += _train_command(small, tmp_path / "ddp", 1)[3:] + ["--data-on-device", "--batch-size", "5"]
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "edanb", "train"]
+    cmd += _train_command(small, tmp_path / "ddp", 1)[4:] + ["--data-on-device", "--batch-size", "5"]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "ddp" / "metrics.json").is_file()
 
 
 def test_a_naive_run_reports_the_exact_training_mean_once(small, tmp_path):
-    fit(config(small, tmp_path / "run", model="naive", epochs=1, target="minmax"))
+    fit(config(small, tmp_path / "run", model="naive", epochs=1, eda_scaling="minmax"))
     samples = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
     assert not samples.duplicated(["model", "recording", "sample"]).any()
     assert set(samples.model) == {"naive", "elapsed", "oracle"}
@@ -193,7 +194,7 @@ def test_ddp_across_two_nodes_meeting_at_a_rendezvous(small, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
                                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "edanb-test",
-                               "-m", "edanb.train", *_train_command(small, tmp_path / "ddp", 1)[3:], "--folds", "0"],
+                               "-m", "edanb", "train", *_train_command(small, tmp_path / "ddp", 1)[4:], "--folds", "0"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     logs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
