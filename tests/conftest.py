@@ -55,3 +55,12 @@ def small(tmp_path_factory) -> dict:
                                progress=False)
     assert (table.status == "built").all()
     return dict(data=str(root / "ubfc"), cache=str(root / "cache"))
+
+
+STATISTICAL_FIXTURES = {"synth_root", "null_root", "synth_cache"}   # about 30 s to build: the fast loop leaves them out
+
+
+def pytest_collection_modifyitems(items):
+    "A test on the statistical datasets is `slow` (`make test` runs it, `make test-fast` does not)."
+    for item in items:
+        if STATISTICAL_FIXTURES & set(getattr(item, "fixturenames", ())): item.add_marker("slow")

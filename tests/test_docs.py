@@ -19,6 +19,9 @@ DEMO = ROOT / "data" / "demo" / "results" / "summary.ipynb"
 NOTEBOOKS = sorted((ROOT / "nbs").glob("*.ipynb")) + sorted((ROOT / "experiments").glob("*.ipynb"))
 
 
+pytestmark = pytest.mark.slow   # builds the whole site (every notebook rendered)
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     "The site as `make docs` builds it, without executing the notebooks; --strict: a link to nothing fails the build."

@@ -51,6 +51,7 @@ def test_the_notebook_parameters_are_every_train_config_field():
     assert {k: v for k, v in defaults.items() if k not in ("threads", "redact")} == dataclasses.asdict(TrainConfig())
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_recorded_and_the_others_complete(grid_run):
     first, results = grid_run["first"], grid_run["results"]
     assert first.status.to_dict() == {"model-landmarks": "done", "model-naive": "done", "model-nosuchmodel": "failed"}
@@ -61,12 +62,14 @@ def test_a_failing_cell_is_recorded_and_the_others_complete(grid_run):
     for cell in ("model-landmarks", "model-naive"): assert (results / cell / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_done_cells_and_retries_only_the_failed_one(grid_run):
     second = grid_run["second"]
     assert second.status.to_dict() == {"model-landmarks": "skipped", "model-naive": "skipped", "model-nosuchmodel": "failed"}
     assert (grid_run["results"] / "model-nosuchmodel" / "failed.json").stat().st_mtime_ns > grid_run["failed_at"]
 
 
+@pytest.mark.slow
 def test_the_executed_notebook_is_the_record_with_its_figures(grid_run):
     folder = grid_run["results"] / "model-landmarks"
     nb = json.loads((folder / "train.ipynb").read_text())
@@ -78,6 +81,7 @@ def test_the_executed_notebook_is_the_record_with_its_figures(grid_run):
     assert json.loads((folder / "metrics.json").read_text())["config"]["model"] == "landmarks"
 
 
+@pytest.mark.slow
 def test_the_summary_renders_the_numbers_of_metrics_json(grid_run):
     results = grid_run["results"]
     notebook, html = run_summary(results)
@@ -97,6 +101,7 @@ def test_the_summary_renders_the_numbers_of_metrics_json(grid_run):
     assert table.loc["model-naive", "rest_vs_stress"].startswith("0.50")   # a constant prediction is chance
 
 
+@pytest.mark.dask
 def test_a_grid_on_a_dask_cluster_equals_the_jobs_run(grid_run, tmp_path):
     "The cells go to the workers of a local Dask cluster this test starts; each worker runs one cell on one thread."
     from distributed import LocalCluster
@@ -114,6 +119,7 @@ def test_a_grid_on_a_dask_cluster_equals_the_jobs_run(grid_run, tmp_path):
     assert json.loads((tmp_path / "dask" / "grid.json").read_text())["scheduler"] == cluster.scheduler_address
 
 
+@pytest.mark.slow
 def test_a_killed_grid_rerun_finishes_with_the_same_results(small, tmp_path):
     grid = write_grid(tmp_path / "grid.yaml", small, ["landmarks"], epochs=3)
     whole = run_grid(grid, tmp_path / "whole", progress=False)
@@ -140,7 +146,7 @@ def test_a_killed_grid_rerun_finishes_with_the_same_results(small, tmp_path):
     ("missing.yaml", "no such grid file"),
     ("bad_key", "unknown parameter(s) ['modle']"),
     ("bad_set", "--set: expected key=value, got 'epochs'"),
-    ("no_scheduler", "tcp://127.0.0.1:9: no Dask scheduler answered"),
+    pytest.param("no_scheduler", "tcp://127.0.0.1:9: no Dask scheduler answered", marks=pytest.mark.dask),
 ])
 def test_run_command_fails_at_once_on_a_bad_grid(tmp_path, capsys, grid, message):
     extra = {"bad_set": ["--set", "epochs"], "no_scheduler": ["--scheduler", "tcp://127.0.0.1:9"]}.get(grid, [])
@@ -163,6 +169,7 @@ def test_the_shipped_grids_are_valid():
     assert len(study) > len(demo)
 
 
+@pytest.mark.slow
 def test_runs_pair_only_when_every_other_field_is_equal_and_verdicts_say_which_is_better(grid_run):
     from edanb.study import collect_runs, compare_runs, per_subject, runs_differing_in, study_table, verdict
     results = grid_run["results"]
@@ -204,6 +211,7 @@ def frames_shown_in(image: np.ndarray, frames: list[np.ndarray]) -> float:
     return best
 
 
+@pytest.mark.slow
 def test_a_run_on_data_that_is_not_synthetic_shows_no_face(small, tmp_path):
     "DeepPhys on a copy of the data without edanb's ground truth (so: real people): its figures show no frame unredacted."
     import shutil
@@ -241,6 +249,7 @@ def tiny_notebook(path: Path, code: str) -> Path:
     return path
 
 
+@pytest.mark.dask
 def test_a_cell_that_kills_its_dask_worker_is_recorded_and_the_grid_goes_on(tmp_path):
     from distributed import LocalCluster
     notebook = tiny_notebook(tmp_path / "nb.ipynb", "import json, pathlib, psutil\n"
@@ -256,6 +265,7 @@ def test_a_cell_that_kills_its_dask_worker_is_recorded_and_the_grid_goes_on(tmp_
     assert (tmp_path / "r" / "grid.json").is_file()
 
 
+@pytest.mark.dask
 def test_a_stopped_dask_grid_stops_its_cells_on_the_workers(tmp_path):
     "SIGTERM to `edanb run --scheduler`: the papermill process running on the worker is stopped too."
     import psutil

@@ -232,6 +232,7 @@ def test_changed_source_rebuilds(dataset, tmp_path):
     assert table.status["s2_T1"] == "built" and (table.drop("s2_T1").status == "cached").all()
 
 
+@pytest.mark.slow
 def test_bad_recordings_are_named_and_others_cached(dataset, tmp_path):
     p = {task: recording_paths(dataset, "s1", task) for task in ("T1", "T2", "T3")}
     data = p["T1"]["video"].read_bytes(); p["T1"]["video"].write_bytes(data[: len(data) // 2])   # truncated
@@ -253,6 +254,7 @@ def cache_files(cache: Path) -> dict[str, bytes]:
     return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_killed_run_then_rerun_equals_uninterrupted(synth_root, tmp_path):
     exe = Path(sys.executable).with_name("edanb")
     args = ["preprocess", str(synth_root), "--size", "48", "--landmarks", "--quiet", "--workers", "2"]
@@ -269,6 +271,7 @@ def test_killed_run_then_rerun_equals_uninterrupted(synth_root, tmp_path):
     assert cache_files(cache) == cache_files(tmp_path / "reference")
 
 
+@pytest.mark.dask
 def test_a_dask_cluster_builds_the_same_cache_and_resumes(tiny_root, tmp_path):
     "One task per recording on a local Dask cluster the test starts: the cache equals a local run's, and a rerun resumes."
     from distributed import LocalCluster
@@ -287,6 +290,7 @@ def test_a_dask_cluster_builds_the_same_cache_and_resumes(tiny_root, tmp_path):
     assert cache_files(tmp_path / "dask") == cache_files(tmp_path / "local")
 
 
+@pytest.mark.dask
 def test_parallel_map_on_dask_reports_a_job_whose_worker_died_and_yields_the_others():
     "What `preprocess_dataset --scheduler` relies on: a recording that kills its worker becomes a failed row, not a crash."
     import os

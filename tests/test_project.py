@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -60,6 +62,7 @@ def test_cli_lists_subcommands():
         assert command in result.stdout
 
 
+@pytest.mark.slow
 def test_cli_models():
     from edanb.models import MODELS
     result = run([str(BIN / "edanb"), "models", "--time", "--batch", "1", "--frames", "8", "--size", "32"], ROOT)
@@ -69,6 +72,7 @@ def test_cli_models():
     assert any(line.split()[:3] == ["seqcnn_bvp", "frames,", "bvp"] for line in lines)
 
 
+@pytest.mark.slow
 def test_cli_synth_info_split(tmp_path):
     data = tmp_path / "data"
     result = run([str(BIN / "edanb"), "synth", str(data), "--subjects", "3", "--seconds", "2", "--size", "64",

@@ -106,6 +106,7 @@ def test_visible_cue_correlates_with_eda(synth_root):
     assert pooled_r(synth_root) > 0.5   # measured from the pixels, not taken from the ground truth
 
 
+@pytest.mark.slow
 def test_null_control_has_no_cue(null_root):
     assert abs(pooled_r(null_root)) < 0.1
     oracle = json.loads((null_root / "ground_truth" / "oracle.json").read_text())
@@ -118,6 +119,7 @@ def file_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_deterministic_for_a_seed(tmp_path):
     small = dict(subjects=2, seconds=2, size=64)
     a, b, c = (generate(tmp_path / name, SynthConfig(**small, seed=seed), progress=False) for name, seed in
@@ -171,6 +173,7 @@ def test_generate_never_overwrites_foreign_data(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "real data"
 
 
+@pytest.mark.slow
 def test_generate_reuses_same_dataset_and_rebuilds_changed(tmp_path):
     config = SynthConfig(subjects=1, seconds=1, size=64)
     generate(tmp_path, config, progress=False)
@@ -188,6 +191,7 @@ def test_generate_rejects_bad_config(tmp_path, bad):
         generate(tmp_path / "x", SynthConfig(**bad), progress=False)
 
 
+@pytest.mark.slow
 def test_interrupted_generation_is_redone(tmp_path):
     "A run killed half-way leaves a folder marked incomplete: the next run redoes it instead of refusing or reusing it."
     config = SynthConfig(subjects=1, seconds=1, size=64)

@@ -80,6 +80,7 @@ def _train_command(small, out, epochs) -> list[str]:
             "--epochs", str(epochs), "--no-progress"]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights(small, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(_train_command(small, tmp_path / "whole", 6), check=True, env=env, capture_output=True)
@@ -121,6 +122,7 @@ def test_gradients_are_clipped_after_backward(small, monkeypatch):
     assert out["grad_norm"] > 0.01   # the raw norm was larger: the clip did something
 
 
+@pytest.mark.torchrun
 def test_ddp_under_torchrun_writes_the_same_schema(small, tmp_path):
     single = fit(config(small, tmp_path / "single", folds=0, epochs=1, eda_scaling="subject", frame_scaling="recording"))  # CLI defaults
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -167,6 +169,7 @@ def test_the_device_resident_data_path_trains_and_scores(small, tmp_path):
     assert pd.read_parquet(tmp_path / "run" / "predictions.parquet").pred.notna().all()
 
 
+@pytest.mark.torchrun
 def test_ddp_with_data_on_the_device_gives_every_rank_the_same_number_of_steps(small, tmp_path):
     "Unequal shares of the shuffled clips would leave one rank waiting in an all-reduce forever."
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "edanb", "train"]
@@ -186,6 +189,7 @@ def test_a_naive_run_reports_the_exact_training_mean_once(small, tmp_path):
     assert naive.groupby("fold").pred.first().between(0.05, 0.95).all()      # ... the training mean, not the untrained 0
 
 
+@pytest.mark.torchrun
 def test_ddp_across_two_nodes_meeting_at_a_rendezvous(small, tmp_path):
     "The README's multi-node command, as two single-process 'nodes' on this machine (c10d rendezvous on 127.0.0.1, gloo)."
     import socket
