@@ -22,8 +22,8 @@ from .synth import SynthConfig, generate
 # %% auto #0
 __all__ = ['COMMANDS', 'dataclass_arguments', 'dataclass_from_args', 'print_table', 'readable_summary', 'finite_count', 'cmd_run',
            'cmd_summary', 'cmd_info', 'cmd_synth', 'cmd_split', 'cmd_preprocess', 'cmd_models', 'cmd_train',
-           'add_scheduler', 'add_info', 'add_synth', 'add_split', 'add_preprocess', 'add_models', 'add_train',
-           'add_run', 'add_summary', 'parser', 'main']
+           'subcommand', 'add_workers', 'add_scheduler', 'add_info', 'add_synth', 'add_split', 'add_preprocess',
+           'add_models', 'add_train', 'add_run', 'add_summary', 'parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #c005
 def dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -145,29 +145,36 @@ def cmd_train(args) -> int:
     return 0
 
 # %% ../nbs/90_cli.ipynb #c009
+def subcommand(sub, name: str, run):
+    "A subcommand whose help is the docstring of the function that runs it."
+    return sub.add_parser(name, help=run.__doc__, description=run.__doc__)
+
+def add_workers(command):
+    command.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
+
 def add_scheduler(command, what: str):
     "The `--scheduler ADDRESS` option of a command that can run its jobs on a Dask cluster."
     command.add_argument("--scheduler", default=None, metavar="ADDRESS",
                          help=f"run on the workers of this Dask distributed scheduler (e.g. tcp://host:8786), {what}")
 
 def add_info(sub):
-    info = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
+    info = subcommand(sub, "info", cmd_info)
     info.add_argument("root", help="dataset folder holding s1/, s2/, ...")
     info.add_argument("--tolerance", type=float, default=DURATION_TOLERANCE_S,
                       help="allowed disagreement of video, EDA and BVP durations, seconds (default: %(default)s)")
     return info
 
 def add_synth(sub):
-    synth = sub.add_parser("synth", help=cmd_synth.__doc__, description=cmd_synth.__doc__)
+    synth = subcommand(sub, "synth", cmd_synth)
     synth.add_argument("out", help="folder to write")
     dataclass_arguments(synth, SynthConfig)
-    synth.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
+    add_workers(synth)
     synth.add_argument("--force", action="store_true", help="regenerate even if OUT already holds this dataset")
     synth.add_argument("--quiet", action="store_true", help="no progress bar, one line of output")
     return synth
 
 def add_split(sub):
-    split = sub.add_parser("split", help=cmd_split.__doc__, description=cmd_split.__doc__)
+    split = subcommand(sub, "split", cmd_split)
     split.add_argument("root", help="dataset folder")
     split.add_argument("--out", required=True, help="JSON file to write (a folder of fold*.json with --kfold)")
     split.add_argument("--seed", type=int, default=0, help="shuffling seed (default: %(default)s)")
@@ -175,18 +182,18 @@ def add_split(sub):
     return split
 
 def add_preprocess(sub):
-    prep = sub.add_parser("preprocess", help=cmd_preprocess.__doc__, description=cmd_preprocess.__doc__)
+    prep = subcommand(sub, "preprocess", cmd_preprocess)
     prep.add_argument("root", help="dataset folder")
     prep.add_argument("--out", required=True, help="cache folder")
     dataclass_arguments(prep, PreprocessConfig)
-    prep.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
+    add_workers(prep)
     add_scheduler(prep, "one task per recording")
     prep.add_argument("--quiet", action="store_true", help="no progress bars; print the failed recordings and one line")
     return prep
 
 # %% ../nbs/90_cli.ipynb #c010
 def add_models(sub):
-    models = sub.add_parser("models", help=cmd_models.__doc__, description=cmd_models.__doc__)
+    models = subcommand(sub, "models", cmd_models)
     models.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="model sizes (default: %(default)s)")
     models.add_argument("--time", action="store_true", help="also time one forward pass per model on the CPU")
     models.add_argument("--batch", type=int, default=8, help="clips per timed batch (default: %(default)s)")
@@ -195,12 +202,12 @@ def add_models(sub):
     return models
 
 def add_train(sub):
-    train = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    train = subcommand(sub, "train", cmd_train)
     dataclass_arguments(train, TrainConfig)
     return train
 
 def add_run(sub):
-    run = sub.add_parser("run", help=cmd_run.__doc__, description=cmd_run.__doc__)
+    run = subcommand(sub, "run", cmd_run)
     run.add_argument("grid", help="grid file (YAML): base parameters and lists to combine, e.g. experiments/demo.yaml")
     run.add_argument("--results", required=True, help="results folder: one run folder per cell")
     run.add_argument("--jobs", type=int, default=1, help="cells at a time; each gets cores // jobs threads (default: %(default)s)")
@@ -212,7 +219,7 @@ def add_run(sub):
     return run
 
 def add_summary(sub):
-    summary = sub.add_parser("summary", help=cmd_summary.__doc__, description=cmd_summary.__doc__)
+    summary = subcommand(sub, "summary", cmd_summary)
     summary.add_argument("results", help="results folder of `edanb run`")
     summary.add_argument("--notebook", default=None, help="summary notebook (default: experiments/summary.ipynb)")
     return summary

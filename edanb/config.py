@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['EDA_SCALINGS', 'FRAME_SCALINGS', 'RUN_INDEPENDENT', 'DatasetConfig', 'TrainConfig']
+__all__ = ['EDA_SCALINGS', 'FRAME_SCALINGS', 'RENAMED', 'RUN_INDEPENDENT', 'DatasetConfig', 'TrainConfig', 'current_names']
 
 # %% ../nbs/02a_config.ipynb #c005
 EDA_SCALINGS = ("zscore", "minmax", "subject")
@@ -86,4 +86,10 @@ class TrainConfig(DatasetConfig):
         return value
 
 # %% ../nbs/02a_config.ipynb #c014
+RENAMED = {"target": "eda_scaling", "frames": "frame_scaling"}   # old name -> field: run folders and grids written before
+
+def current_names(config: dict) -> dict:
+    "A saved configuration (config.json, a grid block) with fields of an older edanb under their current names."
+    return {RENAMED.get(k, k): v for k, v in config.items()}
+
 RUN_INDEPENDENT = ("out", "progress", "workers", "device")  # TrainConfig fields that may differ between two runs that are the same

@@ -18,13 +18,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['temporary_path', 'replace_path', 'write_atomic', 'write_json', 'cores', 'dask_client', 'finished', 'parallel_map',
-           'finite', 'format_interval', 'format_p', 'format_fraction', 'pearson', 'interactive', 'progress_bar']
+__all__ = ['temporary_path', 'remove_path', 'replace_path', 'write_atomic', 'write_json', 'cores', 'dask_client', 'finished',
+           'in_order', 'parallel_map', 'finite', 'format_interval', 'format_p', 'format_fraction', 'pearson',
+           'interactive', 'progress_bar']
 
 # %% ../nbs/00a_core.ipynb #c005
 def temporary_path(path: Path) -> Path:
     "Where `write_atomic` writes `path` first: a hidden name beside it, with this process's id and the same suffix."
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+def remove_path(path: Path) -> None:
+    "Remove a file or folder, if it is there."
+    if path.is_dir(): shutil.rmtree(path, ignore_errors=True)
+    else: path.unlink(missing_ok=True)
 
 def replace_path(tmp: Path, path: Path) -> None:
     "Move the finished file or folder `tmp` to `path`, replacing what was there."
@@ -40,12 +46,11 @@ def write_atomic(path: str | Path,                 # the file or folder to write
     "Write `path` through `write(tmp)` and rename it into place: a reader never sees half a file or folder."
     path = Path(path)
     tmp = temporary_path(path)
+    remove_path(tmp)   # left by a killed writer whose process id this one reuses
     try:
         write(tmp)
         replace_path(tmp, path)
-    finally:
-        if tmp.is_dir(): shutil.rmtree(tmp, ignore_errors=True)
-        else: tmp.unlink(missing_ok=True)
+    finally: remove_path(tmp)
     return path
 
 # %% ../nbs/00a_core.ipynb #c008
@@ -83,6 +88,18 @@ def finished(futures: dict,                 # future -> the job it computes
     finally:
         for future in futures: future.cancel()
 
+def in_order(fn: Callable, jobs: Sequence[tuple], on_error: Callable | None, on_stop: Callable | None) -> Iterator:
+    "`fn(*job)` for each job in this process, in order; `on_stop()` when the caller stops early (e.g. Ctrl-C)."
+    try:
+        for job in jobs:
+            try: yield fn(*job)
+            except Exception as e:
+                if on_error is None: raise
+                yield on_error(job, e)
+    except BaseException:
+        if on_stop is not None: on_stop()
+        raise
+
 def parallel_map(fn: Callable,                 # a function of an installed module (spawned processes import it by name)
                  jobs: Sequence[tuple],        # the arguments of each call
                  workers: int = 2,             # processes (or threads) at a time; <= 1: here, in order
@@ -96,12 +113,7 @@ def parallel_map(fn: Callable,                 # a function of an installed modu
         from distributed import as_completed as dask_completed
         with dask_client(scheduler) as client:
             yield from finished({client.submit(fn, *job, pure=False): job for job in jobs}, on_error, dask_completed, on_stop)
-    elif workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            try: yield fn(*job)
-            except Exception as e:
-                if on_error is None: raise
-                yield on_error(job, e)
+    elif workers <= 1 or len(jobs) <= 1: yield from in_order(fn, jobs, on_error, on_stop)
     else:
         pool = (ThreadPoolExecutor(workers) if threads else
                 ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))

@@ -21,9 +21,9 @@ from .data import PARTS, TASKS, DataError, check_split, load_split, subject_numb
 from .preprocess import load_cached, read_meta
 
 # %% auto #0
-__all__ = ['EVAL_COVERAGE', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index', 'Normaliser', 'frame_difference',
-           'recording_mean_frame', 'fit_normaliser', 'ClipAugment', 'augment_clip', 'ClipDataset', 'cached_recordings',
-           'split_recordings', 'make_datasets']
+__all__ = ['EVAL_COVERAGE', 'OLD_NORMALISER_KEYS', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index', 'Normaliser',
+           'frame_difference', 'recording_mean_frame', 'fit_normaliser', 'ClipAugment', 'augment_clip', 'ClipDataset',
+           'cached_recordings', 'split_recordings', 'make_datasets']
 
 # %% ../nbs/03_dataset.ipynb #c006
 def clip_starts(n: int,                 # samples in the recording
@@ -61,6 +61,8 @@ def reflect_index(index: np.ndarray, # sample indices, possibly outside [0, n)
     return np.where(m >= n, period - m, m)
 
 # %% ../nbs/03_dataset.ipynb #c011
+OLD_NORMALISER_KEYS = {"kind": "eda_scaling", "frames": "frame_scaling"}   # normaliser.json of run folders written before
+
 @dataclass
 class Normaliser:
     "Statistics of the training recordings: the invertible EDA scaling and the frame and frame-difference scaling."
@@ -98,7 +100,7 @@ class Normaliser:
 
     @classmethod
     def load(cls, path: str | Path) -> Normaliser:
-        try: return cls(**json.loads(Path(path).read_text()))
+        try: return cls(**{OLD_NORMALISER_KEYS.get(k, k): v for k, v in json.loads(Path(path).read_text()).items()})
         except (json.JSONDecodeError, TypeError) as e: raise DataError(path, f"not a saved Normaliser ({e})") from None
 
 # %% ../nbs/03_dataset.ipynb #c012

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .config import TrainConfig
+from .config import RENAMED, TrainConfig
 from .core import cores, dask_client, parallel_map, progress_bar, write_json
 
 # %% auto #0
@@ -56,7 +56,9 @@ def typed_block(block, defaults: dict, source) -> dict:
     "A block of parameters checked against TrainConfig's fields ('out' excepted), each value (or list of values) typed."
     if not isinstance(block, dict): raise GridError(source, f"expected a mapping of parameters, got {block!r}")
     unknown = sorted(set(block) - (set(defaults) - {"out"}))
-    if unknown: raise GridError(source, f"unknown parameter(s) {unknown} (TrainConfig fields except 'out')")
+    renamed = [f"{k} is now {RENAMED[k]}" for k in unknown if k in RENAMED]
+    if unknown: raise GridError(source, f"unknown parameter(s) {unknown} (TrainConfig fields except 'out')"
+                                        + (f": {', '.join(renamed)}" if renamed else ""))
     one = lambda k, v: typed_value(k, v, defaults[k], source)
     return {k: [one(k, x) for x in v] if isinstance(v, list) else one(k, v) for k, v in block.items()}
 

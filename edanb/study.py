@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import RUN_INDEPENDENT
+from .config import RUN_INDEPENDENT, current_names
 from .core import format_interval
 from .data import load_split, synthetic_coupling
 from .experiment import EXPERIMENTS, notebook_error
@@ -58,7 +58,7 @@ def collect_runs(results: str | Path) -> pd.DataFrame:
     rows = []
     for path in finished_runs(results):
         metrics = json.loads(path.read_text())
-        config, run = metrics["config"], path.parent.relative_to(results).as_posix()
+        config, run = current_names(metrics["config"]), path.parent.relative_to(results).as_posix()
         tests = pd.DataFrame(metrics.get("tests", []))
         ceiling = {r["model"]: r for r in metrics.get("ceiling_fraction", [])}
         crop = crop_of(config["cache"]) if Path(config["cache"]).is_dir() else "?"
@@ -82,7 +82,7 @@ def fold_model(run: str | Path,  # a run folder written by `fit`
     from torch.utils.data import default_collate
     from edanb.train import TrainConfig, model_and_data
     run = Path(run)
-    config = TrainConfig(**json.loads((run / "config.json").read_text()))
+    config = TrainConfig(**current_names(json.loads((run / "config.json").read_text())))
     model, datasets, _ = model_and_data(config, load_split(run / f"fold{fold}" / "split.json"))
     model.load_state_dict(torch.load(run / f"fold{fold}" / "best.pt", map_location="cpu", weights_only=True)["model"])
     test = datasets["test"]

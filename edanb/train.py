@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .config import RUN_INDEPENDENT, DatasetConfig, TrainConfig
+from .config import RUN_INDEPENDENT, DatasetConfig, TrainConfig, current_names
 from .core import progress_bar, write_atomic, write_json
 from .data import kfold_subjects, load_split, save_split, split_subjects, subject_number
 from .dataset import (ClipDataset, Normaliser, augment_clip, cached_recordings, frame_difference,
@@ -426,6 +426,7 @@ def fit_fold(config: TrainConfig,                 # the run's configuration
 # %% ../nbs/06_train.ipynb #c038
 def same_run(saved: dict, config: TrainConfig) -> bool:
     "Whether a run folder's config.json describes this run (fields that may differ on resuming aside: `RUN_INDEPENDENT`)."
+    saved = current_names(saved)
     return all(saved.get(k) == v for k, v in asdict(config).items() if k not in RUN_INDEPENDENT)
 
 def fit(config: TrainConfig,                                      # the experiment
@@ -457,3 +458,8 @@ def fit(config: TrainConfig,                                      # the experime
         write_atomic(out / "predictions.parquet", lambda p: samples.to_parquet(p, index=False))
         write_json(out / "metrics.json", metrics)
     return metrics
+
+# %% ../nbs/06_train.ipynb #c045
+#| eval: false
+if __name__ == "__main__":   # `python -m edanb.train` was the command once: say what it is now, rather than do nothing
+    raise SystemExit("python -m edanb.train is now python -m edanb train (torchrun: torchrun ... -m edanb train ...)")
