@@ -117,7 +117,8 @@ def cmd_preprocess(args) -> int:
     table = preprocess_dataset(args.root, args.out, dataclass_from_args(PreprocessConfig, args), workers=args.workers,
                                progress=not args.quiet, scheduler=args.scheduler)
     failed = table.status == "failed"
-    if not args.quiet or failed.any(): print_table(table[failed if args.quiet else table.status.notna()].fillna("")); print()
+    shown = table[failed] if args.quiet else table
+    if len(shown): print_table(shown.fillna("")); print()
     print(f"{len(table) - int(failed.sum())} recording(s) cached in {args.out}, {int(failed.sum())} failed")
     return 1 if failed.any() else 0
 
@@ -146,8 +147,10 @@ def cmd_train(args) -> int:
 
 # %% ../nbs/90_cli.ipynb #c009
 def subcommand(sub, name: str, run):
-    "A subcommand whose help is the docstring of the function that runs it."
-    return sub.add_parser(name, help=run.__doc__, description=run.__doc__)
+    "A subcommand run by `run`, whose docstring is its help."
+    command = sub.add_parser(name, help=run.__doc__, description=run.__doc__)
+    command.set_defaults(run=run)
+    return command
 
 def add_workers(command):
     command.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
@@ -225,16 +228,14 @@ def add_summary(sub):
     return summary
 
 # %% ../nbs/90_cli.ipynb #c011
-COMMANDS = dict(info=(add_info, cmd_info), synth=(add_synth, cmd_synth), split=(add_split, cmd_split),
-                preprocess=(add_preprocess, cmd_preprocess), models=(add_models, cmd_models),
-                train=(add_train, cmd_train), run=(add_run, cmd_run), summary=(add_summary, cmd_summary))
+COMMANDS = (add_info, add_synth, add_split, add_preprocess, add_models, add_train, add_run, add_summary)   # in --help order
 
 def parser() -> argparse.ArgumentParser:
     "The `edanb` command and its subcommands (no torch is imported to build it)."
     p = argparse.ArgumentParser(prog="edanb", description="Predict EDA from facial video: data, synthesis, experiments.")
     p.add_argument("--version", action="version", version=f"edanb {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add, run in COMMANDS.values(): add(sub).set_defaults(run=run)
+    for add in COMMANDS: add(sub)
     return p
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import RUN_INDEPENDENT, current_names
+from .config import RUN_INDEPENDENT, TrainConfig, current_names
 from .core import format_interval
 from .data import load_split, synthetic_coupling
 from .experiment import EXPERIMENTS, notebook_error
@@ -80,7 +80,7 @@ def fold_model(run: str | Path,  # a run folder written by `fit`
     "A fold's best model and one of its test clips."
     import torch
     from torch.utils.data import default_collate
-    from edanb.train import TrainConfig, model_and_data
+    from edanb.train import model_and_data
     run = Path(run)
     config = TrainConfig(**current_names(json.loads((run / "config.json").read_text())))
     model, datasets, _ = model_and_data(config, load_split(run / f"fold{fold}" / "split.json"))
