@@ -48,12 +48,13 @@ def print_table(table: pd.DataFrame) -> None:
 
 def readable_summary(table: pd.DataFrame) -> pd.DataFrame:
     "The summary's headline columns as the notebooks print them: p to 2 significant digits, fractions to 2, n/a for none."
-    out = table[[c for c in ("run", "r", "ccc", "p_vs_elapsed (r)", "better than elapsed (r)", "fraction_of_ceiling",
+    out = table[[c for c in ("run", "r", "r_lag", "ccc", "p_vs_elapsed_task (r)", "better than elapsed_task (r)",
+                             "p_vs_bvp_only (r)", "better than bvp_only (r)", "r over seeds", "fraction_of_ceiling",
                              "rest_vs_stress") if c in table]].copy()
-    if "p_vs_elapsed (r)" in out: out["p_vs_elapsed (r)"] = out["p_vs_elapsed (r)"].map(format_p)
+    for p in (c for c in out if c.startswith("p_vs")): out[p] = out[p].map(format_p)
     if "fraction_of_ceiling" in out: out["fraction_of_ceiling"] = out["fraction_of_ceiling"].map(format_fraction)
-    if "better than elapsed (r)" in out:   # no test (a constant has no r): 0 of 0 subjects says nothing
-        out["better than elapsed (r)"] = out["better than elapsed (r)"].map(lambda v: v if finite_count(v) else "n/a")
+    for better in (c for c in out if c.startswith("better than")):   # no test (a constant has no r): 0 of 0 says nothing
+        out[better] = out[better].map(lambda v: v if finite_count(v) else "n/a")
     return out.fillna("n/a")
 
 def finite_count(value) -> bool:
@@ -64,8 +65,9 @@ def finite_count(value) -> bool:
 def cmd_run(args) -> int:
     "Run every cell of a grid file with papermill (one run folder each); finished cells are skipped, failures recorded."
     from edanb.experiment import parse_overrides, run_grid
+    overrides = parse_overrides(args.set) | ({"reuse_stale": True} if args.reuse_stale else {})
     table = run_grid(args.grid, args.results, args.jobs, args.notebook, progress=not args.quiet,
-                     overrides=parse_overrides(args.set), scheduler=args.scheduler)
+                     overrides=overrides, scheduler=args.scheduler)
     print_table(table.assign(seconds=table.seconds.round(1)))
     counts = table.status.value_counts()
     print(f"\n{counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed: "
@@ -90,6 +92,7 @@ def cmd_info(args) -> int:
 
 def cmd_synth(args) -> int:
     "Generate a synthetic UBFC-Phys-format dataset and print its summary (with --quiet, one line)."
+    if args.coupling is not None: args.video_coupling = args.pulse_coupling = args.coupling
     config = dataclass_from_args(SynthConfig, args)
     table = generate(args.out, config, workers=args.workers, progress=not args.quiet, force=args.force)
     if not args.quiet: print_table(table); print()
@@ -171,6 +174,8 @@ def add_synth(sub):
     synth = subcommand(sub, "synth", cmd_synth)
     synth.add_argument("out", help="folder to write")
     dataclass_arguments(synth, SynthConfig)
+    synth.add_argument("--coupling", type=float, help="sets --video-coupling and --pulse-coupling together "
+                                                      "(0: the null control, no input carries EDA)")
     add_workers(synth)
     synth.add_argument("--force", action="store_true", help="regenerate even if OUT already holds this dataset")
     synth.add_argument("--quiet", action="store_true", help="no progress bar, one line of output")
@@ -218,6 +223,8 @@ def add_run(sub):
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="set a parameter in every cell, over the grid file's (repeatable), e.g. --set data=data/ubfc-null")
     add_scheduler(run, "one task per cell, instead of here")
+    run.add_argument("--reuse-stale", action="store_true",
+                     help="keep finished runs made by other code or data (the summary names them) instead of making them again")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     return run
 

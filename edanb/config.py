@@ -8,10 +8,15 @@ import json
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['EDA_SCALINGS', 'FRAME_SCALINGS', 'RENAMED', 'RUN_INDEPENDENT', 'DatasetConfig', 'TrainConfig', 'current_names']
+__all__ = ['EDA_SCALINGS', 'REST_TASK', 'CENTRING', 'FRAME_SCALINGS', 'RENAMED', 'RUN_INDEPENDENT', 'DatasetConfig',
+           'TrainConfig', 'current_names', 'comparable']
 
 # %% ../nbs/02a_config.ipynb #c005
-EDA_SCALINGS = ("zscore", "minmax", "subject")
+EDA_SCALINGS = ("recording", "subject", "zscore", "minmax")
+REST_TASK = "T1"   # the task whose mean `subject` scaling subtracts (UBFC-Phys T1: rest)
+CENTRING = {"recording": "each test recording's own mean EDA (from its labels)",
+            "subject": f"each test subject's rest-task ({REST_TASK}) mean EDA (from its labels)",
+            "zscore": "the training recordings' mean EDA", "minmax": "the training recordings' minimum EDA"}
 FRAME_SCALINGS = ("unit", "standard", "recording")
 
 # %% ../nbs/02a_config.ipynb #c007
@@ -20,7 +25,7 @@ class DatasetConfig:
     "How the cached recordings become training clips."
     window: int = 32          # samples per clip (8 s at 4 Hz)
     stride: int = 8           # samples between the starts of consecutive clips
-    eda_scaling: str = "zscore"  # EDA scaling: zscore | minmax (the study's [0, 1]) | subject (each recording's own mean removed)
+    eda_scaling: str = "recording" # EDA scaling (EDA_SCALINGS): recording (each recording's own mean removed) | subject (its subject's rest mean) | zscore | minmax (the study)
     frame_scaling: str = "unit"  # frame scaling: unit ([0, 1], the study) | standard (per channel, train statistics) | recording
     augment_p: float = 0.7    # probability that a training clip is augmented (0 = never)
     diff: bool = False        # also return normalised frame differences (DeepPhys' motion input)
@@ -35,7 +40,6 @@ class DatasetConfig:
 @dataclass
 class TrainConfig(DatasetConfig):
     "One experiment: data, split, model, optimisation, evaluation. Every field is a papermill parameter and a CLI option."
-    eda_scaling: str = "subject"   # EDA scaling: subject (each recording's own mean removed; default, see below) | zscore | minmax (the study)
     frame_scaling: str = "recording" # frame scaling: recording (each recording's mean frame removed; default) | unit (the study) | standard
     data: str = "data/ubfc-synth"  # dataset folder (its subjects; on synthetic data also the oracle's ground truth)
     cache: str = "data/cache"      # cache folder written by `edanb preprocess`
@@ -63,6 +67,7 @@ class TrainConfig(DatasetConfig):
     amp: str = "none"              # mixed precision: none | bf16 | fp16 (fp16 adds a GradScaler)
     data_on_device: bool = False   # keep every clip's frames on the device as uint8 and build batches there (GPU data path)
     progress: bool = True          # progress bars and a line per epoch
+    reuse_stale: bool = False      # keep a finished run made by other code or data (its provenance differs) instead of rerunning it
 
     def __post_init__(self):
         choices = dict(loss=("mse", "npc", "mse+npc", "ccc"), optimiser=("adam", "adamw"), amp=("none", "bf16", "fp16"),
@@ -92,4 +97,8 @@ def current_names(config: dict) -> dict:
     "A saved configuration (config.json, a grid block) with fields of an older edanb under their current names."
     return {RENAMED.get(k, k): v for k, v in config.items()}
 
-RUN_INDEPENDENT = ("out", "progress", "workers", "device")  # TrainConfig fields that may differ between two runs that are the same
+RUN_INDEPENDENT = ("out", "progress", "workers", "device", "reuse_stale")  # TrainConfig fields that may differ between two runs that are the same
+
+def comparable(config: dict) -> dict:
+    "A run's configuration without the fields that may differ between runs that are otherwise the same (`RUN_INDEPENDENT`)."
+    return {k: v for k, v in config.items() if k not in RUN_INDEPENDENT}

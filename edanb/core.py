@@ -4,11 +4,16 @@
 
 # %% ../nbs/00a_core.ipynb #c002
 from __future__ import annotations
+import functools
+import hashlib
+import importlib
+import importlib.metadata
 import json
 import math
 import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -18,9 +23,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['temporary_path', 'remove_path', 'replace_path', 'write_atomic', 'write_json', 'cores', 'dask_client', 'finished',
-           'in_order', 'parallel_map', 'finite', 'format_interval', 'format_p', 'format_fraction', 'pearson',
-           'interactive', 'progress_bar']
+__all__ = ['PROVENANCE_CHECKED', 'temporary_path', 'remove_path', 'replace_path', 'write_atomic', 'write_json', 'cores',
+           'dask_client', 'finished', 'in_order', 'parallel_map', 'finite', 'format_interval', 'format_p',
+           'format_fraction', 'pearson', 'interactive', 'progress_bar', 'digest', 'package_folder', 'code_fingerprint',
+           'git_commit', 'version_of', 'cache_fingerprint', 'provenance', 'stale_reasons']
 
 # %% ../nbs/00a_core.ipynb #c005
 def temporary_path(path: Path) -> Path:
@@ -157,3 +163,65 @@ def progress_bar(iterable=None,      # what to iterate over (or None, for a bar 
                  **kwargs):          # passed to tqdm (desc, total, leave, unit, ...)
     "`tqdm.auto.tqdm`, drawn only when asked for and in a terminal or a notebook."
     return tqdm(iterable, disable=not (show and interactive()), **kwargs)
+
+# %% ../nbs/00a_core.ipynb #c024
+PROVENANCE_CHECKED = ("code", "torch", "cache_key", "dataset")   # what makes two runs' numbers comparable
+
+def digest(*parts) -> str:
+    "A short, stable hash of JSON-able parts or bytes."
+    h = hashlib.sha256()
+    for part in parts: h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+def package_folder() -> Path:
+    "The folder edanb is imported from (this checkout's `edanb/`, or site-packages)."
+    return Path(importlib.import_module("edanb").__file__).resolve().parent
+
+@functools.cache
+def code_fingerprint() -> str:
+    "A hash of the edanb package's own `.py` files (names and contents)."
+    return digest(*[p.name.encode() + p.read_bytes() for p in sorted(package_folder().glob("*.py"))])
+
+@functools.cache
+def git_commit() -> str | None:
+    "The commit of the checkout edanb is imported from (with '+changes' when its files differ from it); None outside git."
+    run = lambda *args: subprocess.run(["git", "-C", str(package_folder()), *args], capture_output=True, text=True, timeout=10)
+    try: head, changes = run("rev-parse", "HEAD"), run("status", "--porcelain", "--", ".")
+    except (OSError, subprocess.SubprocessError): return None
+    if head.returncode: return None
+    return head.stdout.strip() + ("+changes" if changes.stdout.strip() else "")
+
+# %% ../nbs/00a_core.ipynb #c025
+def version_of(package: str) -> str | None:
+    try: return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError: return None
+
+def cache_fingerprint(cache: str | Path) -> dict:
+    "The preprocessing key of a cache's entries, a fingerprint of the data in them, and the preprocessing settings (None for a missing cache)."
+    entries = []
+    for meta in sorted(Path(cache).glob("*/meta.json")):
+        try: key = json.loads(meta.read_text()).get("key", {})
+        except (OSError, json.JSONDecodeError): continue
+        eda = meta.parent / "eda.npy"
+        sizes = {kind: stamp[0] for kind, stamp in key.get("sources", {}).items()}
+        entries.append((meta.parent.name, {k: key.get(k) for k in ("version", "config")}, sizes,
+                        hashlib.sha256(eda.read_bytes()).hexdigest() if eda.is_file() else None))
+    if not entries: return dict(cache_key=None, dataset=None, preprocessing=None)
+    return dict(cache_key=digest(sorted({json.dumps(e[1], sort_keys=True) for e in entries})),
+                dataset=digest([(name, sizes, eda) for name, _, sizes, eda in entries]), preprocessing=entries[0][1]["config"])
+
+def provenance(data: str | Path = "", cache: str | Path = "") -> dict:
+    "What produced a run: code, versions, and the cache and data it read."
+    params = Path(data) / "ground_truth" / "params.json" if data else None
+    fingerprint = cache_fingerprint(cache) if cache else dict(cache_key=None, dataset=None, preprocessing=None)
+    if params is not None and params.is_file() and fingerprint["dataset"]:
+        fingerprint["dataset"] = digest(fingerprint["dataset"], json.loads(params.read_text()).get("config"))
+    return dict(commit=git_commit(), edanb=version_of("edanb"), torch=version_of("torch"),
+                python=sys.version.split()[0], code=code_fingerprint(), **fingerprint)
+
+def stale_reasons(saved: dict | None, # the provenance a run folder recorded (None: it recorded none)
+                  current: dict,      # today's (`provenance`)
+                 ) -> list[str]:      # what differs, e.g. ['code 1a2b… -> 3c4d…']; empty: the same
+    "Why a saved run was made by other code or data than today's."
+    if saved is None: return ["no provenance recorded (made by an older edanb)"]
+    return [f"{k} {saved.get(k)} -> {current.get(k)}" for k in PROVENANCE_CHECKED if saved.get(k) != current.get(k)]

@@ -20,7 +20,7 @@ __all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOL
            'read_signal', 'VideoInfo', 'probe_video', 'subject_number', 'recording_paths', 'Recording',
            'load_recording', 'subject_folders', 'scan', 'discover', 'recordings_table', 'SplitError', 'split_counts',
            'check_split', 'split_subjects', 'kfold_subjects', 'save_split', 'load_split', 'is_synthetic',
-           'synthetic_coupling']
+           'current_couplings', 'synthetic_couplings']
 
 # %% ../nbs/00_data.ipynb #c005
 TASKS = ("T1", "T2", "T3")
@@ -278,7 +278,14 @@ def is_synthetic(root: str | Path) -> bool:
     "Whether a dataset folder was written by `edanb synth` (it keeps the true cues in `ground_truth/`); UBFC-Phys never is."
     return any((Path(root) / "ground_truth").glob("*_signals.csv"))
 
-def synthetic_coupling(root: str | Path) -> float | None:
-    "How strongly the faces of an `edanb synth` dataset carry its EDA (0: the null control); None for any other folder."
-    try: return float(json.loads((Path(root) / "ground_truth" / "params.json").read_text())["config"]["coupling"])
+def current_couplings(config: dict) -> dict:
+    "An `edanb synth` configuration under today's fields: an older one had one `coupling`, of the video only (the pulse always followed arousal)."
+    if "coupling" not in config: return config
+    return {**{k: v for k, v in config.items() if k != "coupling"}, "video_coupling": config["coupling"], "pulse_coupling": 1.0}
+
+def synthetic_couplings(root: str | Path) -> dict[str, float] | None:
+    "How strongly an `edanb synth` dataset's video and pulse follow its arousal, e.g. {'video': 0.0, 'pulse': 0.0} (the null control); None for any other folder."
+    try:
+        config = current_couplings(json.loads((Path(root) / "ground_truth" / "params.json").read_text())["config"])
+        return dict(video=float(config["video_coupling"]), pulse=float(config["pulse_coupling"]))
     except (OSError, ValueError, KeyError, TypeError): return None

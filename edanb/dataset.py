@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,13 +16,14 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .config import EDA_SCALINGS, FRAME_SCALINGS, DatasetConfig
+from .config import EDA_SCALINGS, FRAME_SCALINGS, REST_TASK, DatasetConfig
 from .data import PARTS, TASKS, DataError, check_split, load_split, subject_number
 from .preprocess import load_cached, read_meta
 
 # %% auto #0
-__all__ = ['EVAL_COVERAGE', 'OLD_NORMALISER_KEYS', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index', 'Normaliser',
-           'frame_difference', 'recording_mean_frame', 'fit_normaliser', 'ClipAugment', 'augment_clip', 'ClipDataset',
+__all__ = ['EVAL_COVERAGE', 'OLD_NORMALISER_KEYS', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index',
+           'baseline_recording', 'Normaliser', 'frame_difference', 'recording_mean_frame', 'eda_centre_and_scale',
+           'fit_normaliser', 'cached_eda', 'record_baseline', 'ClipAugment', 'augment_clip', 'ClipDataset',
            'cached_recordings', 'split_recordings', 'make_datasets']
 
 # %% ../nbs/03_dataset.ipynb #c006
@@ -61,15 +62,24 @@ def reflect_index(index: np.ndarray, # sample indices, possibly outside [0, n)
     return np.where(m >= n, period - m, m)
 
 # %% ../nbs/03_dataset.ipynb #c011
+def baseline_recording(eda_scaling: str, # one of EDA_SCALINGS
+                       recording: str,    # e.g. 's3_T2'
+                      ) -> str | None:    # 's3_T2' (recording), 's3_T1' (subject), None (zscore, minmax)
+    "The recording whose mean EDA the scaling subtracts from `recording`; None when it subtracts one training constant."
+    if eda_scaling == "recording": return recording
+    if eda_scaling == "subject": return f"{recording.split('_')[0]}_{REST_TASK}"
+    return None
+
+# %% ../nbs/03_dataset.ipynb #c013
 OLD_NORMALISER_KEYS = {"kind": "eda_scaling", "frames": "frame_scaling"}   # normaliser.json of run folders written before
 
 @dataclass
 class Normaliser:
     "Statistics of the training recordings: the invertible EDA scaling and the frame and frame-difference scaling."
-    eda_scaling: str = "zscore" # EDA scaling (EDA_SCALINGS): zscore | minmax | subject
-    centre: float = 0.0         # µS subtracted from EDA (train mean, or train min); unused for 'subject'
+    eda_scaling: str = "recording" # EDA scaling (EDA_SCALINGS): recording | subject | zscore | minmax
+    centre: float = 0.0         # µS subtracted from EDA (train mean, or train min); unused for recording and subject
     scale: float = 1.0          # µS per normalised unit
-    baselines: dict = field(default_factory=dict)  # 'subject' only: each recording's own EDA mean (µS)
+    baselines: dict = field(default_factory=dict)  # recording and subject: each recording's centre, µS (`baseline_recording`)
     frame_mean: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # per channel, on frames scaled to [0, 1]
     frame_std: list = field(default_factory=lambda: [1.0, 1.0, 1.0])
     diff_std: float = 1.0       # std of the normalised frame differences
@@ -77,12 +87,15 @@ class Normaliser:
     train_recordings: list = field(default_factory=list)  # what the statistics were computed from
 
     def add_baseline(self, recording: str, eda_us: np.ndarray):
-        "Record a recording's own mean ('subject' scaling only: it comes from that recording's labels)."
-        if self.eda_scaling == "subject": self.baselines[recording] = float(np.mean(eda_us))
+        "Record the centre of `recording`: the mean of `eda_us`, the EDA of `baseline_recording` (labels; no-op for zscore, minmax)."
+        if baseline_recording(self.eda_scaling, recording) is not None: self.baselines[recording] = float(np.mean(eda_us))
 
     def centre_of(self, recording: str) -> float:
-        if self.eda_scaling != "subject": return self.centre
-        if recording not in self.baselines: raise KeyError(f"{recording}: no baseline recorded ('subject' scaling)")
+        "µS subtracted from `recording`'s EDA."
+        source = baseline_recording(self.eda_scaling, recording)
+        if source is None: return self.centre
+        if recording not in self.baselines:
+            raise KeyError(f"{recording}: no baseline recorded ({self.eda_scaling!r} scaling subtracts the mean EDA of {source})")
         return self.baselines[recording]
 
     def transform(self, eda_us: np.ndarray, recording: str) -> np.ndarray:
@@ -103,7 +116,7 @@ class Normaliser:
         try: return cls(**{OLD_NORMALISER_KEYS.get(k, k): v for k, v in json.loads(Path(path).read_text()).items()})
         except (json.JSONDecodeError, TypeError) as e: raise DataError(path, f"not a saved Normaliser ({e})") from None
 
-# %% ../nbs/03_dataset.ipynb #c012
+# %% ../nbs/03_dataset.ipynb #c014
 def frame_difference(x: torch.Tensor,  # frames (T+1, 3, H, W) scaled to [0, 1]
                     ) -> torch.Tensor:  # (T, 3, H, W): (x[t+1] - x[t]) / (x[t+1] + x[t]), DeepPhys' normalised difference
     "DeepPhys' normalised frame difference, safe where both frames are black."
@@ -120,19 +133,32 @@ def recording_mean_frame(frames: np.ndarray, # a recording's cached frames (N, H
 def _sample_positions(n: int, count: int) -> np.ndarray:
     return np.unique(np.linspace(0, max(n - 2, 0), min(count, max(n - 1, 1))).astype(int))
 
+def eda_centre_and_scale(eda: dict[str, np.ndarray], # training recordings: name -> EDA (µS)
+                         eda_scaling: str,            # one of EDA_SCALINGS
+                         eda_of: Callable[[str], np.ndarray] | None = None, # name -> EDA of a baseline recording outside `eda`
+                        ) -> tuple[float, float]:     # the training centre (0 when each recording has its own) and scale
+    "The EDA scaling's constants from the training recordings (and, for 'subject', their subjects' rest recordings)."
+    eda = {n: np.asarray(e, np.float64) for n, e in eda.items()}
+    pooled = np.concatenate(list(eda.values()))
+    if eda_scaling == "zscore": return pooled.mean(), pooled.std()
+    if eda_scaling == "minmax": return pooled.min(), np.ptp(pooled)
+    def source(name: str) -> np.ndarray:
+        if name in eda: return eda[name]
+        if eda_of is None: raise ValueError(f"{eda_scaling!r} scaling subtracts the mean EDA of {name}, which is not among the recordings given")
+        return np.asarray(eda_of(name), np.float64)
+    return 0.0, np.concatenate([e - source(baseline_recording(eda_scaling, n)).mean() for n, e in eda.items()]).std()
+
 def fit_normaliser(entries: dict[str, dict], # training recordings only: name -> `load_cached` entry
-                   eda_scaling: str = "zscore",  # EDA scaling (EDA_SCALINGS)
+                   eda_scaling: str = "recording",  # EDA scaling (EDA_SCALINGS)
                    frame_scaling: str = "unit",  # frame scaling (FRAME_SCALINGS)
                    frame_samples: int = 64,   # frames per recording used for the frame statistics
+                   eda_of: Callable[[str], np.ndarray] | None = None, # 'subject': name -> EDA of a rest recording not in `entries`
                   ) -> Normaliser:
-    "Fit every statistic on the training recordings; nothing else is looked at."
+    "Fit every statistic on the training recordings (and, for 'subject' scaling, their rest recordings' mean EDA)."
     if eda_scaling not in EDA_SCALINGS: raise ValueError(f"EDA scaling {eda_scaling!r}: choose from {EDA_SCALINGS}")
     if frame_scaling not in FRAME_SCALINGS: raise ValueError(f"frame scaling {frame_scaling!r}: choose from {FRAME_SCALINGS}")
     if not entries: raise ValueError("no training recordings to fit the normaliser on")
-    eda = [np.asarray(e["eda"], np.float64) for e in entries.values()]
-    pooled = np.concatenate(eda)
-    centre, scale = {"zscore": (pooled.mean(), pooled.std()), "minmax": (pooled.min(), np.ptp(pooled)),
-                     "subject": (0.0, np.concatenate([e - e.mean() for e in eda]).std())}[eda_scaling]
+    centre, scale = eda_centre_and_scale({n: e["eda"] for n, e in entries.items()}, eda_scaling, eda_of)
     if not scale > 1e-9: raise ValueError(f"training EDA is constant ({eda_scaling} scale {scale}): cannot normalise")
     moments = torch.zeros(3, 3, dtype=torch.float64)  # rows: count, sum, sum of squares; columns: R, G, B
     diff_moments = torch.zeros(3, dtype=torch.float64)
@@ -155,7 +181,25 @@ def fit_normaliser(entries: dict[str, dict], # training recordings only: name ->
                       diff_std=float(mean_std(*diff_moments)[1]) or 1.0, frame_scaling=frame_scaling,
                       train_recordings=sorted(entries))
 
-# %% ../nbs/03_dataset.ipynb #c016
+# %% ../nbs/03_dataset.ipynb #c020
+def cached_eda(cache: str | Path, name: str) -> np.ndarray:
+    "The EDA (µS) of one cache entry, for a centre taken from a recording that is not otherwise used."
+    folder = Path(cache) / name
+    if read_meta(folder) is None:
+        raise DataError(folder, f"no complete cache entry: 'subject' scaling subtracts each subject's {REST_TASK} mean "
+                                "(preprocess every task)")
+    return np.load(folder / "eda.npy")
+
+def record_baseline(normaliser: Normaliser, # the run's normaliser
+                    cache: str | Path,      # the cache the recording comes from
+                    name: str,              # the recording
+                    eda_us: np.ndarray,     # its own EDA
+                   ):
+    "Record the centre of `name` in the normaliser (recording and subject scaling; nothing for zscore and minmax)."
+    source = baseline_recording(normaliser.eda_scaling, name)
+    if source is not None: normaliser.add_baseline(name, eda_us if source == name else cached_eda(cache, source))
+
+# %% ../nbs/03_dataset.ipynb #c023
 def _mirror_68() -> list[int]:
     "For each of dlib's 68 landmarks, the index of its mirror image (jaw, brows, nose, eyes, lips)."
     pairs = [(i, 16 - i) for i in range(8)] + [(17 + i, 26 - i) for i in range(5)] + [(31, 35), (32, 34)]
@@ -193,7 +237,7 @@ class ClipAugment:
         video, points = self.transform(video, tv_tensors.KeyPoints(points, canvas_size=(h, w)))
         return video.as_subclass(torch.Tensor), points.as_subclass(torch.Tensor) / torch.tensor([w, h])
 
-# %% ../nbs/03_dataset.ipynb #c020
+# %% ../nbs/03_dataset.ipynb #c027
 def _zscore(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     return ((x - x.mean()) / (x.std() if x.std() > 1e-9 else 1.0)).astype(np.float32)
@@ -234,7 +278,7 @@ class ClipDataset(Dataset):
             entry = load_cached(self.cache, name)
             if landmarks and "landmarks" not in entry:
                 raise DataError(self.cache / name, "no landmarks in this cache entry (preprocess with --landmarks)")
-            normaliser.add_baseline(name, entry["eda"])
+            record_baseline(normaliser, self.cache, name, entry["eda"])
             self.meta[name] = entry["meta"]
             self.targets[name] = normaliser.transform(entry["eda"], name).astype(np.float32)
             self.bvp[name] = _zscore(entry["bvp"])
@@ -279,7 +323,7 @@ class ClipDataset(Dataset):
         if self.landmarks: item["landmarks"] = marks[:self.window]
         return item
 
-# %% ../nbs/03_dataset.ipynb #c022
+# %% ../nbs/03_dataset.ipynb #c029
 def cached_recordings(cache: str | Path) -> pd.DataFrame:
     "The complete cache entries: recording, subject, task, samples, size, target_hz (subject, then task order)."
     cache = Path(cache)
@@ -317,7 +361,8 @@ def make_datasets(cache: str | Path,                       # cache folder writte
     config = config or DatasetConfig()
     split = load_split(split) if isinstance(split, (str, Path)) else split
     parts = split_recordings(cache, split, config.task_list())
-    normaliser = fit_normaliser({n: load_cached(cache, n) for n in parts["train"]}, config.eda_scaling, config.frame_scaling)
+    normaliser = fit_normaliser({n: load_cached(cache, n) for n in parts["train"]}, config.eda_scaling, config.frame_scaling,
+                                eda_of=lambda name: cached_eda(cache, name))
     augment = ClipAugment(config.augment_p) if config.augment_p > 0 else None
     datasets = {part: ClipDataset(cache, names, normaliser, config.window, config.stride, pad=part != "train",
                                   augment=augment if part == "train" else None, diff=config.diff,

@@ -21,14 +21,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .config import RENAMED, TrainConfig
-from .core import cores, dask_client, parallel_map, progress_bar, write_json
+from .config import RENAMED, TrainConfig, comparable
+from .core import cores, dask_client, parallel_map, progress_bar, provenance, stale_reasons, write_json
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'WORKER_CELLS', 'GridError', 'train_defaults', 'typed_value', 'typed_block',
            'Cell', 'slug', 'expand', 'named_cells', 'grid_cells', 'load_grid', 'parse_overrides', 'notebook_error',
-           'cell_status', 'run_cell', 'terminate_cells', 'worker_threads', 'run_cell_on_worker', 'stop_dask_cells',
-           'failed_cell', 'sigterm_as_interrupt', 'cell_jobs', 'run_cells', 'run_grid']
+           'stale_cell', 'cell_status', 'run_cell', 'terminate_cells', 'worker_threads', 'run_cell_on_worker',
+           'stop_dask_cells', 'failed_cell', 'sigterm_as_interrupt', 'cell_jobs', 'run_cells', 'run_grid']
 
 # %% ../nbs/07_experiment.ipynb #c005
 EXPERIMENTS = Path(importlib.util.find_spec("edanb").origin).resolve().parent.parent / "experiments"
@@ -133,11 +133,18 @@ def notebook_error(path: Path) -> str:
             if output.get("output_type") == "error": return f"{output.get('ename')}: {output.get('evalue')}"
     return ""
 
+def stale_cell(folder: Path, params: dict) -> list[str]:
+    "Why a finished cell's run was made by other code or data than today's (`edanb.core.stale_reasons`)."
+    saved, settings = folder / "provenance.json", {**train_defaults(), **params}
+    return stale_reasons(json.loads(saved.read_text()) if saved.exists() else None,
+                         provenance(settings["data"], settings["cache"]))
+
 def cell_status(folder: Path, params: dict) -> str:
-    "done (finished with these parameters) | conflict (the folder holds other parameters) | todo."
+    "done (finished with these parameters) | stale (finished by other code or data) | conflict (other parameters) | todo."
     saved = folder / "params.json"
-    if saved.exists() and json.loads(saved.read_text()) != params: return "conflict"
-    return "done" if (folder / "done.json").exists() else "todo"
+    if saved.exists() and comparable(json.loads(saved.read_text())) != comparable(params): return "conflict"
+    if not (folder / "done.json").exists(): return "todo"
+    return "stale" if not params.get("reuse_stale") and stale_cell(folder, params) else "done"
 
 def run_cell(cell: Cell,                      # what to run
              results: Path,                   # results folder (the cell's folder is results / cell.name)
@@ -155,7 +162,7 @@ def run_cell(cell: Cell,                      # what to run
                     reason=f"{folder / 'params.json'} holds other parameters: use another results folder")
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "params.json", cell.params)
-    (folder / "failed.json").unlink(missing_ok=True)
+    for old in ("failed.json", "done.json"): (folder / old).unlink(missing_ok=True)   # done.json: a stale run, made again
     parameters = {**cell.params, "out": str(folder.resolve()), "progress": False, "threads": threads}
     write_json(folder / ".parameters.json", parameters)
     env = {**os.environ, **{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
@@ -170,7 +177,7 @@ def run_cell(cell: Cell,                      # what to run
     (folder / "papermill.log").write_text(log)
     if process.returncode == 0 and (folder / "metrics.json").exists():
         write_json(folder / "done.json", dict(seconds=seconds, params=cell.params))
-        return dict(cell=cell.name, status="done", seconds=seconds, reason="")
+        return dict(cell=cell.name, status="done", seconds=seconds, reason="made again: made by other code or data" * (status == "stale"))
     reason = (notebook_error(folder / notebook.name) or (log.strip().splitlines() or ["no output"])[-1]
               if process.returncode else "the notebook finished without writing metrics.json")
     if process.returncode < 0: reason = f"killed by signal {-process.returncode}"

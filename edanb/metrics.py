@@ -4,6 +4,7 @@
 
 # %% ../nbs/05_metrics.ipynb #c003
 from __future__ import annotations
+import functools
 import json
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,16 +17,18 @@ import torch.nn.functional as F
 
 from .core import format_interval, pearson
 from .data import is_synthetic
-from .dataset import Normaliser, clip_starts, evaluation_stride, reflect_index
+from .dataset import Normaliser, baseline_recording, clip_starts, evaluation_stride, reflect_index
 from .preprocess import load_cached
-from .synth import CUE_COLUMNS
+from .synth import CUE_COLUMNS, lowpass
 
 # %% auto #0
-__all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'METRICS', 'LOWER_IS_BETTER', 'pearson_per_clip', 'ccc_per_clip', 'mse_loss',
-           'npc_loss', 'ccc_loss', 'make_loss', 'stitch', 'series_table', 'stitch_shapes', 'clip_correlations',
-           'predictions_table', 'series_predictions', 'ccc', 'series_metrics', 'metrics_table', 'bootstrap_ci',
-           'summarise', 'compare_to_baseline', 'oracle_predictions', 'oracle_fraction', 'elapsed_time_series',
-           'reference_predictions', 'ceiling_table', 'run_metrics', 'headline']
+__all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'LABEL_CENTRED_US', 'METRICS', 'LOWER_IS_BETTER', 'MAX_LAG_S', 'HR_TIME_CONSTANTS',
+           'BASELINE_TESTS', 'pearson_per_clip', 'ccc_per_clip', 'mse_loss', 'npc_loss', 'ccc_loss', 'make_loss',
+           'stitch', 'series_table', 'stitch_shapes', 'clip_correlations', 'predictions_table', 'series_predictions',
+           'lagged_r', 'ccc', 'series_metrics', 'metrics_table', 'bootstrap_ci', 'summarise', 'compare_to_baseline',
+           'scaled_like_targets', 'linear_reference', 'cue_features', 'oracle_predictions', 'oracle_fraction',
+           'elapsed_time_series', 'elapsed_time_per_task', 'heart_rate_features', 'has_heart_rate', 'reference_series',
+           'reference_predictions', 'ceiling_table', 'baseline_tests', 'run_metrics', 'headline']
 
 # %% ../nbs/05_metrics.ipynb #c006
 VAR_EPS = 1e-5    # relative: each clip's variances get VAR_EPS x the variance of its *target* added ...
@@ -78,6 +81,8 @@ def stitch(starts: np.ndarray,  # first sample of each clip, (N,); may be negati
     with np.errstate(invalid="ignore", divide="ignore"): return np.where(count > 0, total / count, np.nan)
 
 # %% ../nbs/05_metrics.ipynb #c015
+LABEL_CENTRED_US = {"recording": "pred_us_given_true_mean", "subject": "pred_us_given_rest_mean"}  # no µS error from these
+
 def series_table(recording: str,            # recording name, e.g. 's3_T2'
                  pred: np.ndarray,          # prediction, normalised units, one value per sample
                  target: np.ndarray,        # target, normalised units
@@ -86,8 +91,9 @@ def series_table(recording: str,            # recording name, e.g. 's3_T2'
                  calibrated: bool = True,   # False: `pred` is a shape only (`stitch_shapes`), with no level or scale
                 ) -> pd.DataFrame:
     """One row per sample of a recording: recording, subject, task, sample, t, pred, target, calibrated, and with a
-    normaliser target_us and pred_us. Under 'subject' scaling the µS prediction needs the recording's own (label)
-    mean, so it is named `pred_us_given_true_mean` and no µS error is computed from it; a shape-only prediction has none."""
+    normaliser target_us and pred_us. Under 'recording' and 'subject' scaling the µS prediction needs a centre taken from
+    labels (the recording's own mean, or its subject's rest mean), so it is named `pred_us_given_true_mean` or
+    `pred_us_given_rest_mean` and no µS error is computed from it; a shape-only prediction has none."""
     subject, task = recording.split("_")
     table = pd.DataFrame(dict(recording=recording, subject=subject, task=task, sample=np.arange(len(target)),
                               t=np.arange(len(target)) / hz, pred=np.asarray(pred, np.float64),
@@ -95,7 +101,7 @@ def series_table(recording: str,            # recording name, e.g. 's3_T2'
     if normaliser is not None:
         table["target_us"] = normaliser.inverse(table.target, recording)
         if calibrated:
-            name = "pred_us_given_true_mean" if normaliser.eda_scaling == "subject" else "pred_us"
+            name = LABEL_CENTRED_US.get(normaliser.eda_scaling, "pred_us")
             table[name] = normaliser.inverse(table.pred, recording)
     return table
 
@@ -170,8 +176,21 @@ def series_predictions(series: dict[str, np.ndarray],  # recording -> a predicti
     return predictions_table(names, np.concatenate(starts), np.concatenate(clips), targets, normaliser, hz)
 
 # %% ../nbs/05_metrics.ipynb #c018
-METRICS = ("mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "r", "clip_r", "npc", "ccc")
+METRICS = ("mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "r", "r_lag", "lag_s", "clip_r", "npc", "ccc")
 LOWER_IS_BETTER = {"mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "npc"}
+MAX_LAG_S = 5.0  # lagged r: the best lag within ±5 s (skin conductance follows its sympathetic burst by 1-3 s)
+
+def lagged_r(pred: np.ndarray, target: np.ndarray, # one recording's series
+             hz: float = 4.0,                      # their clock
+             max_lag_s: float = MAX_LAG_S,         # lags tried: every sample within ±max_lag_s (at most half the series)
+            ) -> tuple[float, float]:              # the highest r and its lag in s (> 0: the target follows the prediction)
+    "Pearson r at the lag that maximises it; among equal r the smallest lag wins; (NaN, NaN) when r is undefined at every lag."
+    p, t, n = np.asarray(pred, np.float64), np.asarray(target, np.float64), len(pred)
+    best = (float("nan"), float("nan"))
+    for k in sorted(range(-min(round(max_lag_s * hz), n // 2), min(round(max_lag_s * hz), n // 2) + 1), key=abs):
+        r = pearson(p[:n - k], t[k:]) if k >= 0 else pearson(p[-k:], t[:n + k])
+        if np.isfinite(r) and not r <= best[0]: best = (float(r), k / hz)
+    return best
 
 def ccc(pred: np.ndarray, target: np.ndarray) -> float:
     "Lin's concordance correlation coefficient (population moments); 0 for a constant prediction."
@@ -192,6 +211,8 @@ def series_metrics(rows: pd.DataFrame) -> dict:
                 {f"{m}{suffix}": nan for m in ("mse", "rmse", "mae")})
     r = pearson(rows.pred, rows.target)
     out |= dict(r=r, npc=-r, ccc=ccc(rows.pred, rows.target) if calibrated else nan)
+    one = "recording" in rows and rows.recording.nunique() == 1 and len(rows) > 1  # a lag shifts within one recording only
+    out["r_lag"], out["lag_s"] = lagged_r(rows.pred, rows.target, 1 / float(np.median(np.diff(rows.t)))) if one else (nan, nan)
     if "clip_r" in rows: out["clip_r"] = float(rows.clip_r.mean())  # NaN left out; pooled: weighted by samples
     return out
 
@@ -218,7 +239,7 @@ def metrics_table(samples: pd.DataFrame,        # from predictions_table (option
     grouped = per_recording.groupby(_keys(samples, "subject"), sort=False)
     return grouped[metrics].mean().join(grouped.size().rename("recordings")).reset_index()
 
-# %% ../nbs/05_metrics.ipynb #c024
+# %% ../nbs/05_metrics.ipynb #c026
 def bootstrap_ci(values: np.ndarray,     # one value per subject (NaN ignored)
                  n_boot: int = 2000,     # bootstrap resamples
                  level: float = 0.95,    # coverage of the interval
@@ -245,7 +266,7 @@ def summarise(subjects: pd.DataFrame,          # metrics_table(..., 'subject'), 
                          "mean": mean, "ci_low": low, "ci_high": high, "subjects": int(table[metric].notna().sum())})
     return pd.DataFrame(rows)
 
-# %% ../nbs/05_metrics.ipynb #c027
+# %% ../nbs/05_metrics.ipynb #c029
 def compare_to_baseline(subjects: pd.DataFrame,   # per-subject metrics of several models ('model' column)
                         baseline: str = "naive",  # the model to compare against
                         metric: str = "mse_us",   # paired per-subject metric
@@ -253,8 +274,8 @@ def compare_to_baseline(subjects: pd.DataFrame,   # per-subject metrics of sever
     """Each model vs the baseline on the same test subjects: Wilcoxon signed-rank test of the per-subject metric.
     `subjects` counts the non-zero paired differences, the ones the test uses (ties are dropped, as scipy does)."""
     if metric not in subjects:
-        why = (" µS errors are not reported under 'subject' scaling (its µS prediction borrows each test recording's "
-               "mean from the labels) nor for shape-only predictions (NPC): compare on r, clip_r or normalised errors"
+        why = (" µS errors are not reported under 'recording' or 'subject' scaling (its µS prediction borrows a centre "
+               "from the test labels) nor for shape-only predictions (NPC): compare on r, clip_r or normalised errors"
                if metric.endswith("_us") else "")
         raise ValueError(f"metric {metric!r} is not in the table.{why}")
     wide = subjects.pivot(index="subject", columns="model", values=metric)
@@ -272,14 +293,36 @@ def compare_to_baseline(subjects: pd.DataFrame,   # per-subject metrics of sever
                          smallest_possible_p=2.0 ** (1 - used) if used else nan))
     return pd.DataFrame(rows)
 
-# %% ../nbs/05_metrics.ipynb #c033
-def _cues(root: Path, cache: Path, name: str, normaliser: Normaliser) -> tuple[np.ndarray, np.ndarray]:
-    "The rendered cues on the cache's clock, with an intercept column, and the normalised target."
-    entry = load_cached(cache, name)
-    signals = pd.read_csv(root / "ground_truth" / f"{name}_signals.csv")
-    cues = np.stack([np.interp(entry["t"], signals.t, signals[c]) for c in CUE_COLUMNS] + [np.ones(len(entry["t"]))], 1)
-    normaliser.add_baseline(name, entry["eda"])
-    return cues, normaliser.transform(entry["eda"], name)
+# %% ../nbs/05_metrics.ipynb #c035
+def scaled_like_targets(features_of: Callable[[str], np.ndarray], # recording -> (n, k) features, one row per sample
+                        name: str,                 # the recording
+                        eda_scaling: str,          # the run's EDA scaling
+                       ) -> np.ndarray:            # (n, k + 1): the features centred as the targets are, and an intercept
+    """A linear reference's inputs, centred exactly as the run's targets: minus their mean over the recording the scaling
+    centres on (`baseline_recording`: the recording itself, or its subject's rest task); as they are for zscore and minmax,
+    whose centring is one constant that the intercept absorbs."""
+    x, source = np.asarray(features_of(name), np.float64), baseline_recording(eda_scaling, name)
+    if source is not None: x = x - np.asarray(features_of(source), np.float64).mean(0)
+    return np.column_stack([x, np.ones(len(x))])
+
+def linear_reference(features_of: Callable[[str], np.ndarray], # recording -> (n, k) features
+                     train: dict[str, np.ndarray],  # training recordings -> normalised target
+                     test: Sequence[str],           # recordings to predict
+                     eda_scaling: str,              # the run's EDA scaling
+                    ) -> dict[str, np.ndarray]:     # test recording -> prediction, normalised units
+    "One least-squares linear map from features (scaled like the targets) to the target, fitted on the training recordings."
+    x = np.concatenate([scaled_like_targets(features_of, n, eda_scaling) for n in train])
+    weights = np.linalg.lstsq(x, np.concatenate([np.asarray(y, np.float64) for y in train.values()]), rcond=None)[0]
+    return {n: scaled_like_targets(features_of, n, eda_scaling) @ weights for n in test}
+
+def cue_features(root: str | Path, cache: str | Path) -> Callable[[str], np.ndarray]:
+    "recording -> its rendered cues (`CUE_COLUMNS`, ground_truth/*_signals.csv) on the cache's clock, (n, 3)."
+    @functools.cache
+    def features(name: str) -> np.ndarray:
+        signals = pd.read_csv(Path(root) / "ground_truth" / f"{name}_signals.csv")
+        t = load_cached(cache, name)["t"]
+        return np.stack([np.interp(t, signals.t, signals[c]) for c in CUE_COLUMNS], 1)
+    return features
 
 def oracle_predictions(root: str | Path,       # the synthetic dataset folder (with ground_truth/)
                        cache: str | Path,      # its cache
@@ -289,16 +332,14 @@ def oracle_predictions(root: str | Path,       # the synthetic dataset folder (w
                        window: int = 32,       # clips for `clip_r`: the evaluation clips of the models it is compared with
                        stride: int = 8,
                       ) -> pd.DataFrame:
-    "The oracle as a model: one linear map from the rendered cues to normalised EDA, fitted on 'train', applied to `evaluate`."
+    """The oracle as a model: one linear map from the rendered cues, scaled as the targets are, to normalised EDA, fitted
+    on 'train' and applied to `evaluate`. The normaliser must hold the centres of both parts' recordings (`make_datasets`)."""
     root, cache = Path(root), Path(cache)
     if not is_synthetic(root): raise FileNotFoundError(f"{root / 'ground_truth'}: no *_signals.csv (not synthetic data?)")
-    train = [_cues(root, cache, name, normaliser) for name in parts["train"]]
-    weights = np.linalg.lstsq(np.concatenate([c for c, _ in train]), np.concatenate([y for _, y in train]), rcond=None)[0]
-    series, targets = {}, {}
-    for name in parts[evaluate]:
-        cues, targets[name] = _cues(root, cache, name, normaliser)
-        series[name] = cues @ weights
-    return series_predictions(series, targets, normaliser, window, stride).assign(model="oracle")
+    target = lambda name: normaliser.transform(load_cached(cache, name)["eda"], name)
+    targets = {part: {name: target(name) for name in parts[part]} for part in ("train", evaluate)}
+    series = linear_reference(cue_features(root, cache), targets["train"], parts[evaluate], normaliser.eda_scaling)
+    return series_predictions(series, targets[evaluate], normaliser, window, stride).assign(model="oracle")
 
 def oracle_fraction(subjects: pd.DataFrame, # per-subject metrics with a 'model' column, the oracle's included
                     metric: str = "r",
@@ -310,7 +351,7 @@ def oracle_fraction(subjects: pd.DataFrame, # per-subject metrics with a 'model'
     return pd.DataFrame(dict(model=means.index, **{metric: means.values, f"oracle_{metric}": means["oracle"],
                                                   "fraction_of_oracle": means.values / means["oracle"]}))
 
-# %% ../nbs/05_metrics.ipynb #c038
+# %% ../nbs/05_metrics.ipynb #c042
 def elapsed_time_series(targets: dict[str, np.ndarray], # training recordings -> normalised target
                         hz: float = 4.0,
                        ) -> Callable[[int], np.ndarray]:  # n samples -> the prediction for a recording of n samples
@@ -319,7 +360,48 @@ def elapsed_time_series(targets: dict[str, np.ndarray], # training recordings ->
     slope, intercept = np.polyfit(t, np.concatenate(list(targets.values())), 1)
     return lambda n: intercept + slope * np.arange(n) / hz
 
-# %% ../nbs/05_metrics.ipynb #c041
+def elapsed_time_per_task(targets: dict[str, np.ndarray], # training recordings ('s3_T2', ...) -> normalised target
+                          hz: float = 4.0,
+                         ) -> Callable[[str, int], np.ndarray]: # (recording, n) -> its prediction
+    "One elapsed-time line per task, each fitted on the training recordings of that task; a task never trained on gets the pooled line."
+    task = lambda name: name.split("_")[-1]
+    lines = {k: elapsed_time_series({n: y for n, y in targets.items() if task(n) == k}, hz) for k in {task(n) for n in targets}}
+    pooled = elapsed_time_series(targets, hz)
+    return lambda name, n: lines.get(task(name), pooled)(n)
+
+# %% ../nbs/05_metrics.ipynb #c047
+HR_TIME_CONSTANTS = (3.0, 10.0, 30.0)  # s: heart rate low-passed with these time constants, beside the rate itself
+
+def heart_rate_features(cache: str | Path, hz: float = 4.0) -> Callable[[str], np.ndarray]:
+    "recording -> (n, 4): its cached heart rate (bpm; gaps filled with its median) and that rate low-passed (`HR_TIME_CONSTANTS`)."
+    @functools.cache
+    def features(name: str) -> np.ndarray:
+        hr = np.asarray(load_cached(cache, name)["hr"], np.float64)
+        hr = np.where(np.isfinite(hr), hr, np.nanmedian(hr)) if np.isfinite(hr).any() else np.zeros_like(hr)
+        return np.column_stack([hr] + [lowpass(hr, 1 / hz, tau) for tau in HR_TIME_CONSTANTS])
+    return features
+
+def has_heart_rate(cache: str | Path, names: Sequence[str]) -> bool:
+    "Whether every recording's cache entry holds a heart rate (the BVP-only reference needs it)."
+    return bool(cache) and all((Path(cache) / name / "hr.npy").is_file() for name in names)
+
+# %% ../nbs/05_metrics.ipynb #c049
+def reference_series(datasets: dict,          # a fold's train / val / test `ClipDataset`s
+                     normaliser: Normaliser,  # fitted on its training recordings
+                     hz: float = 4.0,
+                     cache: str | Path = "",  # the cache: with heart rate in it, the BVP-only reference is added
+                    ) -> dict[str, dict[str, np.ndarray]]:  # reference -> test recording -> prediction, normalised units
+    "The label-free references fitted on the training recordings: naive (their mean), elapsed_task, elapsed, bvp_only."
+    test, train = datasets["test"].targets, datasets["train"].targets
+    mean = float(np.concatenate(list(train.values())).mean())
+    per_task, pooled = elapsed_time_per_task(train, hz), elapsed_time_series(train, hz)
+    out = dict(naive={n: np.full(len(y), mean) for n, y in test.items()},
+               elapsed_task={n: per_task(n, len(y)) for n, y in test.items()},
+               elapsed={n: pooled(len(y)) for n, y in test.items()})
+    if has_heart_rate(cache, [*train, *test]):
+        out["bvp_only"] = linear_reference(heart_rate_features(cache, hz), train, list(test), normaliser.eda_scaling)
+    return out
+
 def reference_predictions(datasets: dict,          # a fold's train / val / test `ClipDataset`s
                           normaliser: Normaliser,  # fitted on its training recordings
                           window: int = 32,        # the evaluation clips of the models they are compared with
@@ -327,19 +409,17 @@ def reference_predictions(datasets: dict,          # a fold's train / val / test
                           data: str | Path = "",   # the dataset folder: on synthetic data the oracle is added
                           cache: str | Path = "",  # its cache
                          ) -> list[pd.DataFrame]:
-    "The baselines every results table carries: naive (the training mean), elapsed time, and the oracle on synthetic data."
-    test, train = datasets["test"].targets, datasets["train"].targets
+    "The baselines every results table carries: `reference_series`, and the oracle on synthetic data."
+    test = datasets["test"].targets
     hz = datasets["test"].meta[next(iter(test))]["target_hz"] if test else 4.0
-    mean, line = float(np.concatenate(list(train.values())).mean()), elapsed_time_series(train, hz)
-    score_series = lambda series: series_predictions(series, test, normaliser, window, stride, hz)
-    out = [score_series({n: np.full(len(y), mean) for n, y in test.items()}).assign(model="naive"),
-           score_series({n: line(len(y)) for n, y in test.items()}).assign(model="elapsed")]
+    out = [series_predictions(series, test, normaliser, window, stride, hz).assign(model=model)
+           for model, series in reference_series(datasets, normaliser, hz, cache).items()]
     if data and is_synthetic(data):
         parts = {part: list(d.targets) for part, d in datasets.items()}
         out.append(oracle_predictions(data, cache, parts, normaliser, window=window, stride=stride))
     return out
 
-# %% ../nbs/05_metrics.ipynb #c044
+# %% ../nbs/05_metrics.ipynb #c052
 def _records(table: pd.DataFrame) -> list[dict]:
     return json.loads(table.to_json(orient="records", double_precision=15))
 
@@ -355,24 +435,32 @@ def ceiling_table(subjects: pd.DataFrame, data: str | Path) -> pd.DataFrame | No
     return pd.DataFrame(dict(model=wide.columns, r=wide.mean().values, ceiling_r=float(ceiling.mean()),
                              fraction_of_ceiling=wide.mean().values / float(ceiling.mean()), ceiling="oracle.json"))
 
+BASELINE_TESTS = {"naive": ("mse", "mse_us", "ccc", "r", "clip_r"),           # baseline -> metrics of its paired tests
+                  "elapsed_task": ("r", "r_lag", "clip_r", "ccc", "mse"), "elapsed": ("r", "clip_r", "ccc", "mse"),
+                  "bvp_only": ("r", "r_lag", "ccc", "mse")}
+
+def baseline_tests(subjects: pd.DataFrame) -> list[pd.DataFrame]:
+    "Every model's paired Wilcoxon tests against each reference in the table (`BASELINE_TESTS`)."
+    tests, models = [], set(subjects.model)
+    for baseline, metrics in BASELINE_TESTS.items():
+        for metric in (m for m in metrics if m in subjects and baseline in models):
+            table = subjects.copy()
+            if metric in ("r", "clip_r") and baseline == "naive":  # a constant has no correlation: the null value is 0
+                table.loc[table.model == "naive", metric] = table.loc[table.model == "naive", metric].fillna(0.0)
+            tests.append(compare_to_baseline(table, baseline, metric))
+    return tests
+
 def run_metrics(samples: pd.DataFrame,  # pooled test predictions of a run (predictions.parquet)
                 data: str | Path = "",  # the dataset folder (its oracle.json on synthetic data)
                 n_boot: int = 2000,
                ) -> dict:
     "Everything `metrics.json` holds, computed from the predictions alone (so it can be recomputed and checked)."
     subjects = metrics_table(samples, "subject")
-    models = list(dict.fromkeys(samples.model))
-    tests = []
-    for baseline, metrics in (("naive", ("mse", "mse_us", "ccc", "r", "clip_r")), ("elapsed", ("r", "clip_r", "ccc", "mse"))):
-        for metric in (m for m in metrics if m in subjects and baseline in models):
-            table = subjects.copy()
-            if metric in ("r", "clip_r") and baseline == "naive":  # a constant has no correlation: the null value is 0
-                table.loc[table.model == "naive", metric] = table.loc[table.model == "naive", metric].fillna(0.0)
-            tests.append(compare_to_baseline(table, baseline, metric))
+    models, tests = list(dict.fromkeys(samples.model)), baseline_tests(subjects)
     out = dict(models=models, subjects=int(samples.subject.nunique()),
                per_subject=_records(subjects), per_recording=_records(metrics_table(samples, "recording")),
                pooled=_records(metrics_table(samples, "pooled")),
-               summary=_records(summarise(subjects, metrics=("mse", "mse_us", "rmse_us", "mae_us", "r", "clip_r", "ccc", "npc"),
+               summary=_records(summarise(subjects, metrics=("mse", "mse_us", "rmse_us", "mae_us", "r", "r_lag", "lag_s", "clip_r", "ccc", "npc"),
                                           n_boot=n_boot)),
                tests=_records(pd.concat(tests, ignore_index=True)) if tests else [])
     if "oracle" in models: out["oracle_fraction"] = _records(oracle_fraction(subjects))
@@ -380,9 +468,9 @@ def run_metrics(samples: pd.DataFrame,  # pooled test predictions of a run (pred
     if ceiling is not None: out["ceiling_fraction"] = _records(ceiling)
     return out
 
-# %% ../nbs/05_metrics.ipynb #c047
+# %% ../nbs/05_metrics.ipynb #c055
 def headline(metrics: dict,                                   # from `fit` or metrics.json
-             columns: tuple = ("r", "clip_r", "ccc", "mse", "mse_us"),
+             columns: tuple = ("r", "r_lag", "lag_s", "clip_r", "ccc", "mse", "mse_us"),
             ) -> pd.DataFrame:
     "One row per model: mean over test subjects and 95% bootstrap interval of the headline metrics, best first."
     summary = pd.DataFrame(metrics["summary"])

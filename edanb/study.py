@@ -4,6 +4,7 @@
 
 # %% ../nbs/08_study.ipynb #c002
 from __future__ import annotations
+import functools
 import itertools
 import json
 import os
@@ -14,32 +15,40 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import RUN_INDEPENDENT, TrainConfig, current_names
-from .core import format_interval
-from .data import load_split, synthetic_coupling
+from .config import TrainConfig, comparable, current_names
+from .core import format_interval, format_p, provenance, stale_reasons
+from .data import load_split, synthetic_couplings
 from .experiment import EXPERIMENTS, notebook_error
 from .metrics import compare_to_baseline
 from .stress import stress_detection
 
 # %% auto #0
-__all__ = ['CONDITIONS', 'TABLE_METRICS', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS', 'crop_of', 'comparable', 'finished_runs',
-           'baseline_test', 'collect_runs', 'fold_model', 'study_table', 'per_subject', 'compare_runs',
-           'runs_differing_in', 'verdict', 'null_runs', 'answer_face', 'answer_null_twins', 'answer_models',
+__all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS', 'crop_of',
+           'current_provenance', 'staleness', 'finished_runs', 'baseline_test', 'run_labels', 'collect_runs',
+           'fold_model', 'study_row', 'study_table', 'seed_spread', 'per_subject', 'compare_runs', 'runs_differing_in',
+           'verdict', 'null_runs', 'beats', 'answer_face', 'answer_pulse', 'answer_null_twins', 'answer_models',
            'answer_physnet_bvp', 'answer_factor', 'study_answers', 'run_stress', 'summary_table', 'run_summary']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
 
-def crop_of(cache: str | Path) -> str:
-    "How a cache was cropped (its preprocessing key), and at what size, e.g. 'face 36px'."
-    for meta in sorted(Path(cache).glob("*/meta.json")):
-        config = json.loads(meta.read_text()).get("key", {}).get("config", {})
-        return f"{config.get('crop', '?')} {config.get('size', '?')}px"
-    return "?"
+def crop_of(metrics: dict) -> str:
+    "How a run's cache was cropped, and at what size, e.g. 'face 36px', as its run folder recorded it (`provenance`)."
+    config = (metrics.get("provenance") or {}).get("preprocessing")
+    if config is None:   # a run made before run folders recorded it: the cache as it is now
+        metas = sorted(Path(current_names(metrics["config"])["cache"]).glob("*/meta.json"))
+        config = json.loads(metas[0].read_text()).get("key", {}).get("config", {}) if metas else {}
+    return f"{config.get('crop', '?')} {config.get('size', '?')}px" if config else "?"
 
-def comparable(config: dict) -> dict:
-    "A run's configuration without the fields that may differ between runs that are otherwise the same."
-    return {k: v for k, v in config.items() if k not in RUN_INDEPENDENT}
+@functools.cache
+def current_provenance(data: str, cache: str) -> dict:
+    "Today's provenance for a run on `data` and `cache` (computed once per pair)."
+    return provenance(data, cache)
+
+def staleness(metrics: dict) -> str:
+    "'' for a run made by today's code and data; otherwise why not (it was kept with `reuse_stale`, or left by an older run)."
+    config = current_names(metrics["config"])
+    return "; ".join(stale_reasons(metrics.get("provenance"), current_provenance(config["data"], config["cache"])))
 
 def finished_runs(results: str | Path) -> list[Path]:
     "The `metrics.json` of every finished run in a results folder, and one level below (e.g. `results/null/<cell>`)."
@@ -53,21 +62,29 @@ def baseline_test(tests: pd.DataFrame, model: str, metric: str, baseline: str) -
     return {f"p_vs_{baseline}": float(hit.p_value.iloc[0]),   # and the direction, which the p value does not give:
             f"better_vs_{baseline}": f"{int(hit.better_in.iloc[0])}/{int(hit.subjects.iloc[0] + hit.ties.iloc[0])}"}
 
+REFERENCES = ("naive", "elapsed_task", "elapsed", "bvp_only")  # the baselines a run's paired tests are against
+
+def run_labels(run: str, metrics: dict) -> dict:
+    "What identifies a run in the study's tables, all read from its metrics.json: conditions, crop, seed, staleness."
+    config = current_names(metrics["config"])
+    return dict(run=run, trained=config["model"], config=json.dumps(comparable(config), sort_keys=True),
+                **{k: config.get(k) for k in CONDITIONS if k not in ("model", "crop")}, crop=crop_of(metrics),
+                seed=config.get("seed"), stale=staleness(metrics), folds=metrics.get("folds"),
+                centring=metrics.get("trained_on", {}).get("centring", ""))
+
 def collect_runs(results: str | Path) -> pd.DataFrame:
-    "One row per (run, model, metric) of every finished run under `results`: mean, CI, p against naive and elapsed."
+    "One row per (run, model, metric) of every finished run under `results`: mean, CI, p against each reference."
     rows = []
     for path in finished_runs(results):
         metrics = json.loads(path.read_text())
-        config, run = current_names(metrics["config"]), path.parent.relative_to(results).as_posix()
+        labels = run_labels(path.parent.relative_to(results).as_posix(), metrics)
         tests = pd.DataFrame(metrics.get("tests", []))
         ceiling = {r["model"]: r for r in metrics.get("ceiling_fraction", [])}
-        crop = crop_of(config["cache"]) if Path(config["cache"]).is_dir() else "?"
         for s in metrics["summary"]:
             model, metric = s["model"], s["metric"]
-            row = dict(run=run, trained=config["model"], config=json.dumps(comparable(config), sort_keys=True), **{k: config.get(k) for k in CONDITIONS if k not in ("model", "crop")},
-                       crop=crop, model=model, metric=metric, mean=s["mean"], ci_low=s["ci_low"], ci_high=s["ci_high"],
-                       subjects=s["subjects"], folds=metrics.get("folds"))
-            for baseline in ("naive", "elapsed"): row |= baseline_test(tests, model, metric, baseline)
+            row = dict(labels, model=model, metric=metric, mean=s["mean"], ci_low=s["ci_low"], ci_high=s["ci_high"],
+                       subjects=s["subjects"])
+            for baseline in REFERENCES: row |= baseline_test(tests, model, metric, baseline)
             if metric == "r" and model in ceiling: row["fraction_of_ceiling"] = ceiling[model]["fraction_of_ceiling"]
             rows.append(row)
     return pd.DataFrame(rows)
@@ -90,26 +107,38 @@ def fold_model(run: str | Path,  # a run folder written by `fit`
     return model.eval(), default_collate([item])
 
 # %% ../nbs/08_study.ipynb #c011
-TABLE_METRICS = ("mse_us", "rmse_us", "r", "clip_r", "npc", "ccc")
+TABLE_METRICS = ("mse_us", "rmse_us", "r", "r_lag", "lag_s", "clip_r", "npc", "ccc")
+TABLE_TESTS = (("naive", "ccc"), ("elapsed_task", "r"), ("elapsed", "r"), ("bvp_only", "r"))  # (reference, metric) columns
+
+def study_row(run: str, by: pd.DataFrame, metrics: tuple) -> dict:
+    "One run's row of the study's table, from its trained model's rows of `collect_runs` (indexed by metric)."
+    row = {"run": run, **{k: by[k].iat[0] for k in CONDITIONS}, "seed": by["seed"].iat[0], "config": by["config"].iat[0]}
+    for m in metrics: row[m] = format_interval(by.loc[m, "mean"], by.loc[m, "ci_low"], by.loc[m, "ci_high"]) if m in by.index else "n/a"
+    for reference, metric in TABLE_TESTS:
+        if f"p_vs_{reference}" not in by: continue
+        row[f"p_vs_{reference} ({metric})"] = by[f"p_vs_{reference}"].get(metric, np.nan)
+        row[f"better than {reference} ({metric})"] = by[f"better_vs_{reference}"].get(metric, "")
+    row["r_mean"] = by["mean"].get("r", np.nan)
+    row["fraction_of_ceiling"] = by["fraction_of_ceiling"].get("r", np.nan) if "fraction_of_ceiling" in by else np.nan
+    return row | {"centring": by["centring"].iat[0], "stale": by["stale"].iat[0]}
 
 def study_table(runs: pd.DataFrame,        # collect_runs(results)
                 metrics: tuple = TABLE_METRICS,
                ) -> pd.DataFrame:          # one row per run, its trained model's figures
-    "The study's table: every run's model, conditions, metrics with CIs, p against naive and elapsed, ceiling fraction."
+    "The study's table: every run's model, conditions, metrics with CIs, p against each reference, ceiling fraction, seeds."
     own = runs[runs.model == runs.trained]
-    rows = []
-    for run, g in own.groupby("run", sort=False):
-        by = g.set_index("metric")
-        row = {"run": run, **{k: by[k].iat[0] for k in CONDITIONS}, "config": by["config"].iat[0]}
-        for m in metrics: row[m] = format_interval(by.loc[m, "mean"], by.loc[m, "ci_low"], by.loc[m, "ci_high"]) if m in by.index else "n/a"
-        row["p_vs_naive (ccc)"] = by.p_vs_naive.get("ccc", np.nan)
-        row["better than naive (ccc)"] = by.better_vs_naive.get("ccc", "")
-        row["p_vs_elapsed (r)"] = by.p_vs_elapsed.get("r", np.nan)
-        row["better than elapsed (r)"] = by.better_vs_elapsed.get("r", "")
-        row["r_mean"] = by["mean"].get("r", np.nan)
-        row["fraction_of_ceiling"] = by["fraction_of_ceiling"].get("r", np.nan) if "fraction_of_ceiling" in by else np.nan
-        rows.append(row)
-    return pd.DataFrame(rows).sort_values("r_mean", ascending=False, na_position="last").reset_index(drop=True)
+    rows = [study_row(run, g.set_index("metric"), metrics) for run, g in own.groupby("run", sort=False)]
+    table = pd.DataFrame(rows).sort_values("r_mean", ascending=False, na_position="last").reset_index(drop=True)
+    return table.join(seed_spread(table))
+
+def seed_spread(table: pd.DataFrame) -> pd.DataFrame:
+    "For each run, its configuration's mean r over training seeds and the spread between them (runs that differ only in `seed`)."
+    key = table.config.map(lambda c: json.dumps({k: v for k, v in json.loads(c).items() if k != "seed"}, sort_keys=True))
+    groups = table.r_mean.groupby(key)
+    n, mean, spread = key.map(key.value_counts()), key.map(groups.mean()), key.map(groups.std(ddof=1))
+    text = [("1 seed" if k == 1 else f"n/a ({k} seeds)" if not np.isfinite(m) else f"{m:.3f} ± {s:.3f} ({k} seeds)")
+            for m, s, k in zip(mean, spread, n)]
+    return pd.DataFrame({"seeds": n, "r over seeds": text}, index=table.index)
 
 def per_subject(results: str | Path, run: str, metric: str = "r") -> pd.Series:
     "A run's per-subject metric of the model it trained (subject -> value)."
@@ -146,22 +175,39 @@ def verdict(c: dict) -> str:
 
 # %% ../nbs/08_study.ipynb #c014
 def null_runs(table: pd.DataFrame) -> set[str]:
-    "The runs on null data: synthetic data whose faces carry no EDA (coupling 0)."
-    return set(table.run[[synthetic_coupling(d) == 0 for d in table.data]])
+    "The runs on null data: synthetic data on which no input carries EDA (video and pulse coupling 0)."
+    return set(table.run[[synthetic_couplings(d) == dict(video=0.0, pulse=0.0) for d in table.data]])
+
+def beats(row: pd.Series, reference: str, metric: str = "r") -> tuple[bool, str] | None:
+    "Whether a run beats a reference in its paired test (p < 0.05 and better in most subjects), and the evidence; None without a test."
+    p, better = row.get(f"p_vs_{reference} ({metric})", np.nan), str(row.get(f"better than {reference} ({metric})", ""))
+    if "/" not in better or not np.isfinite(p): return None
+    wins, n = (int(v) for v in better.split("/"))
+    return p < 0.05 and wins > n / 2, f"better in {wins} of {n} subjects, Wilcoxon p {format_p(p)}"
 
 def answer_face(table: pd.DataFrame, null: set[str]) -> list[str]:
-    "Can EDA be predicted from the face? The best coupled run against the elapsed-time baseline."
+    "Can EDA be predicted from the face? The best coupled run against the per-task elapsed-time line (the protocol alone)."
+    label = "**Can EDA be predicted from the face?**"
     coupled = table.dropna(subset=["r_mean"])
     coupled = coupled[~coupled.run.isin(null)]
-    if not len(coupled): return ["**Can EDA be predicted from the face?** Not answered: no run on coupled data with an r."]
+    if not len(coupled): return [f"{label} Not answered: no run on coupled data with an r."]
     top = coupled.iloc[0]
-    p, better = top["p_vs_elapsed (r)"], str(top["better than elapsed (r)"])
-    wins, n = (int(v) for v in better.split("/")) if "/" in better else (0, 0)
-    reads = p < 0.05 and wins > n / 2
-    return [f"**Can EDA be predicted from the face?** The best run, {top.run}, tracks EDA within recordings with r {top.r}; "
-            f"it is better than the elapsed-time baseline in {better} subjects (Wilcoxon p {p:.4f}" +
-            ("), so it reads more than the time since the start." if reads else
-             "), so these runs do not show that it reads more than the time since the start.")]
+    test = beats(top, "elapsed_task")
+    if test is None: return [f"{label} Not answered: {top.run} has no test against the per-task elapsed-time line (a run made before it existed)."]
+    return [f"{label} The best run, {top.run}, tracks EDA within recordings with r {top.r}; against one elapsed-time line "
+            f"per task (what the protocol alone gives) it is {test[1]}, so " +
+            ("it reads more than the time since the task started." if test[0] else
+             "these runs do not show that it reads more than the time since the task started.")]
+
+def answer_pulse(table: pd.DataFrame, null: set[str]) -> list[str]:
+    "Does a BVP model read more than the pulse alone? Each coupled BVP run against the BVP-only reference of its own folds."
+    label, out = "**Does the face add to the pulse?**", []
+    for _, row in table[~table.run.isin(null)].iterrows():
+        test = beats(row, "bvp_only") if "bvp" in f"{row.model} {row.model_args}" else None
+        if test is None: continue
+        out.append(f"{label} {row.run} (r {row.r}) against a linear map from heart rate alone: {test[1]}, so " +
+                   ("it reads more than the pulse." if test[0] else "these runs do not show that it reads more than the pulse."))
+    return out or [f"{label} Not answered: no run of a BVP model with a BVP-only reference."]
 
 def answer_null_twins(results: Path, table: pd.DataFrame, runs: pd.DataFrame, null: set[str]) -> list[str]:
     "Does each run beat its null twin (the same configuration on null data), and is the twin's r near 0?"
@@ -212,14 +258,14 @@ def study_answers(results: str | Path,    # results folder of `edanb run`
     "The study's questions, each answered by the runs that decide it, or marked as not answered."
     results, null = Path(results), null_runs(table)
     others = table[~table.run.isin(null)]
-    out = answer_face(table, null) + answer_null_twins(results, table, runs, null)
+    out = answer_face(table, null) + answer_pulse(table, null) + answer_null_twins(results, table, runs, null)
     for a, b, label in MODEL_QUESTIONS: out += answer_models(results, others, a, b, label)
     out += answer_physnet_bvp(results, others)
     out += answer_models(results, others, "seqcnn", "landmarks", "Do frames carry more than the landmarks?")
     for key, label in FACTOR_QUESTIONS: out += answer_factor(results, others, key, label)
     return out
 
-# %% ../nbs/08_study.ipynb #c019
+# %% ../nbs/08_study.ipynb #c021
 def run_stress(results: Path, run: str) -> pd.DataFrame:
     "Rest-vs-stress detection of every model of a run (kept in the run's folder once computed)."
     kept = results / run / "stress_detection.csv"

@@ -14,17 +14,17 @@ import numpy as np
 import pandas as pd
 
 from .core import parallel_map, pearson, progress_bar, write_atomic
-from .data import BVP_HZ, EDA_HZ, TASKS, VIDEO_FPS, recording_paths, subject_number
+from .data import BVP_HZ, EDA_HZ, TASKS, VIDEO_FPS, current_couplings, recording_paths, subject_number
 
 # %% auto #0
 __all__ = ['STREAMS', 'TASK_AROUSAL', 'PATCH_ROWS', 'PATCH_COLS', 'FACE_BOX', 'MOUTH', 'JPEG_QUALITY', 'EXPRESSION_MAX',
            'CUE_COLUMNS', 'stream', 'Subject', 'make_subject', 'ou_process', 'lowpass', 'scr_kernel', 'pulse_wave',
-           'Physiology', 'simulate_physiology', 'face_patch', 'background', 'Nuisance', 'simulate_nuisance', 'Cues',
-           'cues_from_physiology', 'affine', 'face_box', 'FaceRenderer', 'write_recording', 'pearson_or_zero',
-           'oracle_scores', 'SynthConfig', 'generate', 'summary']
+           'Physiology', 'rest_drift', 'simulate_physiology', 'face_patch', 'background', 'Nuisance',
+           'simulate_nuisance', 'Cues', 'cues_from_physiology', 'affine', 'face_box', 'FaceRenderer', 'write_recording',
+           'pearson_or_zero', 'oracle_scores', 'SynthConfig', 'generate', 'summary']
 
 # %% ../nbs/01_synth.ipynb #c006
-STREAMS = {"subject": 0, "physiology": 1, "nuisance": 2, "appearance": 3}
+STREAMS = {"subject": 0, "physiology": 1, "nuisance": 2, "appearance": 3, "pulse": 4}
 
 def stream(seed: int, subject: int, task: int, purpose: str) -> np.random.Generator:
     "An independent random generator for one (seed, subject, task, purpose); task 0 means subject-level."
@@ -100,7 +100,14 @@ class Physiology:
     bvp: np.ndarray        # BVP as recorded (pulse + breathing + noise)
     n_scr: int
 
-def simulate_physiology(subject: Subject, task: str, seconds: float, rng: np.random.Generator) -> Physiology:
+def rest_drift(n: int, dt: float, rng: np.random.Generator) -> np.ndarray:
+    "An arousal-like series at the rest level (0.15) with the same slow drift as the arousal, independent of it."
+    return np.clip(0.15 + ou_process(n, dt, 30.0, 0.08, rng), 0, 1)
+
+def simulate_physiology(subject: Subject, task: str, seconds: float, rng: np.random.Generator,
+                        pulse_coupling: float = 1.0,               # how much heart rate follows arousal (0: not at all)
+                        pulse_rng: np.random.Generator | None = None, # the independent drift's stream (pulse_coupling < 1)
+                       ) -> Physiology:
     "Arousal, EDA, heart rate and BVP of `subject` doing `task` for `seconds` s."
     dt, n = 1 / BVP_HZ, int(round(seconds * BVP_HZ))
     t = np.arange(n) * dt
@@ -113,14 +120,15 @@ def simulate_physiology(subject: Subject, task: str, seconds: float, rng: np.ran
     amplitudes = subject.scr_us * np.exp(rng.normal(0, 0.4, n)) * (0.5 + arousal)
     phasic = np.convolve(np.where(onsets, amplitudes, 0.0), scr_kernel(BVP_HZ))[:n]
     eda = subject.tonic_us + subject.tonic_gain_us * tonic + phasic + rng.normal(0, 0.005, n)
-    heart_rate = subject.hr_rest + 25 * arousal
+    drive = arousal if pulse_coupling == 1 else pulse_coupling * arousal + (1 - pulse_coupling) * rest_drift(n, dt, pulse_rng)
+    heart_rate = subject.hr_rest + 25 * drive
     wave = pulse_wave(2 * np.pi * np.cumsum(heart_rate / 60) * dt + rng.uniform(0, 2 * np.pi))
     pulse = (wave - wave.mean()) / wave.std()
     breathing = 0.3 * np.sin(2 * np.pi * 0.25 * t + rng.uniform(0, 2 * np.pi))
     bvp = subject.bvp_amp * (pulse + breathing + rng.normal(0, 0.1, n))
     return Physiology(t, arousal, tonic, phasic, np.maximum(eda, 0.01), heart_rate, pulse, bvp, int(onsets.sum()))
 
-# %% ../nbs/01_synth.ipynb #c014
+# %% ../nbs/01_synth.ipynb #c016
 PATCH_ROWS, PATCH_COLS = slice(20, 200), slice(130, 310)  # head of skimage's astronaut, one face only
 FACE_BOX = (45, 56, 135, 146)  # x0, y0, x1, y1 of the face in the patch (face_recognition HOG)
 MOUTH = (93.0, 128.0)          # mouth centre in the patch (face_recognition landmarks)
@@ -139,7 +147,7 @@ def face_patch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     skin = _ellipse(patch.shape[:2], (90, 108), (38, 46), 6)
     return patch, head, skin
 
-# %% ../nbs/01_synth.ipynb #c015
+# %% ../nbs/01_synth.ipynb #c017
 def background(size: int, rng: np.random.Generator) -> np.ndarray:
     "A static per-subject background: a colour gradient with a few soft blocks (float32 RGB)."
     c0, c1 = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
@@ -167,7 +175,7 @@ def simulate_nuisance(n_frames: int, rng: np.random.Generator) -> Nuisance:
                     angle=ou_process(n_frames, dt, 4.0, 3.0, rng), scale=1 + ou_process(n_frames, dt, 5.0, 0.02, rng),
                     light=1 + ou_process(n_frames, dt, 20.0, 0.06, rng))
 
-# %% ../nbs/01_synth.ipynb #c016
+# %% ../nbs/01_synth.ipynb #c018
 @dataclass
 class Cues:
     "Visible cues per video frame, exactly as rendered (already scaled by coupling and subject gain)."
@@ -198,7 +206,7 @@ def face_box(m: np.ndarray) -> tuple[float, float, float, float]:
     corners = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]], np.float64) @ m.T
     return (*corners.min(0), *corners.max(0))
 
-# %% ../nbs/01_synth.ipynb #c017
+# %% ../nbs/01_synth.ipynb #c019
 class FaceRenderer:
     "Renders frames of one subject: face patch, cues, placement, background, light and noise."
     def __init__(self, subject: Subject, size: int, rng: np.random.Generator):
@@ -232,7 +240,7 @@ class FaceRenderer:
         frame = frame * light + self.noise[k % len(self.noise)]
         return cv2.cvtColor(np.clip(frame, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
 
-# %% ../nbs/01_synth.ipynb #c020
+# %% ../nbs/01_synth.ipynb #c022
 def _write_csv(path: Path, values: np.ndarray, fmt: str):
     np.savetxt(path, values, fmt=fmt)
 
@@ -242,8 +250,9 @@ def write_recording(out: str | Path,     # dataset folder
                     task: str,           # 'T1', 'T2' or 'T3'
                     seconds: float = 60, # duration
                     size: int = 256,     # video width and height in pixels
-                    coupling: float = 1.0, # strength of the visible cues (0: video independent of physiology)
+                    video_coupling: float = 1.0, # strength of the visible cues (0: video independent of physiology)
                     quality: int = JPEG_QUALITY, # MJPEG quality
+                    pulse_coupling: float = 1.0, # how much heart rate follows arousal (0: independent of it)
                    ) -> dict:
     "Simulate, render and write one recording; return a one-line summary."
     cv2.setNumThreads(1)
@@ -252,17 +261,18 @@ def write_recording(out: str | Path,     # dataset folder
     paths["video"].parent.mkdir(parents=True, exist_ok=True)
     truth = out / "ground_truth"
     truth.mkdir(exist_ok=True)
-    phys = simulate_physiology(subject, task, seconds, stream(seed, number, k, "physiology"))
+    phys = simulate_physiology(subject, task, seconds, stream(seed, number, k, "physiology"), pulse_coupling,
+                               stream(seed, number, k, "pulse"))
     n_frames = int(round(seconds * VIDEO_FPS))
     times = np.arange(n_frames) / VIDEO_FPS
-    cues = cues_from_physiology(phys, subject, times, coupling)
+    cues = cues_from_physiology(phys, subject, times, video_coupling)
     nuisance = simulate_nuisance(n_frames, stream(seed, number, k, "nuisance"))
     renderer = FaceRenderer(subject, size, stream(seed, number, 0, "appearance"))
     boxes = _render_video(paths["video"], renderer, nuisance, cues, size, quality)
     pd.DataFrame(boxes, columns=["x0", "y0", "x1", "y1"]).assign(
         frame=np.arange(n_frames), t=times).round(3).to_csv(truth / f"{subject.name}_{task}_face_boxes.csv", index=False)
     eda_idx = np.arange(0, len(phys.t), BVP_HZ // EDA_HZ)
-    cues_4hz = cues_from_physiology(phys, subject, phys.t[eda_idx], coupling)
+    cues_4hz = cues_from_physiology(phys, subject, phys.t[eda_idx], video_coupling)
     pd.DataFrame(dict(t=phys.t[eda_idx], arousal=phys.arousal[eda_idx], tonic=phys.tonic[eda_idx],
                       phasic_us=phys.phasic_us[eda_idx], heart_rate=phys.heart_rate[eda_idx], **asdict(cues_4hz))
                  ).to_csv(truth / f"{subject.name}_{task}_signals.csv", index=False, float_format="%.6g")
@@ -288,7 +298,7 @@ def _render_video(path: Path, renderer: FaceRenderer, nuisance: Nuisance, cues: 
     write_atomic(path, render)
     return boxes
 
-# %% ../nbs/01_synth.ipynb #c022
+# %% ../nbs/01_synth.ipynb #c024
 CUE_COLUMNS = ["flush", "expression", "pulse"]
 
 def pearson_or_zero(x: np.ndarray, y: np.ndarray) -> float:
@@ -319,14 +329,15 @@ def oracle_scores(root: str | Path) -> dict:
                 mean_r_own_fit=float(np.mean([v["r_own_fit"] for v in per.values()])),
                 weights=dict(zip(CUE_COLUMNS, weights.tolist())), recordings=per)
 
-# %% ../nbs/01_synth.ipynb #c024
+# %% ../nbs/01_synth.ipynb #c026
 @dataclass
 class SynthConfig:
     "Parameters of a synthetic UBFC-Phys-format dataset."
     subjects: int = 12       # number of subjects (s1..sN)
     seconds: float = 60.0    # duration of each task
     size: int = 256          # video width and height (UBFC-Phys: 1024)
-    coupling: float = 1.0    # strength of the visible cues; 0 = null control
+    video_coupling: float = 1.0  # strength of the visible cues; 0 = a video independent of the physiology
+    pulse_coupling: float = 1.0  # how much heart rate follows arousal; 0 = a pulse independent of it (BVP's null)
     seed: int = 0            # everything is deterministic for a seed
     quality: int = JPEG_QUALITY  # MJPEG quality
 
@@ -339,7 +350,7 @@ def _check_target(out: Path, config: SynthConfig) -> bool:
     if not params.is_file():
         raise FileExistsError(f"{out}: folder is not empty and is not a synthetic edanb dataset; refusing to overwrite it")
     params = json.loads(params.read_text())
-    return params.get("complete", False) and params.get("config") == asdict(config)
+    return params.get("complete", False) and current_couplings(params.get("config") or {}) == asdict(config)
 
 def _write_params(out: Path, config: SynthConfig, complete: bool):
     _params_path(out).write_text(json.dumps(dict(generator="edanb.synth", complete=complete, config=asdict(config)),
@@ -361,7 +372,7 @@ def generate(out: str | Path,             # folder to write (created)
     shutil.rmtree(out / "ground_truth", ignore_errors=True)
     (out / "ground_truth").mkdir(parents=True)
     _write_params(out, config, complete=False)  # marks the folder as ours, so an interrupted run can be redone
-    jobs = [(out, config.seed, n, task, config.seconds, config.size, config.coupling, config.quality)
+    jobs = [(out, config.seed, n, task, config.seconds, config.size, config.video_coupling, config.quality, config.pulse_coupling)
             for n in range(1, config.subjects + 1) for task in TASKS]
     from edanb import synth  # spawned workers import the function by name, not a notebook's copy of it
     for _ in progress_bar(parallel_map(synth.write_recording, jobs, workers), progress, total=len(jobs),

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .config import RUN_INDEPENDENT, DatasetConfig, TrainConfig, current_names
-from .core import progress_bar, write_atomic, write_json
+from .config import CENTRING, RUN_INDEPENDENT, DatasetConfig, TrainConfig, current_names
+from .core import progress_bar, provenance, remove_path, stale_reasons, write_atomic, write_json
 from .data import kfold_subjects, load_split, save_split, split_subjects, subject_number
 from .dataset import (ClipDataset, Normaliser, augment_clip, cached_recordings, frame_difference,
                            make_datasets, reflect_index)
@@ -29,11 +29,12 @@ from .metrics import make_loss, metrics_table, predictions_table, reference_pred
 from .models import MODELS, create_model
 
 # %% auto #0
-__all__ = ['make_splits', 'seed_everything', 'resolve_device', 'distributed', 'rng_state', 'set_rng_state', 'fold_device',
-           'end_distributed', 'to_device', 'autocast', 'predict', 'score', 'selection_value', 'clip_targets',
-           'ResidentClips', 'shuffled_order', 'ResidentBatches', 'make_optimiser', 'train_epoch', 'dataset_config',
-           'build_model', 'model_and_data', 'EarlyStopping', 'Training', 'Fold', 'start_fold', 'resume', 'epoch_loader',
-           'validate', 'run_epoch', 'save_epoch', 'epoch_line', 'test_fold', 'fit_fold', 'same_run', 'fit']
+__all__ = ['RUN_OUTPUTS', 'make_splits', 'seed_everything', 'resolve_device', 'distributed', 'rng_state', 'set_rng_state',
+           'fold_device', 'end_distributed', 'to_device', 'autocast', 'predict', 'score', 'selection_value',
+           'clip_targets', 'ResidentClips', 'shuffled_order', 'ResidentBatches', 'make_optimiser', 'train_epoch',
+           'dataset_config', 'build_model', 'model_and_data', 'EarlyStopping', 'Training', 'Fold', 'start_fold',
+           'resume', 'epoch_loader', 'validate', 'run_epoch', 'save_epoch', 'epoch_line', 'test_fold', 'fit_fold',
+           'same_run', 'stale_run', 'clear_run', 'open_run', 'fit']
 
 # %% ../nbs/06_train.ipynb #c007
 def make_splits(config: TrainConfig) -> list[dict[str, list[str]]]:
@@ -429,20 +430,45 @@ def same_run(saved: dict, config: TrainConfig) -> bool:
     saved = current_names(saved)
     return all(saved.get(k) == v for k, v in asdict(config).items() if k not in RUN_INDEPENDENT)
 
-def fit(config: TrainConfig,                                      # the experiment
-        on_epoch: Callable[[pd.DataFrame], None] | None = None,   # called with the history after every epoch
-       ) -> dict:                                                 # what metrics.json holds
-    "Train every fold, test each with its best weights, write the run folder; resume an interrupted run, read a finished one."
-    rank, _ = distributed()
-    out = Path(config.out)
+RUN_OUTPUTS = ("metrics.json", "predictions.parquet", "provenance.json", "done.json")  # and the fold folders
+
+def stale_run(out: Path, config: TrainConfig) -> list[str]:
+    "Why the run in `out` was made by other code or data than today's (`edanb.core.stale_reasons`); empty when no run is there."
+    if not (out / "config.json").exists(): return []
+    saved = out / "provenance.json"
+    return stale_reasons(json.loads(saved.read_text()) if saved.exists() else None, provenance(config.data, config.cache))
+
+def clear_run(out: Path):
+    "Remove what a run wrote (`RUN_OUTPUTS`, fold folders), so that it is made again; its configuration stays."
+    for name in RUN_OUTPUTS: remove_path(out / name)
+    for fold in out.glob("fold*"): remove_path(fold)
+
+def open_run(config: TrainConfig) -> dict | None:
+    """Check the run folder before training: another configuration is an error; a run made by other code or data is
+    cleared and made again (kept with `reuse_stale`, and said so); a finished run's metrics are returned."""
+    (rank, world), out = distributed(), Path(config.out)
     if (out / "config.json").exists() and not same_run(json.loads((out / "config.json").read_text()), config):
         raise ValueError(f"{out}: holds a run with another configuration (see its config.json); choose another --out")
+    stale = stale_run(out, config) if rank == 0 else []
+    if stale:
+        print(f"{out}: made by other code or data ({'; '.join(stale)}): " + ("kept (reuse_stale)" if config.reuse_stale else "made again"))
+        if not config.reuse_stale: clear_run(out)
+    if world > 1: dist.barrier()
     if (out / "metrics.json").exists():
         if rank == 0: print(f"{out}: finished run, not retrained (metrics.json)")
         return json.loads((out / "metrics.json").read_text())
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", asdict(config))
+        if not (out / "provenance.json").exists(): write_json(out / "provenance.json", provenance(config.data, config.cache))
+    return None
+
+def fit(config: TrainConfig,                                      # the experiment
+        on_epoch: Callable[[pd.DataFrame], None] | None = None,   # called with the history after every epoch
+       ) -> dict:                                                 # what metrics.json holds
+    "Train every fold, test each with its best weights, write the run folder; resume an interrupted run, read a finished one."
+    finished, out, rank = open_run(config), Path(config.out), distributed()[0]
+    if finished is not None: return finished
     parts = []
     for fold, split in enumerate(make_splits(config)):
         done = out / f"fold{fold}" / "predictions.parquet"
@@ -453,13 +479,14 @@ def fit(config: TrainConfig,                                      # the experime
     samples = pd.concat(parts, ignore_index=True)
     metrics = dict(run_metrics(samples, config.data), config=asdict(config), folds=len(parts),
                    trained_on=dict(output=MODELS[config.model].output, scaling=config.eda_scaling, loss=config.loss,
-                                   shape_only=config.loss == "npc"))
+                                   shape_only=config.loss == "npc", centring=CENTRING[config.eda_scaling]),
+                   provenance=json.loads((out / "provenance.json").read_text()))
     if rank == 0:
         write_atomic(out / "predictions.parquet", lambda p: samples.to_parquet(p, index=False))
         write_json(out / "metrics.json", metrics)
     return metrics
 
-# %% ../nbs/06_train.ipynb #c045
+# %% ../nbs/06_train.ipynb #c047
 #| eval: false
 if __name__ == "__main__":   # `python -m edanb.train` was the command once: say what it is now, rather than do nothing
     raise SystemExit("python -m edanb.train is now python -m edanb train (torchrun: torchrun ... -m edanb train ...)")

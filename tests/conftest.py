@@ -16,13 +16,13 @@ def _generate(factory, name: str, **config) -> Path:
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
-    "Coupling 1: the face carries the arousal."
-    return _generate(tmp_path_factory, "synth", **STATS_CONFIG, coupling=1.0)
+    "Coupling 1: the face and the pulse carry the arousal."
+    return _generate(tmp_path_factory, "synth", **STATS_CONFIG, video_coupling=1.0, pulse_coupling=1.0)
 
 @pytest.fixture(scope="session")
 def null_root(tmp_path_factory) -> Path:
-    "Coupling 0: the null control."
-    return _generate(tmp_path_factory, "null", **STATS_CONFIG, coupling=0.0)
+    "Coupling 0 for the video and the pulse: the null control."
+    return _generate(tmp_path_factory, "null", **STATS_CONFIG, video_coupling=0.0, pulse_coupling=0.0)
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:

@@ -94,9 +94,9 @@ def test_the_summary_renders_the_numbers_of_metrics_json(grid_run):
         cell = f"{row['mean']:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
         assert table.loc[run, "ccc"] == cell
         assert cell in text
-        test = next(t for t in metrics["tests"] if t["model"] == metrics["config"]["model"] and t["baseline"] == "elapsed"
+        test = next(t for t in metrics["tests"] if t["model"] == metrics["config"]["model"] and t["baseline"] == "elapsed_task"
                     and t["metric"] == "r") if run != "model-naive" else None
-        if test: assert np.isclose(table.loc[run, "p_vs_elapsed (r)"], test["p_value"])
+        if test: assert np.isclose(table.loc[run, "p_vs_elapsed_task (r)"], test["p_value"])
     assert "Can EDA be predicted from the face?" in text
     assert table.loc["model-naive", "rest_vs_stress"].startswith("0.50")   # a constant prediction is chance
 
@@ -167,6 +167,15 @@ def test_the_shipped_grids_are_valid():
     assert augmented & {c.params.get("model") for c in demo if c.params.get("augment_p", 0) == 0} - {"naive"}
     assert all(c.params.get("folds", 0) >= 2 for c in demo)
     assert len(study) > len(demo)
+    assert all(c.params.get("preset") == "paper" for c in study)          # the study's model sizes, not the tiny ones
+    seed_study = dict(eda_scaling="minmax", frame_scaling="unit", augment_p=0.7, cache="data/ubfc-cache-face")
+    own = [c for c in study if all(c.params.get(k) == v for k, v in seed_study.items())]
+    assert {"naive", "seqcnn", "seqcnn_bvp", "physnet", "deepphys"} <= {c.params["model"] for c in own}
+    configurations = {}
+    for c in study:
+        key = json.dumps({k: v for k, v in c.params.items() if k != "seed"}, sort_keys=True)
+        configurations.setdefault(key, set()).add(c.params.get("seed", 0))
+    assert min(len(seeds) for seeds in configurations.values()) >= 3        # every configuration with 3 training seeds
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def test_ccc_by_hand():
 
 
 def test_stitching_identity_over_the_test_set(synth_cache):
-    datasets, norm = make_datasets(synth_cache, SPLIT, DatasetConfig(window=32, stride=12))
+    datasets, norm = make_datasets(synth_cache, SPLIT, DatasetConfig(window=32, stride=12, eda_scaling="zscore"))
     test = datasets["test"]
     clips = np.stack([test[i]["eda"].numpy() for i in range(len(test))])
     table = predictions_table(test.clips.recording, test.clips.start, clips, test.targets, norm)
@@ -51,7 +51,7 @@ def test_stitching_identity_over_the_test_set(synth_cache):
 
 
 def test_train_mean_prediction_has_nan_r_and_finite_errors(synth_cache):
-    datasets, norm = make_datasets(synth_cache, SPLIT)
+    datasets, norm = make_datasets(synth_cache, SPLIT, DatasetConfig(eda_scaling="zscore"))
     test = datasets["test"]
     naive = predictions_table(test.clips.recording, test.clips.start, np.zeros((len(test), 32)), test.targets, norm)
     rec = metrics_table(naive)
@@ -77,6 +77,14 @@ def test_compare_to_baseline_by_subject():
     assert row.p_value == pytest.approx(scipy.stats.wilcoxon(diff).pvalue)
     assert row.better_in == 4 and row.subjects == 6 and row.smallest_possible_p == pytest.approx(1 / 32)
     with pytest.raises(ValueError, match="baseline 'mean'"): compare_to_baseline(subjects, baseline="mean")
+
+
+@pytest.mark.parametrize("scaling", ["recording", "subject"])
+def test_the_oracle_is_centred_as_the_targets_are(synth_root, synth_cache, scaling):
+    "Each recording's cues centred on the recording (or its subject's rest task), as the targets are: a ceiling near 1."
+    datasets, norm = make_datasets(synth_cache, SPLIT, DatasetConfig(eda_scaling=scaling))
+    oracle = oracle_predictions(synth_root, synth_cache, split_recordings(synth_cache, SPLIT), norm)
+    assert metrics_table(oracle, "subject").r.iat[0] > 0.9
 
 
 def test_oracle_on_synthetic_and_null_data(synth_root, synth_cache):

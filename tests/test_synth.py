@@ -132,12 +132,12 @@ def render(out, coupling, monkeypatch=None, scale=1.0) -> bytes:
     "Write s1_T2 in-process, optionally with a different physiology; return the video bytes."
     if monkeypatch is not None:
         real = synth.simulate_physiology
-        def other_physiology(subject, task, seconds, rng):
-            phys = real(subject, "T3", seconds, np.random.default_rng(123))  # another task, another stream
+        def other_physiology(subject, task, seconds, rng, *pulse):
+            phys = real(subject, "T3", seconds, np.random.default_rng(123), *pulse)  # another task, another stream
             phys.tonic, phys.phasic_us, phys.pulse = phys.tonic * scale, phys.phasic_us * scale, -phys.pulse
             return phys
         monkeypatch.setattr(synth, "simulate_physiology", other_physiology)
-    synth.write_recording(out, 0, 1, "T2", seconds=2, size=96, coupling=coupling)
+    synth.write_recording(out, 0, 1, "T2", seconds=2, size=96, video_coupling=coupling)
     return recording_paths(out, "s1", "T2")["video"].read_bytes()
 
 
@@ -209,3 +209,44 @@ def test_ground_truth_holds_the_cues_as_rendered(synth_root):
     expression = pd.concat([pd.read_csv(p) for p in (synth_root / "ground_truth").glob("*_signals.csv")]).expression
     assert expression.min() >= 0 and expression.max() <= EXPRESSION_MAX
     assert (expression == EXPRESSION_MAX).mean() > 0.001   # the clip is reached here, so the check above can fail
+
+
+def within_recording_hr_eda_r(pulse_coupling: float, subjects: int = 40) -> float:
+    "Mean over recordings of r(heart rate, EDA), from the physiology exactly as `write_recording` draws it."
+    rs = []
+    for n in range(1, subjects + 1):
+        subject = synth.make_subject(0, n)
+        for k, task in enumerate(TASKS, 1):
+            phys = synth.simulate_physiology(subject, task, 60, synth.stream(0, n, k, "physiology"), pulse_coupling,
+                                             synth.stream(0, n, k, "pulse"))
+            rs.append(pearson(phys.heart_rate[::16], phys.eda_us[::16]))
+    return float(np.mean(rs))
+
+
+def test_pulse_decoupled_at_pulse_coupling_0():
+    "Coupled, heart rate follows arousal and so EDA (r 0.65 within recordings, 120 of them); decoupled, r 0.00."
+    assert within_recording_hr_eda_r(1.0) > 0.4
+    assert abs(within_recording_hr_eda_r(0.0)) < 0.1
+
+
+def test_null_data_has_no_pulse_coupling(null_root):
+    "The null fixture (--coupling 0): neither the heart rate nor its task level follows arousal."
+    truth = synth.summary(null_root)
+    rs = [pearson(pd.read_csv(null_root / "ground_truth" / f"{r}_signals.csv").heart_rate,
+                  np.loadtxt(recording_paths(null_root, *r.split("_"))["eda"])) for r in truth.recording]
+    assert abs(np.mean(rs)) < 0.15
+    by_task = truth.groupby("task").hr_bpm.mean()
+    assert abs(by_task["T3"] - by_task["T1"]) < 5    # coupled, T3 is ~12 bpm above T1
+
+
+def test_old_single_coupling_dataset_is_reused(tmp_path):
+    "A dataset written when `coupling` was one field (the video's; the pulse always coupled) is today's (c, 1)."
+    config = SynthConfig(subjects=1, seconds=2, size=48)
+    generate(tmp_path / "d", config, workers=1, progress=False)
+    params = tmp_path / "d" / "ground_truth" / "params.json"
+    old = json.loads(params.read_text())
+    old["config"] = {k: v for k, v in old["config"].items() if not k.endswith("_coupling")} | {"coupling": 1.0}
+    params.write_text(json.dumps(old))
+    stamp = (tmp_path / "d" / "s1" / "eda_s1_T1.csv").stat().st_mtime_ns
+    generate(tmp_path / "d", config, workers=1, progress=False)
+    assert (tmp_path / "d" / "s1" / "eda_s1_T1.csv").stat().st_mtime_ns == stamp   # not regenerated
