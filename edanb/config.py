@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 # %% auto #0
 __all__ = ['EDA_SCALINGS', 'REST_TASK', 'CENTRING', 'FRAME_SCALINGS', 'RENAMED', 'RUN_INDEPENDENT', 'DatasetConfig',
-           'TrainConfig', 'current_names', 'comparable']
+           'TrainConfig', 'current_names', 'before_provenance', 'comparable']
 
 # %% ../nbs/02a_config.ipynb #c005
 EDA_SCALINGS = ("recording", "subject", "zscore", "minmax")
@@ -98,6 +98,12 @@ def current_names(config: dict) -> dict:
     return {RENAMED.get(k, k): v for k, v in config.items()}
 
 RUN_INDEPENDENT = ("out", "progress", "workers", "device", "reuse_stale")  # TrainConfig fields that may differ between two runs that are the same
+
+def before_provenance(config: dict) -> dict:
+    """A configuration saved before run folders recorded their provenance (`provenance.json`), under today's names: its
+    'subject' EDA scaling removed each recording's own mean, which is today's 'recording'."""
+    config = current_names(config)
+    return {**config, "eda_scaling": "recording"} if config.get("eda_scaling") == "subject" else config
 
 def comparable(config: dict) -> dict:
     "A run's configuration without the fields that may differ between runs that are otherwise the same (`RUN_INDEPENDENT`)."

@@ -23,10 +23,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['PROVENANCE_CHECKED', 'temporary_path', 'remove_path', 'replace_path', 'write_atomic', 'write_json', 'cores',
-           'dask_client', 'finished', 'in_order', 'parallel_map', 'finite', 'format_interval', 'format_p',
-           'format_fraction', 'pearson', 'interactive', 'progress_bar', 'digest', 'package_folder', 'code_fingerprint',
-           'git_commit', 'version_of', 'cache_fingerprint', 'provenance', 'stale_reasons']
+__all__ = ['PROVENANCE_CHECKED', 'NOT_IN_RESULTS', 'SIGNAL_ARRAYS', 'temporary_path', 'remove_path', 'replace_path',
+           'write_atomic', 'write_json', 'cores', 'dask_client', 'finished', 'in_order', 'parallel_map', 'finite',
+           'format_interval', 'format_p', 'format_fraction', 'pearson', 'interactive', 'progress_bar', 'digest',
+           'package_folder', 'module_fingerprints', 'code_fingerprint', 'git_commit', 'version_of', 'entry_fingerprint',
+           'cache_fingerprint', 'provenance', 'stale_reasons']
 
 # %% ../nbs/00a_core.ipynb #c005
 def temporary_path(path: Path) -> Path:
@@ -177,10 +178,16 @@ def package_folder() -> Path:
     "The folder edanb is imported from (this checkout's `edanb/`, or site-packages)."
     return Path(importlib.import_module("edanb").__file__).resolve().parent
 
+NOT_IN_RESULTS = ("__init__.py", "__main__.py", "_modidx.py", "cli.py", "experiment.py", "plots.py", "stress.py", "study.py")
+
 @functools.cache
+def module_fingerprints() -> dict[str, str]:
+    "A hash of each of the edanb package's `.py` files that a run's numbers depend on (all but `NOT_IN_RESULTS`: the shell, grids, figures and the summary)."
+    return {p.name: digest(p.read_bytes()) for p in sorted(package_folder().glob("*.py")) if p.name not in NOT_IN_RESULTS}
+
 def code_fingerprint() -> str:
-    "A hash of the edanb package's own `.py` files (names and contents)."
-    return digest(*[p.name.encode() + p.read_bytes() for p in sorted(package_folder().glob("*.py"))])
+    "One hash of the edanb package's `.py` files (names and contents)."
+    return digest(module_fingerprints())
 
 @functools.cache
 def git_commit() -> str | None:
@@ -196,32 +203,49 @@ def version_of(package: str) -> str | None:
     try: return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError: return None
 
+SIGNAL_ARRAYS = ("eda", "bvp", "hr", "t", "landmarks")   # a cache entry's small arrays, hashed whole; frames are sampled
+
+def entry_fingerprint(folder: Path) -> str:
+    "A hash of one cache entry's arrays: the signals whole, and 16 frames spread over the recording (reading all would take long)."
+    parts = [(folder / f"{n}.npy").read_bytes() for n in SIGNAL_ARRAYS if (folder / f"{n}.npy").is_file()]
+    if (folder / "frames.npy").is_file():
+        frames = np.load(folder / "frames.npy", mmap_mode="r")
+        parts += [str(frames.shape).encode(), np.ascontiguousarray(frames[np.linspace(0, len(frames) - 1, 16).astype(int)]).tobytes()
+                  if len(frames) else b""]
+    return digest(*parts)
+
 def cache_fingerprint(cache: str | Path) -> dict:
     "The preprocessing key of a cache's entries, a fingerprint of the data in them, and the preprocessing settings (None for a missing cache)."
     entries = []
     for meta in sorted(Path(cache).glob("*/meta.json")):
         try: key = json.loads(meta.read_text()).get("key", {})
         except (OSError, json.JSONDecodeError): continue
-        eda = meta.parent / "eda.npy"
         sizes = {kind: stamp[0] for kind, stamp in key.get("sources", {}).items()}
-        entries.append((meta.parent.name, {k: key.get(k) for k in ("version", "config")}, sizes,
-                        hashlib.sha256(eda.read_bytes()).hexdigest() if eda.is_file() else None))
+        entries.append((meta.parent.name, {k: key.get(k) for k in ("version", "config")}, sizes, entry_fingerprint(meta.parent)))
     if not entries: return dict(cache_key=None, dataset=None, preprocessing=None)
     return dict(cache_key=digest(sorted({json.dumps(e[1], sort_keys=True) for e in entries})),
                 dataset=digest([(name, sizes, eda) for name, _, sizes, eda in entries]), preprocessing=entries[0][1]["config"])
 
-def provenance(data: str | Path = "", cache: str | Path = "") -> dict:
-    "What produced a run: code, versions, and the cache and data it read."
+def provenance(data: str | Path = "", # the dataset folder (a synthetic one's generator parameters count)
+               cache: str | Path = "", # the cache the run reads
+               split: str | Path = "", # a split file, whose contents count
+              ) -> dict:
+    "What produced a run: code, versions, and the cache, data and split it read."
     params = Path(data) / "ground_truth" / "params.json" if data else None
     fingerprint = cache_fingerprint(cache) if cache else dict(cache_key=None, dataset=None, preprocessing=None)
     if params is not None and params.is_file() and fingerprint["dataset"]:
         fingerprint["dataset"] = digest(fingerprint["dataset"], json.loads(params.read_text()).get("config"))
-    return dict(commit=git_commit(), edanb=version_of("edanb"), torch=version_of("torch"),
-                python=sys.version.split()[0], code=code_fingerprint(), **fingerprint)
+    if split and fingerprint["dataset"]:
+        fingerprint["dataset"] = digest(fingerprint["dataset"], Path(split).read_bytes() if Path(split).is_file() else None)
+    return dict(commit=git_commit(), edanb=version_of("edanb"), torch=version_of("torch"), python=sys.version.split()[0],
+                code=code_fingerprint(), modules=module_fingerprints(), **fingerprint)
 
 def stale_reasons(saved: dict | None, # the provenance a run folder recorded (None: it recorded none)
                   current: dict,      # today's (`provenance`)
-                 ) -> list[str]:      # what differs, e.g. ['code 1a2b… -> 3c4d…']; empty: the same
-    "Why a saved run was made by other code or data than today's."
+                 ) -> list[str]:      # what differs, e.g. ['code (metrics.py) 1a2b… -> 3c4d…']; empty: the same
+    "Why a saved run was made by other code or data than today's; a code change names the modules that changed."
     if saved is None: return ["no provenance recorded (made by an older edanb)"]
-    return [f"{k} {saved.get(k)} -> {current.get(k)}" for k in PROVENANCE_CHECKED if saved.get(k) != current.get(k)]
+    old, new = saved.get("modules") or {}, current.get("modules") or {}
+    changed = ", ".join(sorted(m for m in {*old, *new} if old.get(m) != new.get(m))) if old else "modules not recorded"
+    name = lambda k: f"code ({changed})" if k == "code" and changed else k
+    return [f"{name(k)} {saved.get(k)} -> {current.get(k)}" for k in PROVENANCE_CHECKED if saved.get(k) != current.get(k)]

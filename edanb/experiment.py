@@ -137,7 +137,7 @@ def stale_cell(folder: Path, params: dict) -> list[str]:
     "Why a finished cell's run was made by other code or data than today's (`edanb.core.stale_reasons`)."
     saved, settings = folder / "provenance.json", {**train_defaults(), **params}
     return stale_reasons(json.loads(saved.read_text()) if saved.exists() else None,
-                         provenance(settings["data"], settings["cache"]))
+                         provenance(settings["data"], settings["cache"], settings["split"]))
 
 def cell_status(folder: Path, params: dict) -> str:
     "done (finished with these parameters) | stale (finished by other code or data) | conflict (other parameters) | todo."

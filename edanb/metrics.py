@@ -22,12 +22,13 @@ from .preprocess import load_cached
 from .synth import CUE_COLUMNS, lowpass
 
 # %% auto #0
-__all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'LABEL_CENTRED_US', 'METRICS', 'LOWER_IS_BETTER', 'MAX_LAG_S', 'HR_TIME_CONSTANTS',
-           'BASELINE_TESTS', 'pearson_per_clip', 'ccc_per_clip', 'mse_loss', 'npc_loss', 'ccc_loss', 'make_loss',
-           'stitch', 'series_table', 'stitch_shapes', 'clip_correlations', 'predictions_table', 'series_predictions',
-           'lagged_r', 'ccc', 'series_metrics', 'metrics_table', 'bootstrap_ci', 'summarise', 'compare_to_baseline',
-           'scaled_like_targets', 'linear_reference', 'cue_features', 'oracle_predictions', 'oracle_fraction',
-           'elapsed_time_series', 'elapsed_time_per_task', 'heart_rate_features', 'has_heart_rate', 'reference_series',
+__all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'LABEL_CENTRED_US', 'METRICS', 'LOWER_IS_BETTER', 'MAX_LAG_S', 'MIN_OVERLAP',
+           'MIN_SAMPLES', 'HR_TIME_CONSTANTS', 'BASELINE_TESTS', 'pearson_per_clip', 'ccc_per_clip', 'mse_loss',
+           'npc_loss', 'ccc_loss', 'make_loss', 'stitch', 'series_table', 'stitch_shapes', 'clip_correlations',
+           'predictions_table', 'series_predictions', 'lagged_r', 'ccc', 'series_metrics', 'metrics_table',
+           'bootstrap_ci', 'summarise', 'compare_to_baseline', 'scaled_like_targets', 'linear_reference',
+           'cue_features', 'oracle_predictions', 'oracle_fraction', 'elapsed_time_series', 'elapsed_time_per_task',
+           'mean_profile', 'task_profile', 'heart_rate_features', 'has_heart_rate', 'reference_series',
            'reference_predictions', 'ceiling_table', 'baseline_tests', 'run_metrics', 'headline']
 
 # %% ../nbs/05_metrics.ipynb #c006
@@ -178,16 +179,20 @@ def series_predictions(series: dict[str, np.ndarray],  # recording -> a predicti
 # %% ../nbs/05_metrics.ipynb #c018
 METRICS = ("mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "r", "r_lag", "lag_s", "clip_r", "npc", "ccc")
 LOWER_IS_BETTER = {"mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "npc"}
-MAX_LAG_S = 5.0  # lagged r: the best lag within ±5 s (skin conductance follows its sympathetic burst by 1-3 s)
+MAX_LAG_S = 5.0   # lagged r: the best lag within ±5 s (skin conductance follows its sympathetic burst by 1-3 s)
+MIN_OVERLAP = 0.8 # ... over at least 80 % of the recording
+MIN_SAMPLES = 20  # ... and at least 20 samples (5 s at 4 Hz); shorter recordings get no lagged r
 
 def lagged_r(pred: np.ndarray, target: np.ndarray, # one recording's series
              hz: float = 4.0,                      # their clock
-             max_lag_s: float = MAX_LAG_S,         # lags tried: every sample within ±max_lag_s (at most half the series)
+             max_lag_s: float = MAX_LAG_S,         # lags tried: every sample within ±max_lag_s ...
             ) -> tuple[float, float]:              # the highest r and its lag in s (> 0: the target follows the prediction)
-    "Pearson r at the lag that maximises it; among equal r the smallest lag wins; (NaN, NaN) when r is undefined at every lag."
+    """Pearson r at the lag that maximises it, over lags that keep `MIN_OVERLAP` of the series and `MIN_SAMPLES`; among
+    equal r the smaller lag wins, and of two equal lags the positive one; (NaN, NaN) when no lag has an r."""
     p, t, n = np.asarray(pred, np.float64), np.asarray(target, np.float64), len(pred)
-    best = (float("nan"), float("nan"))
-    for k in sorted(range(-min(round(max_lag_s * hz), n // 2), min(round(max_lag_s * hz), n // 2) + 1), key=abs):
+    best, most = (float("nan"), float("nan")), min(round(max_lag_s * hz), int(n * (1 - MIN_OVERLAP) + 1e-9), n - MIN_SAMPLES)
+    if most < 0: return best
+    for k in sorted(range(-most, most + 1), key=lambda k: (abs(k), -k)):
         r = pearson(p[:n - k], t[k:]) if k >= 0 else pearson(p[-k:], t[:n + k])
         if np.isfinite(r) and not r <= best[0]: best = (float(r), k / hz)
     return best
@@ -369,6 +374,23 @@ def elapsed_time_per_task(targets: dict[str, np.ndarray], # training recordings 
     pooled = elapsed_time_series(targets, hz)
     return lambda name, n: lines.get(task(name), pooled)(n)
 
+def mean_profile(series: list[np.ndarray]) -> np.ndarray:
+    "The mean of several series sample by sample, from their starts (as many of them as are that long)."
+    total, count = np.zeros(max(len(y) for y in series)), np.zeros(max(len(y) for y in series))
+    for y in series: total[:len(y)] += y; count[:len(y)] += 1
+    return total / count
+
+def task_profile(targets: dict[str, np.ndarray], # training recordings ('s3_T2', ...) -> normalised target
+                ) -> Callable[[str, int], np.ndarray]: # (recording, n) -> its prediction
+    "Per task, the mean training target at each sample since the recording started (its last value held beyond); a task never trained on gets all tasks' mean."
+    task = lambda name: name.split("_")[-1]
+    profiles = {k: mean_profile([y for n, y in targets.items() if task(n) == k]) for k in {task(n) for n in targets}}
+    pooled = mean_profile(list(targets.values()))
+    def predict(name: str, n: int) -> np.ndarray:
+        profile = profiles.get(task(name), pooled)
+        return profile[:n] if len(profile) >= n else np.concatenate([profile, np.full(n - len(profile), profile[-1])])
+    return predict
+
 # %% ../nbs/05_metrics.ipynb #c047
 HR_TIME_CONSTANTS = (3.0, 10.0, 30.0)  # s: heart rate low-passed with these time constants, beside the rate itself
 
@@ -381,9 +403,10 @@ def heart_rate_features(cache: str | Path, hz: float = 4.0) -> Callable[[str], n
         return np.column_stack([hr] + [lowpass(hr, 1 / hz, tau) for tau in HR_TIME_CONSTANTS])
     return features
 
-def has_heart_rate(cache: str | Path, names: Sequence[str]) -> bool:
-    "Whether every recording's cache entry holds a heart rate (the BVP-only reference needs it)."
-    return bool(cache) and all((Path(cache) / name / "hr.npy").is_file() for name in names)
+def has_heart_rate(cache: str | Path, names: Sequence[str], eda_scaling: str) -> bool:
+    "Whether the cache holds a heart rate for every recording and every recording its centre comes from (the BVP-only reference needs them)."
+    sources = {baseline_recording(eda_scaling, name) for name in names} - {None}
+    return bool(cache) and all((Path(cache) / name / "hr.npy").is_file() for name in {*names, *sources})
 
 # %% ../nbs/05_metrics.ipynb #c049
 def reference_series(datasets: dict,          # a fold's train / val / test `ClipDataset`s
@@ -391,14 +414,15 @@ def reference_series(datasets: dict,          # a fold's train / val / test `Cli
                      hz: float = 4.0,
                      cache: str | Path = "",  # the cache: with heart rate in it, the BVP-only reference is added
                     ) -> dict[str, dict[str, np.ndarray]]:  # reference -> test recording -> prediction, normalised units
-    "The label-free references fitted on the training recordings: naive (their mean), elapsed_task, elapsed, bvp_only."
+    "The label-free references fitted on the training recordings: naive (their mean), elapsed_task, task_profile, elapsed, bvp_only."
     test, train = datasets["test"].targets, datasets["train"].targets
     mean = float(np.concatenate(list(train.values())).mean())
-    per_task, pooled = elapsed_time_per_task(train, hz), elapsed_time_series(train, hz)
+    per_task, pooled, profile = elapsed_time_per_task(train, hz), elapsed_time_series(train, hz), task_profile(train)
     out = dict(naive={n: np.full(len(y), mean) for n, y in test.items()},
                elapsed_task={n: per_task(n, len(y)) for n, y in test.items()},
+               task_profile={n: profile(n, len(y)) for n, y in test.items()},
                elapsed={n: pooled(len(y)) for n, y in test.items()})
-    if has_heart_rate(cache, [*train, *test]):
+    if has_heart_rate(cache, [*train, *test], normaliser.eda_scaling):
         out["bvp_only"] = linear_reference(heart_rate_features(cache, hz), train, list(test), normaliser.eda_scaling)
     return out
 
@@ -436,7 +460,8 @@ def ceiling_table(subjects: pd.DataFrame, data: str | Path) -> pd.DataFrame | No
                              fraction_of_ceiling=wide.mean().values / float(ceiling.mean()), ceiling="oracle.json"))
 
 BASELINE_TESTS = {"naive": ("mse", "mse_us", "ccc", "r", "clip_r"),           # baseline -> metrics of its paired tests
-                  "elapsed_task": ("r", "r_lag", "clip_r", "ccc", "mse"), "elapsed": ("r", "clip_r", "ccc", "mse"),
+                  "elapsed_task": ("r", "r_lag", "clip_r", "ccc", "mse"), "task_profile": ("r", "r_lag", "clip_r", "ccc", "mse"),
+                  "elapsed": ("r", "clip_r", "ccc", "mse"),
                   "bvp_only": ("r", "r_lag", "ccc", "mse")}
 
 def baseline_tests(subjects: pd.DataFrame) -> list[pd.DataFrame]:

@@ -21,10 +21,10 @@ from .core import parallel_map, progress_bar, write_atomic
 from .data import BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, Recording, load_recording, scan
 
 # %% auto #0
-__all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'sample_count', 'frame_indices', 'resample', 'bandpass', 'heart_rate',
-           'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'detect_face', 'box_path', 'crop_window',
-           'crop_steps', 'reduction_for', 'landmarks_68', 'source_stamp', 'cache_key', 'read_meta', 'write_entry',
-           'preprocess_recording', 'load_cached', 'preprocess_job', 'preprocess_dataset']
+__all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'sample_count', 'frame_indices', 'resample', 'bandpass', 'pulse_frequency',
+           'heart_rate', 'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'detect_face', 'box_path',
+           'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'source_stamp', 'cache_key', 'read_meta',
+           'write_entry', 'preprocess_recording', 'load_cached', 'preprocess_job', 'preprocess_dataset']
 
 # %% ../nbs/02_preprocess.ipynb #c006
 def sample_count(rec: Recording, target_hz: float = EDA_HZ) -> int:
@@ -51,14 +51,36 @@ def bandpass(x: np.ndarray, hz: float, low: float = 0.7, high: float = 4.0) -> n
     sos = scipy.signal.butter(2, [low, min(high, 0.45 * hz)], btype="bandpass", fs=hz, output="sos")
     return scipy.signal.sosfiltfilt(sos, x)
 
+def pulse_frequency(bvp: np.ndarray, hz: float) -> float:
+    """The pulse's frequency (Hz, 0.6-3.5: 36-210 bpm) from Welch's spectrum of the detrended BVP: its strongest peak,
+    or a third or a half of it where that holds at least a fifth of the peak's power (the peak was a harmonic)."""
+    f, power = scipy.signal.welch(scipy.signal.detrend(bvp), hz, nperseg=min(len(bvp), int(hz * 16)))
+    band = (f >= 0.6) & (f <= 3.5)
+    if not band.any(): return 1.0
+    f, power = f[band], power[band]
+    peak = f[np.argmax(power)]
+    for k in (3, 2):
+        near = np.abs(f - peak / k) <= (f[1] - f[0] if len(f) > 1 else 0)
+        if near.any() and power[near].max() >= 0.2 * power.max(): return float(f[near][np.argmax(power[near])])
+    return float(peak)
+
 def heart_rate(bvp: np.ndarray, hz: float, times: np.ndarray) -> np.ndarray:
-    "Instantaneous heart rate (bpm) at `times` from BVP peak-to-peak intervals; NaN where there are too few peaks."
-    clean = bandpass(bvp, hz)
-    peaks, _ = scipy.signal.find_peaks(clean, distance=int(hz * 60 / 200), prominence=0.3 * clean.std())
-    if len(peaks) < 3: return np.full(len(times), np.nan, np.float32)
-    t_peaks = peaks / hz
-    bpm = 60 / np.diff(t_peaks)
-    return np.interp(times, (t_peaks[1:] + t_peaks[:-1]) / 2, bpm).astype(np.float32)
+    """Instantaneous heart rate (bpm) at `times` from BVP beat-to-beat intervals; NaN where there are too few beats.
+    Beats are at least 0.6 of the dominant pulse period apart, so the dicrotic wave of a slow pulse is not a beat, each is
+    placed between samples by a parabola through its peak, and an interval more than 30 % off the median of its
+    neighbours (a missed or an extra beat) is left out."""
+    clean = bandpass(bvp, hz, low=0.5)
+    peaks, _ = scipy.signal.find_peaks(clean, distance=max(1, int(0.6 * hz / pulse_frequency(bvp, hz))))
+    nan = np.full(len(times), np.nan, np.float32)
+    peaks = peaks[(peaks > 0) & (peaks < len(clean) - 1)]
+    if len(peaks) < 3: return nan
+    below, at, above = clean[peaks - 1], clean[peaks], clean[peaks + 1]   # each peak's time between samples (a parabola's vertex)
+    t_peaks = (peaks + 0.5 * (below - above) / np.where(below - 2 * at + above < 0, below - 2 * at + above, -1)) / hz
+    intervals = np.diff(t_peaks)
+    typical = scipy.ndimage.median_filter(intervals, 5, mode="mirror")
+    kept = np.abs(intervals - typical) < 0.3 * typical
+    if kept.sum() < 2: return nan
+    return np.interp(times, ((t_peaks[1:] + t_peaks[:-1]) / 2)[kept], 60 / intervals[kept]).astype(np.float32)
 
 # %% ../nbs/02_preprocess.ipynb #c012
 REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -196,7 +218,7 @@ def landmarks_68(image: np.ndarray, box: np.ndarray, reduction: int, window: tup
     return (points - (x0, y0)) / w
 
 # %% ../nbs/02_preprocess.ipynb #c021
-CACHE_VERSION = 2  # 2: box path interpolated between detections and smoothed without phase lag
+CACHE_VERSION = 3  # 2: box path interpolated between detections and smoothed without phase lag; 3: heart rate without dicrotic beats
 ARRAYS = ("frames", "eda", "bvp", "hr", "t", "frame_index", "boxes", "landmarks")
 
 def source_stamp(rec: Recording) -> dict:

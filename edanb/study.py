@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import TrainConfig, comparable, current_names
+from .config import TrainConfig, before_provenance, comparable, current_names
 from .core import format_interval, format_p, provenance, stale_reasons
 from .data import load_split, synthetic_couplings
 from .experiment import EXPERIMENTS, notebook_error
@@ -23,37 +23,43 @@ from .metrics import compare_to_baseline
 from .stress import stress_detection
 
 # %% auto #0
-__all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS', 'crop_of',
-           'current_provenance', 'staleness', 'finished_runs', 'baseline_test', 'run_labels', 'collect_runs',
+__all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS', 'run_config',
+           'crop_of', 'current_provenance', 'staleness', 'finished_runs', 'baseline_test', 'run_labels', 'collect_runs',
            'fold_model', 'study_row', 'study_table', 'seed_spread', 'per_subject', 'compare_runs', 'runs_differing_in',
-           'verdict', 'null_runs', 'beats', 'answer_face', 'answer_pulse', 'answer_null_twins', 'answer_models',
-           'answer_physnet_bvp', 'answer_factor', 'study_answers', 'run_stress', 'summary_table', 'run_summary']
+           'verdict', 'null_runs', 'beats', 'uses_pulse', 'answer_face', 'answer_pulse', 'answer_null_twins',
+           'answer_models', 'answer_physnet_bvp', 'answer_factor', 'study_answers', 'run_stress', 'summary_table',
+           'run_summary']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
+
+def run_config(metrics: dict) -> dict:
+    "A run's configuration from its metrics.json, under today's names (`before_provenance` for a run that recorded none)."
+    return current_names(metrics["config"]) if "provenance" in metrics else before_provenance(metrics["config"])
 
 def crop_of(metrics: dict) -> str:
     "How a run's cache was cropped, and at what size, e.g. 'face 36px', as its run folder recorded it (`provenance`)."
     config = (metrics.get("provenance") or {}).get("preprocessing")
     if config is None:   # a run made before run folders recorded it: the cache as it is now
-        metas = sorted(Path(current_names(metrics["config"])["cache"]).glob("*/meta.json"))
+        metas = sorted(Path(run_config(metrics)["cache"]).glob("*/meta.json"))
         config = json.loads(metas[0].read_text()).get("key", {}).get("config", {}) if metas else {}
     return f"{config.get('crop', '?')} {config.get('size', '?')}px" if config else "?"
 
 @functools.cache
-def current_provenance(data: str, cache: str) -> dict:
-    "Today's provenance for a run on `data` and `cache` (computed once per pair)."
-    return provenance(data, cache)
+def current_provenance(data: str, cache: str, split: str) -> dict:
+    "Today's provenance for a run on `data`, `cache` and `split` (computed once per triple)."
+    return provenance(data, cache, split)
 
 def staleness(metrics: dict) -> str:
     "'' for a run made by today's code and data; otherwise why not (it was kept with `reuse_stale`, or left by an older run)."
-    config = current_names(metrics["config"])
-    return "; ".join(stale_reasons(metrics.get("provenance"), current_provenance(config["data"], config["cache"])))
+    config = run_config(metrics)
+    return "; ".join(stale_reasons(metrics.get("provenance"), current_provenance(config["data"], config["cache"], config.get("split", ""))))
 
 def finished_runs(results: str | Path) -> list[Path]:
     "The `metrics.json` of every finished run in a results folder, and one level below (e.g. `results/null/<cell>`)."
     results = Path(results)
-    return sorted([*results.glob("*/metrics.json"), *results.glob("*/*/metrics.json")])
+    found = [*results.glob("*/metrics.json"), *results.glob("*/*/metrics.json")]
+    return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(results).parts))  # not .stale/
 
 def baseline_test(tests: pd.DataFrame, model: str, metric: str, baseline: str) -> dict:
     "A model's paired test against a baseline in one metric (`metrics.json`'s tests): its p, and in how many subjects it is better."
@@ -62,11 +68,11 @@ def baseline_test(tests: pd.DataFrame, model: str, metric: str, baseline: str) -
     return {f"p_vs_{baseline}": float(hit.p_value.iloc[0]),   # and the direction, which the p value does not give:
             f"better_vs_{baseline}": f"{int(hit.better_in.iloc[0])}/{int(hit.subjects.iloc[0] + hit.ties.iloc[0])}"}
 
-REFERENCES = ("naive", "elapsed_task", "elapsed", "bvp_only")  # the baselines a run's paired tests are against
+REFERENCES = ("naive", "elapsed_task", "task_profile", "elapsed", "bvp_only")  # the baselines a run's paired tests are against
 
 def run_labels(run: str, metrics: dict) -> dict:
     "What identifies a run in the study's tables, all read from its metrics.json: conditions, crop, seed, staleness."
-    config = current_names(metrics["config"])
+    config = run_config(metrics)
     return dict(run=run, trained=config["model"], config=json.dumps(comparable(config), sort_keys=True),
                 **{k: config.get(k) for k in CONDITIONS if k not in ("model", "crop")}, crop=crop_of(metrics),
                 seed=config.get("seed"), stale=staleness(metrics), folds=metrics.get("folds"),
@@ -97,9 +103,9 @@ def fold_model(run: str | Path,  # a run folder written by `fit`
     "A fold's best model and one of its test clips."
     import torch
     from torch.utils.data import default_collate
-    from edanb.train import model_and_data
+    from edanb.train import model_and_data, saved_config
     run = Path(run)
-    config = TrainConfig(**current_names(json.loads((run / "config.json").read_text())))
+    config = TrainConfig(**saved_config(run))
     model, datasets, _ = model_and_data(config, load_split(run / f"fold{fold}" / "split.json"))
     model.load_state_dict(torch.load(run / f"fold{fold}" / "best.pt", map_location="cpu", weights_only=True)["model"])
     test = datasets["test"]
@@ -108,7 +114,7 @@ def fold_model(run: str | Path,  # a run folder written by `fit`
 
 # %% ../nbs/08_study.ipynb #c011
 TABLE_METRICS = ("mse_us", "rmse_us", "r", "r_lag", "lag_s", "clip_r", "npc", "ccc")
-TABLE_TESTS = (("naive", "ccc"), ("elapsed_task", "r"), ("elapsed", "r"), ("bvp_only", "r"))  # (reference, metric) columns
+TABLE_TESTS = (("naive", "ccc"), ("elapsed_task", "r"), ("task_profile", "r"), ("elapsed", "r"), ("bvp_only", "r"))  # (reference, metric) columns
 
 def study_row(run: str, by: pd.DataFrame, metrics: tuple) -> dict:
     "One run's row of the study's table, from its trained model's rows of `collect_runs` (indexed by metric)."
@@ -132,7 +138,7 @@ def study_table(runs: pd.DataFrame,        # collect_runs(results)
     return table.join(seed_spread(table))
 
 def seed_spread(table: pd.DataFrame) -> pd.DataFrame:
-    "For each run, its configuration's mean r over training seeds and the spread between them (runs that differ only in `seed`)."
+    "For each run, its configuration's mean r over seeds and the spread between them (runs that differ only in `seed`, which sets the folds too)."
     key = table.config.map(lambda c: json.dumps({k: v for k, v in json.loads(c).items() if k != "seed"}, sort_keys=True))
     groups = table.r_mean.groupby(key)
     n, mean, spread = key.map(key.value_counts()), key.map(groups.mean()), key.map(groups.std(ddof=1))
@@ -178,35 +184,50 @@ def null_runs(table: pd.DataFrame) -> set[str]:
     "The runs on null data: synthetic data on which no input carries EDA (video and pulse coupling 0)."
     return set(table.run[[synthetic_couplings(d) == dict(video=0.0, pulse=0.0) for d in table.data]])
 
-def beats(row: pd.Series, reference: str, metric: str = "r") -> tuple[bool, str] | None:
-    "Whether a run beats a reference in its paired test (p < 0.05 and better in most subjects), and the evidence; None without a test."
+def beats(row: pd.Series, reference: str, metric: str = "r", tests: int = 1) -> tuple[bool, str] | None:
+    """Whether a run beats a reference in its paired test (p < 0.05 after a Bonferroni correction for `tests` runs
+    looked at, and better in most subjects), and the evidence; None without a test."""
     p, better = row.get(f"p_vs_{reference} ({metric})", np.nan), str(row.get(f"better than {reference} ({metric})", ""))
     if "/" not in better or not np.isfinite(p): return None
-    wins, n = (int(v) for v in better.split("/"))
-    return p < 0.05 and wins > n / 2, f"better in {wins} of {n} subjects, Wilcoxon p {format_p(p)}"
+    (wins, n), corrected = (int(v) for v in better.split("/")), min(1.0, p * tests)
+    evidence = f"better in {wins} of {n} subjects, Wilcoxon p {format_p(p)}"
+    if tests > 1: evidence += f" ({format_p(corrected)} after Bonferroni over the {tests} face-only runs)"
+    return corrected < 0.05 and wins > n / 2, evidence
+
+def uses_pulse(row: pd.Series) -> bool:
+    "Whether a run's model reads BVP (seqcnn_bvp, or `use_bvp` true in its arguments)."
+    args = row.model_args if isinstance(row.model_args, str) and row.model_args.strip() else "{}"
+    return row.model == "seqcnn_bvp" or bool(json.loads(args).get("use_bvp", False))
 
 def answer_face(table: pd.DataFrame, null: set[str]) -> list[str]:
-    "Can EDA be predicted from the face? The best coupled run against the per-task elapsed-time line (the protocol alone)."
+    """Can EDA be predicted from the face? The best coupled run of a model that reads the face alone against the
+    per-task elapsed-time line (the protocol alone), corrected for picking the best of several; then the task profile."""
     label = "**Can EDA be predicted from the face?**"
-    coupled = table.dropna(subset=["r_mean"])
-    coupled = coupled[~coupled.run.isin(null)]
-    if not len(coupled): return [f"{label} Not answered: no run on coupled data with an r."]
-    top = coupled.iloc[0]
-    test = beats(top, "elapsed_task")
-    if test is None: return [f"{label} Not answered: {top.run} has no test against the per-task elapsed-time line (a run made before it existed)."]
-    return [f"{label} The best run, {top.run}, tracks EDA within recordings with r {top.r}; against one elapsed-time line "
-            f"per task (what the protocol alone gives) it is {test[1]}, so " +
-            ("it reads more than the time since the task started." if test[0] else
-             "these runs do not show that it reads more than the time since the task started.")]
+    face = table.dropna(subset=["r_mean"])
+    face = face[~face.run.isin(null) & ~face.apply(uses_pulse, axis=1)]
+    if "p_vs_elapsed_task (r)" in face: face = face[face["p_vs_elapsed_task (r)"].notna()]   # runs made before that test: left out
+    if not len(face): return [f"{label} Not answered: no run of a face-only model on coupled data with an r."]
+    top, runs = face.iloc[0], len(face)
+    line, profile = beats(top, "elapsed_task", tests=runs), beats(top, "task_profile", tests=runs)
+    if line is None: return [f"{label} Not answered: {top.run} has no test against the per-task elapsed-time line (a run made before it existed)."]
+    out = [f"{label} The best face-only run, {top.run}, tracks EDA within recordings with r {top.r}; against one "
+           f"elapsed-time line per task (what the protocol alone gives) it is {line[1]}, so " +
+           ("it reads more than the time since the task started." if line[0] else
+            "these runs do not show that it reads more than the time since the task started.")]
+    if profile is not None:
+        out.append(f"Against each task's mean training trajectory (a stronger protocol-only reference) it is {profile[1]}" +
+                   (": it reads more than that too." if profile[0] else ": these runs do not show that it reads more than that."))
+    return out
 
 def answer_pulse(table: pd.DataFrame, null: set[str]) -> list[str]:
     "Does a BVP model read more than the pulse alone? Each coupled BVP run against the BVP-only reference of its own folds."
     label, out = "**Does the face add to the pulse?**", []
     for _, row in table[~table.run.isin(null)].iterrows():
-        test = beats(row, "bvp_only") if "bvp" in f"{row.model} {row.model_args}" else None
+        test = beats(row, "bvp_only") if uses_pulse(row) else None
         if test is None: continue
         out.append(f"{label} {row.run} (r {row.r}) against a linear map from heart rate alone: {test[1]}, so " +
-                   ("it reads more than the pulse." if test[0] else "these runs do not show that it reads more than the pulse."))
+                   ("it reads more than that map of the pulse." if test[0] else
+                    "these runs do not show that it reads more than that map of the pulse."))
     return out or [f"{label} Not answered: no run of a BVP model with a BVP-only reference."]
 
 def answer_null_twins(results: Path, table: pd.DataFrame, runs: pd.DataFrame, null: set[str]) -> list[str]:
@@ -215,7 +236,7 @@ def answer_null_twins(results: Path, table: pd.DataFrame, runs: pd.DataFrame, nu
     for x, y in runs_differing_in(table.dropna(subset=["r_mean"]), "data"):
         if (x in null) == (y in null): continue
         run, twin = (y, x) if x in null else (x, y)
-        out.append("Against the null data (same generator, no face-EDA coupling): " + verdict(compare_runs(results, run, twin)))
+        out.append("Against the null data (same generator, no input coupled to EDA): " + verdict(compare_runs(results, run, twin)))
         row = runs[(runs.run == twin) & (runs.model == runs.trained) & (runs.metric == "r")].iloc[0]
         out.append(f"On the null data itself {twin} has r {format_interval(row['mean'], row.ci_low, row.ci_high)}: " +
                    ("not estimable." if not np.isfinite(row["mean"]) else "its interval contains 0, as it should."

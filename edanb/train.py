@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .config import CENTRING, RUN_INDEPENDENT, DatasetConfig, TrainConfig, current_names
+from .config import CENTRING, RUN_INDEPENDENT, DatasetConfig, TrainConfig, before_provenance, current_names
 from .core import progress_bar, provenance, remove_path, stale_reasons, write_atomic, write_json
 from .data import kfold_subjects, load_split, save_split, split_subjects, subject_number
 from .dataset import (ClipDataset, Normaliser, augment_clip, cached_recordings, frame_difference,
@@ -34,7 +34,7 @@ __all__ = ['RUN_OUTPUTS', 'make_splits', 'seed_everything', 'resolve_device', 'd
            'clip_targets', 'ResidentClips', 'shuffled_order', 'ResidentBatches', 'make_optimiser', 'train_epoch',
            'dataset_config', 'build_model', 'model_and_data', 'EarlyStopping', 'Training', 'Fold', 'start_fold',
            'resume', 'epoch_loader', 'validate', 'run_epoch', 'save_epoch', 'epoch_line', 'test_fold', 'fit_fold',
-           'same_run', 'stale_run', 'clear_run', 'open_run', 'fit']
+           'same_run', 'saved_config', 'stale_run', 'run_provenance', 'retire_run', 'open_run', 'fit']
 
 # %% ../nbs/06_train.ipynb #c007
 def make_splits(config: TrainConfig) -> list[dict[str, list[str]]]:
@@ -430,29 +430,42 @@ def same_run(saved: dict, config: TrainConfig) -> bool:
     saved = current_names(saved)
     return all(saved.get(k) == v for k, v in asdict(config).items() if k not in RUN_INDEPENDENT)
 
-RUN_OUTPUTS = ("metrics.json", "predictions.parquet", "provenance.json", "done.json")  # and the fold folders
+def saved_config(out: Path) -> dict:
+    "A run folder's config.json under today's names (an older run's, too)."
+    saved = json.loads((out / "config.json").read_text())
+    return current_names(saved) if (out / "provenance.json").exists() else before_provenance(saved)
+
+RUN_OUTPUTS = ("metrics.json", "predictions.parquet", "provenance.json", "done.json", "stress_detection.csv")  # and folds, figures
 
 def stale_run(out: Path, config: TrainConfig) -> list[str]:
     "Why the run in `out` was made by other code or data than today's (`edanb.core.stale_reasons`); empty when no run is there."
     if not (out / "config.json").exists(): return []
     saved = out / "provenance.json"
-    return stale_reasons(json.loads(saved.read_text()) if saved.exists() else None, provenance(config.data, config.cache))
+    return stale_reasons(json.loads(saved.read_text()) if saved.exists() else None, run_provenance(config))
 
-def clear_run(out: Path):
-    "Remove what a run wrote (`RUN_OUTPUTS`, fold folders), so that it is made again; its configuration stays."
-    for name in RUN_OUTPUTS: remove_path(out / name)
-    for fold in out.glob("fold*"): remove_path(fold)
+def run_provenance(config: TrainConfig) -> dict:
+    "Today's provenance of a run of `config` (`edanb.core.provenance` of its data, cache and split file)."
+    return provenance(config.data, config.cache, config.split)
+
+def retire_run(out: Path) -> Path:
+    "Move what a run wrote (`RUN_OUTPUTS`, fold folders) into `out/.stale/N/`, so that it is made again and nothing is lost."
+    taken = [int(p.name) for p in (out / ".stale").glob("*") if p.name.isdigit()]
+    stale = out / ".stale" / str(max(taken, default=-1) + 1)
+    stale.mkdir(parents=True)
+    for path in [*(out / name for name in RUN_OUTPUTS), *out.glob("fold*"), *out.glob("*.png")]:
+        if path.exists(): path.rename(stale / path.name)
+    return stale
 
 def open_run(config: TrainConfig) -> dict | None:
     """Check the run folder before training: another configuration is an error; a run made by other code or data is
-    cleared and made again (kept with `reuse_stale`, and said so); a finished run's metrics are returned."""
+    moved aside and made again (kept with `reuse_stale`, and said so); a finished run's metrics are returned."""
     (rank, world), out = distributed(), Path(config.out)
-    if (out / "config.json").exists() and not same_run(json.loads((out / "config.json").read_text()), config):
+    if (out / "config.json").exists() and not same_run(saved_config(out), config):
         raise ValueError(f"{out}: holds a run with another configuration (see its config.json); choose another --out")
     stale = stale_run(out, config) if rank == 0 else []
     if stale:
-        print(f"{out}: made by other code or data ({'; '.join(stale)}): " + ("kept (reuse_stale)" if config.reuse_stale else "made again"))
-        if not config.reuse_stale: clear_run(out)
+        kept = "kept (reuse_stale)" if config.reuse_stale else f"made again (the old one is in {retire_run(out)})"
+        print(f"{out}: made by other code or data ({'; '.join(stale)}): {kept}")
     if world > 1: dist.barrier()
     if (out / "metrics.json").exists():
         if rank == 0: print(f"{out}: finished run, not retrained (metrics.json)")
@@ -460,7 +473,7 @@ def open_run(config: TrainConfig) -> dict | None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", asdict(config))
-        if not (out / "provenance.json").exists(): write_json(out / "provenance.json", provenance(config.data, config.cache))
+        if not (out / "provenance.json").exists(): write_json(out / "provenance.json", run_provenance(config))
     return None
 
 def fit(config: TrainConfig,                                      # the experiment

@@ -31,8 +31,8 @@ def trained(small, tmp_path_factory):
 def test_every_run_carries_the_references_and_their_tests(trained):
     _, runs = trained
     for model, metrics in runs.items():
-        assert {model, "naive", "elapsed_task", "elapsed", "bvp_only", "oracle"} == set(metrics["models"])
-        assert {"naive", "elapsed_task", "elapsed", "bvp_only"} == {t["baseline"] for t in metrics["tests"]}
+        assert {model, "naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "oracle"} == set(metrics["models"])
+        assert {"naive", "elapsed_task", "task_profile", "elapsed", "bvp_only"} == {t["baseline"] for t in metrics["tests"]}
         assert {"r_lag", "lag_s"} <= {s["metric"] for s in metrics["summary"]}
         assert metrics["trained_on"]["centring"] == "each test recording's own mean EDA (from its labels)"
         assert metrics["provenance"]["code"] and metrics["provenance"]["dataset"]
@@ -56,8 +56,19 @@ def test_the_summary_answers_against_the_per_task_line_and_the_pulse(trained):
     assert (runs.stale == "").all()                   # made by this code, from this data
     answers = study_answers(results, study_table(runs), runs)
     face = answers[0]
-    assert "against one elapsed-time line per task" in face and "Wilcoxon p" in face and " of 2 subjects" not in face
+    assert "The best face-only run" in face and "seqcnn_bvp" not in face        # a BVP model does not answer for the face
+    assert "against one elapsed-time line per task" in face and "after Bonferroni over the 2 face-only runs" in face
     assert any(a.startswith("**Does the face add to the pulse?** seqcnn_bvp") and "heart rate alone" in a for a in answers)
+
+
+@pytest.mark.slow
+def test_the_cached_heart_rate_is_the_true_one(synth_root, synth_cache):
+    "The BVP-only reference stands on the cached heart rate: within 2 bpm of the generator's in every recording."
+    from edanb.preprocess import load_cached
+    for signals in sorted((synth_root / "ground_truth").glob("*_signals.csv")):
+        name = signals.name.removesuffix("_signals.csv")
+        entry, truth = load_cached(synth_cache, name), pd.read_csv(signals)
+        assert np.median(np.abs(entry["hr"] - np.interp(entry["t"], truth.t, truth.heart_rate))) < 2, name
 
 
 def test_subject_scaling_keeps_the_rest_to_stress_rise_that_recording_removes(small):
@@ -83,7 +94,10 @@ def test_a_run_made_by_other_code_is_made_again(small, tmp_path, capsys):
     again = fit(config)
     assert f"made by other code or data (code 0ther -> {made['code']}): made again" in capsys.readouterr().out
     assert again["provenance"] == made == json.loads(saved.read_text())
-    saved.unlink()                                    # a run folder of an edanb that recorded nothing
+    assert (tmp_path / "run" / ".stale" / "0" / "metrics.json").is_file()   # the old run is kept aside, not lost
+    saved.unlink()                                    # a run folder of an edanb that recorded nothing, and called
+    old = json.loads((tmp_path / "run" / "config.json").read_text())   # today's 'recording' scaling 'subject'
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**old, "eda_scaling": "subject"}))
     fit(config)
     assert "no provenance recorded" in capsys.readouterr().out
     saved.write_text(json.dumps({**made, "dataset": "0ther"}))
