@@ -26,7 +26,7 @@ from .core import cores, dask_client, parallel_map, progress_bar, provenance, st
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'WORKER_CELLS', 'GridError', 'train_defaults', 'typed_value', 'typed_block',
-           'Cell', 'slug', 'expand', 'named_cells', 'grid_cells', 'load_grid', 'parse_overrides', 'notebook_error',
+           'Cell', 'slug', 'expand', 'named_cells', 'parse_overrides', 'grid_cells', 'load_grid', 'notebook_error',
            'stale_cell', 'cell_status', 'run_cell', 'terminate_cells', 'worker_threads', 'run_cell_on_worker',
            'stop_dask_cells', 'failed_cell', 'sigterm_as_interrupt', 'cell_jobs', 'run_cells', 'run_grid']
 
@@ -42,6 +42,7 @@ def train_defaults() -> dict:
     "`TrainConfig`'s fields and their defaults."
     return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
+# %% ../nbs/07_experiment.ipynb #c018
 def typed_value(key: str, value, default, source) -> object:
     "A parameter given as text (`--set`, or YAML's `1e-3`, which PyYAML reads as a string) in its field's type."
     kind = type(default)
@@ -73,6 +74,7 @@ def slug(value) -> str:
     text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text.replace("/", "-")).strip("-") or "none"
 
+# %% ../nbs/07_experiment.ipynb #c021
 def expand(base: dict, blocks: list[dict], overrides: dict) -> list[dict]:
     "Each block's cartesian product over `base`, with `overrides` on top; duplicates removed, order kept."
     params = []
@@ -91,6 +93,18 @@ def named_cells(params: list[dict], keys: list[str], defaults: dict, source) -> 
     if len({c.name for c in cells}) < len(cells): raise GridError(source, "two cells get the same folder name")
     return cells
 
+# %% ../nbs/07_experiment.ipynb #c024
+def parse_overrides(items: list[str] | None, # 'key=value' strings, e.g. 'data=/shared/UBFC-Phys', 'lr=1e-3', 'diff=true'
+                   ) -> dict:
+    "The `--set key=value` options of `edanb run` as a dict of strings (`grid_cells` gives each its field's type)."
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip(): raise GridError("--set", f"expected key=value, got {item!r}")
+        overrides[key.strip()] = value
+    return overrides
+
+# %% ../nbs/07_experiment.ipynb #c027
 def grid_cells(grid: dict,               # parsed grid file: {'base': {...}, 'grid': {...} or [{...}, ...]}
                source: str | Path = "grid", # where it came from, for error messages
                overrides: dict | None = None, # parameters set in every cell, over the grid's own (`edanb run --set`)
@@ -113,16 +127,6 @@ def load_grid(path: str | Path,              # grid file (YAML)
     except yaml.YAMLError as e: raise GridError(path, f"not YAML ({e})") from None
     return grid_cells(grid, path, overrides)
 
-def parse_overrides(items: list[str] | None, # 'key=value' strings, e.g. 'data=/shared/UBFC-Phys', 'lr=1e-3', 'diff=true'
-                   ) -> dict:
-    "The `--set key=value` options of `edanb run` as a dict of strings (`grid_cells` gives each its field's type)."
-    overrides = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip(): raise GridError("--set", f"expected key=value, got {item!r}")
-        overrides[key.strip()] = value
-    return overrides
-
 # %% ../nbs/07_experiment.ipynb #c011
 def notebook_error(path: Path) -> str:
     "The error that stopped an executed notebook ('ename: evalue' of its first error output), or ''."
@@ -133,6 +137,7 @@ def notebook_error(path: Path) -> str:
             if output.get("output_type") == "error": return f"{output.get('ename')}: {output.get('evalue')}"
     return ""
 
+# %% ../nbs/07_experiment.ipynb #c030
 def stale_cell(folder: Path, params: dict) -> list[str]:
     "Why a finished cell's run was made by other code or data than today's (`edanb.core.stale_reasons`)."
     saved, settings = folder / "provenance.json", {**train_defaults(), **params}
@@ -146,6 +151,7 @@ def cell_status(folder: Path, params: dict) -> str:
     if not (folder / "done.json").exists(): return "todo"
     return "stale" if not params.get("reuse_stale") and stale_cell(folder, params) else "done"
 
+# %% ../nbs/07_experiment.ipynb #c033
 def run_cell(cell: Cell,                      # what to run
              results: Path,                   # results folder (the cell's folder is results / cell.name)
              notebook: Path,                  # the experiment notebook (experiments/train.ipynb)
@@ -193,6 +199,7 @@ def terminate_cells(running: dict | None = None) -> int:
     for process in processes: process.terminate()
     return len(processes)
 
+# %% ../nbs/07_experiment.ipynb #c036
 def worker_threads(client) -> dict[str, int]:
     "Torch threads per cell on each worker of a Dask cluster: its host's cores shared among the cells that host runs at once."
     workers = client.scheduler_info(n_workers=-1)["workers"]
@@ -213,6 +220,7 @@ def stop_dask_cells():
     from distributed import default_client
     default_client().run(terminate_cells)
 
+# %% ../nbs/07_experiment.ipynb #c038
 def failed_cell(cell: Cell, results: Path, error: Exception) -> dict:
     "The row of a cell that raised or lost its Dask worker; its folder says why (failed.json). The grid goes on."
     reason = f"{type(error).__name__}: {error}"
@@ -230,6 +238,7 @@ def sigterm_as_interrupt():
     try: yield
     finally: signal.signal(signal.SIGTERM, previous)
 
+# %% ../nbs/07_experiment.ipynb #c041
 def cell_jobs(cells: list[Cell], results: Path, notebook: Path, jobs: int, scheduler: str | None) -> dict:
     "How `run_cells` runs the cells (`parallel_map`'s arguments): here in threads, or as tasks on Dask workers."
     cwd, running = os.getcwd(), {}

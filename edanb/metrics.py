@@ -374,6 +374,7 @@ def elapsed_time_per_task(targets: dict[str, np.ndarray], # training recordings 
     pooled = elapsed_time_series(targets, hz)
     return lambda name, n: lines.get(task(name), pooled)(n)
 
+# %% ../nbs/05_metrics.ipynb #c063
 def mean_profile(series: list[np.ndarray]) -> np.ndarray:
     "The mean of several series sample by sample, from their starts (as many of them as are that long)."
     total, count = np.zeros(max(len(y) for y in series)), np.zeros(max(len(y) for y in series))

@@ -45,6 +45,7 @@ def crop_of(metrics: dict) -> str:
         config = json.loads(metas[0].read_text()).get("key", {}).get("config", {}) if metas else {}
     return f"{config.get('crop', '?')} {config.get('size', '?')}px" if config else "?"
 
+# %% ../nbs/08_study.ipynb #c028
 @functools.cache
 def current_provenance(data: str, cache: str, split: str) -> dict:
     "Today's provenance for a run on `data`, `cache` and `split` (computed once per triple)."
@@ -55,12 +56,14 @@ def staleness(metrics: dict) -> str:
     config = run_config(metrics)
     return "; ".join(stale_reasons(metrics.get("provenance"), current_provenance(config["data"], config["cache"], config.get("split", ""))))
 
+# %% ../nbs/08_study.ipynb #c031
 def finished_runs(results: str | Path) -> list[Path]:
     "The `metrics.json` of every finished run in a results folder, and one level below (e.g. `results/null/<cell>`)."
     results = Path(results)
     found = [*results.glob("*/metrics.json"), *results.glob("*/*/metrics.json")]
     return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(results).parts))  # not .stale/
 
+# %% ../nbs/08_study.ipynb #c034
 def baseline_test(tests: pd.DataFrame, model: str, metric: str, baseline: str) -> dict:
     "A model's paired test against a baseline in one metric (`metrics.json`'s tests): its p, and in how many subjects it is better."
     hit = tests[(tests.model == model) & (tests.baseline == baseline) & (tests.metric == metric)] if len(tests) else tests
@@ -70,6 +73,7 @@ def baseline_test(tests: pd.DataFrame, model: str, metric: str, baseline: str) -
 
 REFERENCES = ("naive", "elapsed_task", "task_profile", "elapsed", "bvp_only")  # the baselines a run's paired tests are against
 
+# %% ../nbs/08_study.ipynb #c036
 def run_labels(run: str, metrics: dict) -> dict:
     "What identifies a run in the study's tables, all read from its metrics.json: conditions, crop, seed, staleness."
     config = run_config(metrics)
@@ -184,6 +188,7 @@ def null_runs(table: pd.DataFrame) -> set[str]:
     "The runs on null data: synthetic data on which no input carries EDA (video and pulse coupling 0)."
     return set(table.run[[synthetic_couplings(d) == dict(video=0.0, pulse=0.0) for d in table.data]])
 
+# %% ../nbs/08_study.ipynb #c039
 def beats(row: pd.Series, reference: str, metric: str = "r", tests: int = 1) -> tuple[bool, str] | None:
     """Whether a run beats a reference in its paired test (p < 0.05 after a Bonferroni correction for `tests` runs
     looked at, and better in most subjects), and the evidence; None without a test."""
@@ -199,6 +204,7 @@ def uses_pulse(row: pd.Series) -> bool:
     args = row.model_args if isinstance(row.model_args, str) and row.model_args.strip() else "{}"
     return row.model == "seqcnn_bvp" or bool(json.loads(args).get("use_bvp", False))
 
+# %% ../nbs/08_study.ipynb #c042
 def answer_face(table: pd.DataFrame, null: set[str]) -> list[str]:
     """Can EDA be predicted from the face? The best coupled run of a model that reads the face alone against the
     per-task elapsed-time line (the protocol alone), corrected for picking the best of several; then the task profile."""

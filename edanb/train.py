@@ -29,7 +29,7 @@ from .metrics import make_loss, metrics_table, predictions_table, reference_pred
 from .models import MODELS, create_model
 
 # %% auto #0
-__all__ = ['RUN_OUTPUTS', 'make_splits', 'seed_everything', 'resolve_device', 'distributed', 'rng_state', 'set_rng_state',
+__all__ = ['RUN_OUTPUTS', 'make_splits', 'seed_everything', 'rng_state', 'set_rng_state', 'resolve_device', 'distributed',
            'fold_device', 'end_distributed', 'to_device', 'autocast', 'predict', 'score', 'selection_value',
            'clip_targets', 'ResidentClips', 'shuffled_order', 'ResidentBatches', 'make_optimiser', 'train_epoch',
            'dataset_config', 'build_model', 'model_and_data', 'EarlyStopping', 'Training', 'Fold', 'start_fold',
@@ -61,6 +61,15 @@ def seed_everything(seed: int):
     torch.use_deterministic_algorithms(True, warn_only=True)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+def rng_state() -> dict:
+    "The generators training draws from (initialisation, dropout, augmentation): torch's, on the CPU and every GPU."
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]: torch.cuda.set_rng_state_all(state["cuda"])
+
+# %% ../nbs/06_train.ipynb #c057
 def resolve_device(name: str) -> torch.device:
     if name == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -73,14 +82,6 @@ def distributed() -> tuple[int, int]:
         dist.init_process_group(backend)
         if backend == "nccl": torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
-
-def rng_state() -> dict:
-    "The generators training draws from (initialisation, dropout, augmentation): torch's, on the CPU and every GPU."
-    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"]: torch.cuda.set_rng_state_all(state["cuda"])
 
 def fold_device(config: TrainConfig) -> torch.device:
     "This process's device: the configured one, or under torchrun on GPUs the GPU of this rank."
@@ -101,6 +102,7 @@ def autocast(config: TrainConfig, device: torch.device):
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(config.amp)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
+# %% ../nbs/06_train.ipynb #c061
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset, config: TrainConfig, device: torch.device,
             resident: ResidentClips | None = None,  # the same clips held on the device (`data_on_device`)
@@ -127,6 +129,7 @@ def score(dataset, preds: np.ndarray, normaliser: Normaliser, config: TrainConfi
     return predictions_table(dataset.clips.recording, dataset.clips.start, preds, dataset.targets, normaliser,
                              shape_only=config.loss == "npc")
 
+# %% ../nbs/06_train.ipynb #c063
 def selection_value(recordings: pd.DataFrame, val_loss: float, metric: str) -> float:
     "The validation number that picks the best epoch, as 'higher is better' (NaN counts as worst)."
     value = -val_loss if metric == "loss" else recordings[metric].mean()  # mean over validation recordings
@@ -435,6 +438,7 @@ def saved_config(out: Path) -> dict:
     saved = json.loads((out / "config.json").read_text())
     return current_names(saved) if (out / "provenance.json").exists() else before_provenance(saved)
 
+# %% ../nbs/06_train.ipynb #c051
 RUN_OUTPUTS = ("metrics.json", "predictions.parquet", "provenance.json", "done.json", "stress_detection.csv")  # and folds, figures
 
 def stale_run(out: Path, config: TrainConfig) -> list[str]:
@@ -456,6 +460,7 @@ def retire_run(out: Path) -> Path:
         if path.exists(): path.rename(stale / path.name)
     return stale
 
+# %% ../nbs/06_train.ipynb #c054
 def open_run(config: TrainConfig) -> dict | None:
     """Check the run folder before training: another configuration is an error; a run made by other code or data is
     moved aside and made again (kept with `reuse_stale`, and said so); a finished run's metrics are returned."""
