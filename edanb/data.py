@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOLERANCE_S', 'UBFC_SPLIT', 'PARTS', 'DataError',
-           'read_signal', 'VideoInfo', 'probe_video', 'subject_number', 'recording_paths', 'Recording',
-           'load_recording', 'subject_folders', 'scan', 'discover', 'recordings_table', 'SplitError', 'split_counts',
-           'check_split', 'split_subjects', 'kfold_subjects', 'save_split', 'load_split', 'is_synthetic',
-           'current_couplings', 'synthetic_couplings']
+__all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOLERANCE_S', 'EDA_RANGE_US', 'MAX_EDA_SLOPE_US_S',
+           'UBFC_SPLIT', 'PARTS', 'DataError', 'read_signal', 'VideoInfo', 'probe_video', 'subject_number',
+           'recording_paths', 'Recording', 'load_recording', 'eda_quality', 'subject_folders', 'scan', 'discover',
+           'recordings_table', 'SplitError', 'split_counts', 'check_split', 'split_subjects', 'kfold_subjects',
+           'save_split', 'load_split', 'is_synthetic', 'current_couplings', 'synthetic_couplings']
 
 # %% ../nbs/00_data.ipynb #c005
 TASKS = ("T1", "T2", "T3")
@@ -112,6 +112,7 @@ class Recording:
     eda_len: int
     bvp_len: int
     info: Path | None = None
+    eda_flagged: int = 0   # EDA samples that a skin cannot produce (`eda_quality`): artefacts of the sensor
 
     @property
     def name(self) -> str: return f"{self.subject}_{self.task}"
@@ -144,10 +145,28 @@ def load_recording(root: str | Path,  # dataset folder holding s1/, s2/, ...
     eda, bvp = read_signal(paths["eda"]), read_signal(paths["bvp"])
     video = probe_video(paths["video"])
     rec = Recording(subject, task, paths["video"], paths["eda"], paths["bvp"], video.n_frames, video.fps,
-                    video.width, video.height, len(eda), len(bvp), _info_path(root, subject))
+                    video.width, video.height, len(eda), len(bvp), _info_path(root, subject), int(eda_quality(eda).sum()))
     _check_duration(rec.eda, "EDA", rec.eda_seconds, rec.video, rec.video_seconds, tolerance_s)
     _check_duration(rec.bvp, "BVP", rec.bvp_seconds, rec.video, rec.video_seconds, tolerance_s)
     return rec
+
+EDA_RANGE_US = (0.05, 60.0)  # what skin conductance can be (µS): below, the electrodes lost contact (Kleckner et al. 2018)
+MAX_EDA_SLOPE_US_S = 10.0     # faster than skin conductance changes (µS/s): a motion spike or drop (ibid.)
+
+def eda_quality(eda: np.ndarray,   # EDA as recorded (µS)
+                hz: float = EDA_HZ,
+                max_slope: float = MAX_EDA_SLOPE_US_S, # µS/s
+               ) -> np.ndarray:    # True where a sample is implausible
+    """Samples no skin produces: outside `EDA_RANGE_US`, on either side of a jump faster than `max_slope`, and between a
+    jump and the opposite jump that ends its excursion within 2 s (a spike's or a drop's plateau)."""
+    eda = np.asarray(eda, np.float64)
+    flagged = (eda < EDA_RANGE_US[0]) | (eda > EDA_RANGE_US[1])
+    step = np.diff(eda) * hz
+    jumps = np.flatnonzero(np.abs(step) > max_slope)
+    flagged[jumps] = True; flagged[jumps + 1] = True
+    for a, b in zip(jumps[:-1], jumps[1:]):
+        if np.sign(step[a]) != np.sign(step[b]) and b - a <= 2 * hz: flagged[a:b + 2] = True
+    return flagged
 
 def _info_path(root, subject) -> Path | None:
     path = Path(root) / subject / f"info_{subject}.txt"
@@ -199,10 +218,10 @@ def recordings_table(recordings: Sequence[Recording], problems: Sequence[DataErr
     "One row per recording (and per problem), ready to print."
     rows = [dict(recording=r.name, subject=r.subject, task=r.task, frames=r.n_frames, fps=round(r.fps, 3),
                  size=f"{r.width}x{r.height}", video_s=round(r.video_seconds, 2), eda_s=round(r.eda_seconds, 2),
-                 bvp_s=round(r.bvp_seconds, 2), problem="") for r in recordings]
+                 bvp_s=round(r.bvp_seconds, 2), eda_flagged=r.eda_flagged, problem="") for r in recordings]
     rows += [dict(recording=p.path.name, problem=str(p)) for p in problems]
     return pd.DataFrame(rows, columns=["recording", "subject", "task", "frames", "fps", "size",
-                                       "video_s", "eda_s", "bvp_s", "problem"])
+                                       "video_s", "eda_s", "bvp_s", "eda_flagged", "problem"])
 
 # %% ../nbs/00_data.ipynb #c020
 UBFC_SPLIT = (35, 10, 11)  # train / val / test subjects of the original study (56 subjects)

@@ -19,7 +19,7 @@ from .core import format_interval, pearson
 from .data import is_synthetic
 from .dataset import Normaliser, baseline_recording, clip_starts, evaluation_stride, reflect_index
 from .preprocess import load_cached
-from .synth import CUE_COLUMNS, lowpass
+from .synth import CUE_COLUMNS, lagged_cues, lowpass
 
 # %% auto #0
 __all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'LABEL_CENTRED_US', 'METRICS', 'LOWER_IS_BETTER', 'MAX_LAG_S', 'MIN_OVERLAP',
@@ -321,12 +321,13 @@ def linear_reference(features_of: Callable[[str], np.ndarray], # recording -> (n
     return {n: scaled_like_targets(features_of, n, eda_scaling) @ weights for n in test}
 
 def cue_features(root: str | Path, cache: str | Path) -> Callable[[str], np.ndarray]:
-    "recording -> its rendered cues (`CUE_COLUMNS`, ground_truth/*_signals.csv) on the cache's clock, (n, 3)."
+    "recording -> its rendered cues (`CUE_COLUMNS`, ground_truth/*_signals.csv) on the cache's clock, (n, 3), and in the rich world their last 8 s."
     @functools.cache
     def features(name: str) -> np.ndarray:
         signals = pd.read_csv(Path(root) / "ground_truth" / f"{name}_signals.csv")
         t = load_cached(cache, name)["t"]
-        return np.stack([np.interp(t, signals.t, signals[c]) for c in CUE_COLUMNS], 1)
+        cues = np.stack([np.interp(t, signals.t, signals[c]) for c in CUE_COLUMNS], 1)
+        return lagged_cues(cues, 1 / float(np.median(np.diff(t)))) if "latency_s" in signals else cues
     return features
 
 def oracle_predictions(root: str | Path,       # the synthetic dataset folder (with ground_truth/)

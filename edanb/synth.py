@@ -6,7 +6,7 @@
 from __future__ import annotations
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -17,14 +17,18 @@ from .core import parallel_map, pearson, progress_bar, write_atomic
 from .data import BVP_HZ, EDA_HZ, TASKS, VIDEO_FPS, current_couplings, recording_paths, subject_number
 
 # %% auto #0
-__all__ = ['STREAMS', 'TASK_AROUSAL', 'PATCH_ROWS', 'PATCH_COLS', 'FACE_BOX', 'MOUTH', 'JPEG_QUALITY', 'EXPRESSION_MAX',
-           'CUE_COLUMNS', 'stream', 'Subject', 'make_subject', 'ou_process', 'lowpass', 'scr_kernel', 'pulse_wave',
-           'Physiology', 'rest_drift', 'simulate_physiology', 'face_patch', 'background', 'Nuisance',
-           'simulate_nuisance', 'Cues', 'cues_from_physiology', 'affine', 'face_box', 'FaceRenderer', 'write_recording',
-           'pearson_or_zero', 'oracle_scores', 'SynthConfig', 'generate', 'summary']
+__all__ = ['STREAMS', 'TASK_AROUSAL', 'WORLDS', 'BURST_KERNEL', 'NON_RESPONDER_GAIN', 'PATCH_ROWS', 'PATCH_COLS', 'FACE_BOX',
+           'MOUTH', 'JPEG_QUALITY', 'TALKING_TASKS', 'EXPRESSION_MAX', 'CUE_COLUMNS', 'ORACLE_LAGS_S', 'stream',
+           'Subject', 'make_subject', 'ou_process', 'lowpass', 'scr_kernel', 'pulse_wave', 'Physiology', 'rest_drift',
+           'simulate_physiology', 'enrich_physiology', 'face_lead_s', 'subject_latency', 'is_responder', 'recorded_eda',
+           'face_patch', 'background', 'Nuisance', 'simulate_nuisance', 'Behaviour', 'simulate_behaviour', 'Cues',
+           'cues_from_physiology', 'affine', 'face_box', 'FaceRenderer', 'write_recording', 'recording_world',
+           'write_signals', 'pearson_or_zero', 'lagged_cues', 'oracle_cues', 'oracle_scores', 'SynthConfig', 'generate',
+           'summary']
 
 # %% ../nbs/01_synth.ipynb #c006
-STREAMS = {"subject": 0, "physiology": 1, "nuisance": 2, "appearance": 3, "pulse": 4}
+STREAMS = {"subject": 0, "physiology": 1, "nuisance": 2, "appearance": 3, "pulse": 4, "behaviour": 5, "cues": 6, "latency": 7,
+           "artefact": 8}
 
 def stream(seed: int, subject: int, task: int, purpose: str) -> np.random.Generator:
     "An independent random generator for one (seed, subject, task, purpose); task 0 means subject-level."
@@ -99,6 +103,11 @@ class Physiology:
     pulse: np.ndarray      # clean pulse waveform, zero mean, unit variance
     bvp: np.ndarray        # BVP as recorded (pulse + breathing + noise)
     n_scr: int
+    impulses: np.ndarray | None = None      # the sympathetic bursts: each SCR's amplitude at its onset, µS
+    visible_flush: np.ndarray | None = None # 'rich' world: what the face's flush follows (its own time constant and noise)
+    visible_burst: np.ndarray | None = None # 'rich' world: what the face's expression follows, at the burst (µS-like)
+    latency_s: float = 0.0                  # 'rich' world: how long after its burst an SCR starts
+    responder: bool = True                  # 'rich' world: False for a subject whose skin barely answers
 
 def rest_drift(n: int, dt: float, rng: np.random.Generator) -> np.ndarray:
     "An arousal-like series at the rest level (0.15) with the same slow drift as the arousal, independent of it."
@@ -126,7 +135,60 @@ def simulate_physiology(subject: Subject, task: str, seconds: float, rng: np.ran
     pulse = (wave - wave.mean()) / wave.std()
     breathing = 0.3 * np.sin(2 * np.pi * 0.25 * t + rng.uniform(0, 2 * np.pi))
     bvp = subject.bvp_amp * (pulse + breathing + rng.normal(0, 0.1, n))
-    return Physiology(t, arousal, tonic, phasic, np.maximum(eda, 0.01), heart_rate, pulse, bvp, int(onsets.sum()))
+    return Physiology(t, arousal, tonic, phasic, np.maximum(eda, 0.01), heart_rate, pulse, bvp, int(onsets.sum()),
+                      impulses=np.where(onsets, amplitudes, 0.0))
+
+# %% ../nbs/01_synth.ipynb #c032
+WORLDS = ("simple", "rich")
+BURST_KERNEL = dict(rise=0.15, decay=0.8, length_s=6.0)  # the face's response to a burst: faster than an SCR
+
+NON_RESPONDER_GAIN = 0.05  # a non-responder's skin answers a burst with 5 % of a responder's SCR
+
+def enrich_physiology(phys: Physiology,          # the simple world's physiology of a recording
+                      subject: Subject,
+                      latency_s: float,          # how long after its burst an SCR starts
+                      rng: np.random.Generator,  # the 'cues' stream: the face's own noise
+                      responder: bool = True,    # False: the skin barely answers (`NON_RESPONDER_GAIN`); the face still shows the bursts
+                     ) -> Physiology:
+    "The rich world's physiology: SCRs `latency_s` after their bursts, and visible series with time constants and noise of their own."
+    dt, n, k = 1 / BVP_HZ, len(phys.t), int(round(latency_s * BVP_HZ))
+    phasic = np.concatenate([np.zeros(min(k, n)), phys.phasic_us[:max(n - k, 0)]]) * (1.0 if responder else NON_RESPONDER_GAIN)
+    burst = np.convolve(phys.impulses, scr_kernel(BVP_HZ, **BURST_KERNEL))[:n] + ou_process(n, dt, 1.0, 0.1 * subject.scr_us, rng)
+    flush = lowpass(phys.arousal, dt, 4.0) + ou_process(n, dt, 2.0, 0.03, rng)
+    return replace(phys, phasic_us=phasic, eda_us=np.maximum(phys.eda_us - phys.phasic_us + phasic, 0.01),
+                   visible_flush=flush, visible_burst=burst, latency_s=float(latency_s), responder=responder)
+
+def face_lead_s(latency_s: float) -> float:
+    """How far the face's response leads the EDA's, peak to peak (s): the SCR latency plus the SCR's slower rise to its
+    peak. The lag at which the two correlate best is a little shorter (the SCR's slow decay weighs on it)."""
+    peak = lambda **kernel: np.argmax(scr_kernel(BVP_HZ, **kernel)) / BVP_HZ
+    return latency_s + peak() - peak(**BURST_KERNEL)
+
+def subject_latency(seed: int, number: int, low: float = 1.0, high: float = 3.0) -> float:
+    "A subject's SCR latency (s), drawn from its own stream within [low, high]."
+    return float(stream(seed, number, 0, "latency").uniform(low, high))
+
+def is_responder(seed: int, number: int, non_responders: float = 0.1) -> bool:
+    "Whether a subject's skin answers its bursts: a share `non_responders` of subjects, drawn from its own stream, does not."
+    rng = stream(seed, number, 0, "latency")
+    rng.uniform()                       # the latency's draw
+    return bool(rng.random() >= non_responders)
+
+def recorded_eda(eda: np.ndarray,           # the true EDA on the E4's clock (µS)
+                 rng: np.random.Generator,  # the 'artefact' stream
+                 per_minute: float = 1.0,   # artefacts per minute: motion spikes and drops, and (a third as many) dropouts
+                 hz: float = EDA_HZ,
+                ) -> tuple[np.ndarray, np.ndarray]: # the EDA as recorded, and which samples an artefact touched
+    "EDA as a wrist sensor records it: brief motion spikes and drops (3-8 µS, 0.25-1 s) and short dropouts (1-3 s near 0 µS)."
+    out, touched, n = np.array(eda, np.float64), np.zeros(len(eda), bool), len(eda)
+    minutes = n / hz / 60
+    for _ in range(rng.poisson(per_minute * minutes)):
+        start, length = rng.integers(0, n), int(rng.integers(1, 5))
+        out[start:start + length] += rng.choice([-1, 1]) * rng.uniform(3.0, 8.0); touched[start:start + length] = True
+    for _ in range(rng.poisson(per_minute / 3 * minutes)):
+        start, length = rng.integers(0, n), int(rng.uniform(1, 3) * hz)
+        out[start:start + length] = rng.uniform(0, 0.02); touched[start:start + length] = True
+    return np.maximum(out, 0.0), touched
 
 # %% ../nbs/01_synth.ipynb #c016
 PATCH_ROWS, PATCH_COLS = slice(20, 200), slice(130, 310)  # head of skimage's astronaut, one face only
@@ -168,12 +230,33 @@ class Nuisance:
     scale: np.ndarray  # multiplicative scale jitter
     light: np.ndarray  # multiplicative illumination
 
-def simulate_nuisance(n_frames: int, rng: np.random.Generator) -> Nuisance:
-    "Small random-walk head motion and slow illumination drift, the same distribution for every task."
+def simulate_nuisance(n_frames: int, rng: np.random.Generator,
+                      motion: float = 1.0,  # head motion scale (the rich world's speaking tasks: more)
+                     ) -> Nuisance:
+    "Small random-walk head motion and slow illumination drift; in the simple world the same distribution for every task."
     dt = 1 / VIDEO_FPS
-    return Nuisance(dx=ou_process(n_frames, dt, 3.0, 0.015, rng), dy=ou_process(n_frames, dt, 3.0, 0.012, rng),
-                    angle=ou_process(n_frames, dt, 4.0, 3.0, rng), scale=1 + ou_process(n_frames, dt, 5.0, 0.02, rng),
+    return Nuisance(dx=ou_process(n_frames, dt, 3.0, 0.015 * motion, rng), dy=ou_process(n_frames, dt, 3.0, 0.012 * motion, rng),
+                    angle=ou_process(n_frames, dt, 4.0, 3.0 * motion, rng), scale=1 + ou_process(n_frames, dt, 5.0, 0.02, rng),
                     light=1 + ou_process(n_frames, dt, 20.0, 0.06, rng))
+
+@dataclass
+class Behaviour:
+    "What a person does in a task whatever their arousal (rich world): talking, and more head motion while at it."
+    talking: np.ndarray  # mouth opening of speech per video frame, 0..0.8 (added to the expression when rendered)
+    motion: float        # head motion scale
+
+TALKING_TASKS = ("T2", "T3")   # UBFC-Phys: a speech, and mental arithmetic answered aloud
+
+def simulate_behaviour(n_frames: int, task: str, rng: np.random.Generator) -> Behaviour:
+    "Talking in the speaking tasks (3-6 syllables a second, in turns of 1-5 s, 70 % of them spoken), independent of arousal; none at rest."
+    if task not in TALKING_TASKS: return Behaviour(np.zeros(n_frames), 1.0)
+    turns, i = np.zeros(n_frames, bool), 0
+    while i < n_frames:
+        length = max(1, int(rng.uniform(1, 5) * VIDEO_FPS))
+        turns[i:i + length], i = rng.random() < 0.7, i + length
+    rate = rng.uniform(3.0, 6.0)   # syllables per second, this recording's
+    syllables = 0.5 * (1 + np.sin(2 * np.pi * rate * np.arange(n_frames) / VIDEO_FPS + rng.uniform(0, 2 * np.pi)))
+    return Behaviour(talking=0.8 * syllables * turns, motion=1.8)
 
 # %% ../nbs/01_synth.ipynb #c018
 @dataclass
@@ -189,8 +272,8 @@ def cues_from_physiology(phys: Physiology, subject: Subject, times: np.ndarray, 
     "Sample the visible cues at `times` (s), as they are rendered. With `coupling=0` they are exactly zero."
     g = coupling * subject.cue_gain
     at = lambda x: np.interp(times, phys.t, x)
-    return Cues(flush=g * at(phys.tonic), expression=np.clip(g * at(phys.phasic_us) / subject.scr_us, 0, EXPRESSION_MAX),
-                pulse=g * at(phys.pulse))
+    flush, burst = (phys.tonic, phys.phasic_us) if phys.visible_burst is None else (phys.visible_flush, phys.visible_burst)
+    return Cues(flush=g * at(flush), expression=np.clip(g * at(burst) / subject.scr_us, 0, EXPRESSION_MAX), pulse=g * at(phys.pulse))
 
 def affine(subject: Subject, nuisance: Nuisance, i: int, size: int, patch_size: int) -> np.ndarray:
     "The 2x3 matrix that places the patch in frame `i`."
@@ -253,36 +336,66 @@ def write_recording(out: str | Path,     # dataset folder
                     video_coupling: float = 1.0, # strength of the visible cues (0: video independent of physiology)
                     quality: int = JPEG_QUALITY, # MJPEG quality
                     pulse_coupling: float = 1.0, # how much heart rate follows arousal (0: independent of it)
+                    world: str = "simple",       # 'rich': SCR latency, the face's own time course, talking (`WORLDS`)
+                    latency_range: tuple[float, float] = (1.0, 3.0), # rich world: each subject's SCR latency is drawn in it (s)
+                    non_responders: float = 0.1,      # rich world: the share of subjects whose skin barely answers
+                    artefacts_per_min: float = 1.0,   # rich world: motion artefacts in the recorded EDA (and a third as many dropouts)
                    ) -> dict:
     "Simulate, render and write one recording; return a one-line summary."
     cv2.setNumThreads(1)
     out, subject, k = Path(out), make_subject(seed, number), TASKS.index(task) + 1
     paths = recording_paths(out, subject.name, task)
     paths["video"].parent.mkdir(parents=True, exist_ok=True)
-    truth = out / "ground_truth"
-    truth.mkdir(exist_ok=True)
-    phys = simulate_physiology(subject, task, seconds, stream(seed, number, k, "physiology"), pulse_coupling,
-                               stream(seed, number, k, "pulse"))
+    (out / "ground_truth").mkdir(exist_ok=True)
     n_frames = int(round(seconds * VIDEO_FPS))
+    phys, behaviour = recording_world(subject, seed, number, task, seconds, n_frames, pulse_coupling, world, latency_range,
+                                      non_responders)
     times = np.arange(n_frames) / VIDEO_FPS
     cues = cues_from_physiology(phys, subject, times, video_coupling)
-    nuisance = simulate_nuisance(n_frames, stream(seed, number, k, "nuisance"))
+    nuisance = simulate_nuisance(n_frames, stream(seed, number, k, "nuisance"), behaviour.motion)
     renderer = FaceRenderer(subject, size, stream(seed, number, 0, "appearance"))
-    boxes = _render_video(paths["video"], renderer, nuisance, cues, size, quality)
-    pd.DataFrame(boxes, columns=["x0", "y0", "x1", "y1"]).assign(
-        frame=np.arange(n_frames), t=times).round(3).to_csv(truth / f"{subject.name}_{task}_face_boxes.csv", index=False)
+    boxes = _render_video(paths["video"], renderer, nuisance, cues, size, quality, behaviour.talking if world == "rich" else None)
+    pd.DataFrame(boxes, columns=["x0", "y0", "x1", "y1"]).assign(frame=np.arange(n_frames), t=times).round(3).to_csv(
+        out / "ground_truth" / f"{subject.name}_{task}_face_boxes.csv", index=False)
     eda_idx = np.arange(0, len(phys.t), BVP_HZ // EDA_HZ)
-    cues_4hz = cues_from_physiology(phys, subject, phys.t[eda_idx], video_coupling)
-    pd.DataFrame(dict(t=phys.t[eda_idx], arousal=phys.arousal[eda_idx], tonic=phys.tonic[eda_idx],
-                      phasic_us=phys.phasic_us[eda_idx], heart_rate=phys.heart_rate[eda_idx], **asdict(cues_4hz))
-                 ).to_csv(truth / f"{subject.name}_{task}_signals.csv", index=False, float_format="%.6g")
-    _write_csv(paths["eda"], phys.eda_us[eda_idx], "%.6f")
+    eda, touched = phys.eda_us[eda_idx], None
+    if world == "rich": eda, touched = recorded_eda(eda, stream(seed, number, k, "artefact"), artefacts_per_min)
+    write_signals(out / "ground_truth" / f"{subject.name}_{task}_signals.csv", phys, eda_idx,
+                  cues_from_physiology(phys, subject, phys.t[eda_idx], video_coupling), behaviour if world == "rich" else None, touched)
+    _write_csv(paths["eda"], eda, "%.6f")
     _write_csv(paths["bvp"], phys.bvp, "%.3f")
-    return dict(recording=f"{subject.name}_{task}", frames=n_frames, eda_mean_us=float(phys.eda_us[eda_idx].mean()),
+    return dict(recording=f"{subject.name}_{task}", frames=n_frames, eda_mean_us=float(eda.mean()),
                 scr=phys.n_scr, hr_mean=float(phys.heart_rate.mean()))
 
+def recording_world(subject: Subject, seed: int, number: int, task: str, seconds: float, n_frames: int,
+                    pulse_coupling: float, world: str, latency_range: tuple[float, float],
+                    non_responders: float = 0.1) -> tuple[Physiology, Behaviour]:
+    "A recording's physiology and behaviour in the simple or the rich world (`WORLDS`)."
+    if world not in WORLDS: raise ValueError(f"world {world!r}: choose from {WORLDS}")
+    if not 0 <= latency_range[0] <= latency_range[1]: raise ValueError(f"latency range {latency_range} s: need 0 <= min <= max")
+    k = TASKS.index(task) + 1
+    phys = simulate_physiology(subject, task, seconds, stream(seed, number, k, "physiology"), pulse_coupling,
+                               stream(seed, number, k, "pulse"))
+    if world == "simple": return phys, Behaviour(np.zeros(n_frames), 1.0)
+    phys = enrich_physiology(phys, subject, subject_latency(seed, number, *latency_range), stream(seed, number, k, "cues"),
+                             responder=is_responder(seed, number, non_responders))
+    return phys, simulate_behaviour(n_frames, task, stream(seed, number, k, "behaviour"))
+
+def write_signals(path: Path, phys: Physiology, eda_idx: np.ndarray, cues: Cues, behaviour: Behaviour | None,
+                  artefact: np.ndarray | None = None):
+    "The ground truth of a recording on the EDA clock: latent series, the cues as rendered, and in the rich world the latency, talking and artefacts."
+    columns = dict(t=phys.t[eda_idx], arousal=phys.arousal[eda_idx], tonic=phys.tonic[eda_idx],
+                   phasic_us=phys.phasic_us[eda_idx], heart_rate=phys.heart_rate[eda_idx], **asdict(cues))
+    if behaviour is not None:
+        frames = np.arange(len(behaviour.talking)) / VIDEO_FPS
+        per_sample = np.convolve(behaviour.talking, np.ones(9) / 9, "same")   # over a quarter second, not aliased to 4 Hz
+        columns |= dict(latency_s=phys.latency_s, face_lead_s=face_lead_s(phys.latency_s), responder=phys.responder,
+                        talking=np.interp(phys.t[eda_idx], frames, per_sample), true_eda_us=phys.eda_us[eda_idx],
+                        artefact=artefact if artefact is not None else False)
+    pd.DataFrame(columns).to_csv(path, index=False, float_format="%.6g")
+
 def _render_video(path: Path, renderer: FaceRenderer, nuisance: Nuisance, cues: Cues, size: int,
-                  quality: int = JPEG_QUALITY) -> list[tuple]:
+                  quality: int = JPEG_QUALITY, talking: np.ndarray | None = None) -> list[tuple]:
     "Render and write the video atomically; the true face box of every frame."
     boxes, patch_size = [], renderer.patch.shape[0]
     def render(tmp: Path):
@@ -292,7 +405,8 @@ def _render_video(path: Path, renderer: FaceRenderer, nuisance: Nuisance, cues: 
         try:
             for i in range(len(cues.flush)):
                 m = affine(renderer.subject, nuisance, i, size, patch_size)
-                writer.write(renderer.frame(m, cues.flush[i], cues.expression[i], cues.pulse[i], nuisance.light[i], i))
+                mouth = cues.expression[i] if talking is None else min(cues.expression[i] + talking[i], EXPRESSION_MAX)
+                writer.write(renderer.frame(m, cues.flush[i], mouth, cues.pulse[i], nuisance.light[i], i))
                 boxes.append(face_box(m))
         finally: writer.release()
     write_atomic(path, render)
@@ -308,14 +422,30 @@ def pearson_or_zero(x: np.ndarray, y: np.ndarray) -> float:
 def _linear_fit(cues: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(cues, target, rcond=None)[0]
 
+ORACLE_LAGS_S = tuple(range(9))  # rich world: the oracle maps the cues of the last 8 s, since the EDA trails the face
+
+def lagged_cues(cues: np.ndarray,  # (n, k) cues on a clock of `hz`
+                hz: float = EDA_HZ,
+                lags_s: tuple = ORACLE_LAGS_S,
+               ) -> np.ndarray:    # (n, k * len(lags_s)): the cues delayed by each lag (the first value held before the start)
+    "The cues of the last seconds beside the present ones: what a linear map needs when the EDA follows the face."
+    n = len(cues)
+    shift = lambda k: np.concatenate([np.repeat(cues[:1], min(k, n), 0), cues[:max(n - k, 0)]])
+    return np.concatenate([shift(int(round(lag * hz))) for lag in lags_s], 1)
+
+def oracle_cues(signals: pd.DataFrame) -> np.ndarray:
+    "A recording's cues as the oracle reads them: as rendered, with their recent past in the rich world (where `latency_s` is recorded)."
+    cues = signals[CUE_COLUMNS].to_numpy()
+    return lagged_cues(cues) if "latency_s" in signals else cues
+
 def oracle_scores(root: str | Path) -> dict:
-    "The oracle ceiling of a synthetic dataset: r of EDA against the best linear map of the rendered cues."
+    "The oracle ceiling of a synthetic dataset: r of EDA against the best linear map of the rendered cues (and, in the rich world, their last 8 s)."
     root = Path(root)
     recordings = {}
     for signals in sorted((root / "ground_truth").glob("*_signals.csv")):
         name = signals.name.removesuffix("_signals.csv")
         subject, task = name.split("_")
-        cues = pd.read_csv(signals)[CUE_COLUMNS].to_numpy()
+        cues = oracle_cues(pd.read_csv(signals))
         eda = np.loadtxt(recording_paths(root, subject, task)["eda"])
         recordings[name] = (cues - cues.mean(0), eda - eda.mean())
     if not recordings: raise FileNotFoundError(f"{root / 'ground_truth'}: no *_signals.csv files")
@@ -327,7 +457,8 @@ def oracle_scores(root: str | Path) -> dict:
                        "(fitted on all recordings after removing each recording's mean), averaged over recordings",
                 mean_r=float(np.mean([v["r"] for v in per.values()])),
                 mean_r_own_fit=float(np.mean([v["r_own_fit"] for v in per.values()])),
-                weights=dict(zip(CUE_COLUMNS, weights.tolist())), recordings=per)
+                weights=dict(zip(CUE_COLUMNS if len(weights) == len(CUE_COLUMNS) else
+                                 [f"{c}_{lag}s" for lag in ORACLE_LAGS_S for c in CUE_COLUMNS], weights.tolist())), recordings=per)
 
 # %% ../nbs/01_synth.ipynb #c026
 @dataclass
@@ -340,6 +471,18 @@ class SynthConfig:
     pulse_coupling: float = 1.0  # how much heart rate follows arousal; 0 = a pulse independent of it (BVP's null)
     seed: int = 0            # everything is deterministic for a seed
     quality: int = JPEG_QUALITY  # MJPEG quality
+    world: str = "simple"        # simple (cues at lag 0, same behaviour in every task) | rich (SCR latency, the face's own time course, talking)
+    latency_min_s: float = 1.0   # rich world: the shortest SCR latency a subject is drawn (s)
+    latency_max_s: float = 3.0   # rich world: the longest (s)
+    non_responders: float = 0.1  # rich world: the share of subjects whose skin barely answers their bursts
+    artefacts_per_min: float = 1.0 # rich world: motion spikes and drops in the recorded EDA per minute (and a third as many dropouts)
+
+    def __post_init__(self):
+        if self.world not in WORLDS: raise ValueError(f"world {self.world!r}: choose from {WORLDS}")
+        if not 0 <= self.latency_min_s <= self.latency_max_s:
+            raise ValueError(f"latency range [{self.latency_min_s}, {self.latency_max_s}] s: need 0 <= min <= max")
+        if not 0 <= self.non_responders <= 1 or self.artefacts_per_min < 0:
+            raise ValueError(f"non_responders {self.non_responders} (a share, 0..1), artefacts_per_min {self.artefacts_per_min} (>= 0)")
 
 def _params_path(out: Path) -> Path: return out / "ground_truth" / "params.json"
 
@@ -350,7 +493,8 @@ def _check_target(out: Path, config: SynthConfig) -> bool:
     if not params.is_file():
         raise FileExistsError(f"{out}: folder is not empty and is not a synthetic edanb dataset; refusing to overwrite it")
     params = json.loads(params.read_text())
-    return params.get("complete", False) and current_couplings(params.get("config") or {}) == asdict(config)
+    saved = {**asdict(SynthConfig()), **current_couplings(params.get("config") or {})}  # a field added since: its default
+    return params.get("complete", False) and saved == asdict(config)
 
 def _write_params(out: Path, config: SynthConfig, complete: bool):
     _params_path(out).write_text(json.dumps(dict(generator="edanb.synth", complete=complete, config=asdict(config)),
@@ -372,7 +516,8 @@ def generate(out: str | Path,             # folder to write (created)
     shutil.rmtree(out / "ground_truth", ignore_errors=True)
     (out / "ground_truth").mkdir(parents=True)
     _write_params(out, config, complete=False)  # marks the folder as ours, so an interrupted run can be redone
-    jobs = [(out, config.seed, n, task, config.seconds, config.size, config.video_coupling, config.quality, config.pulse_coupling)
+    jobs = [(out, config.seed, n, task, config.seconds, config.size, config.video_coupling, config.quality, config.pulse_coupling,
+             config.world, (config.latency_min_s, config.latency_max_s), config.non_responders, config.artefacts_per_min)
             for n in range(1, config.subjects + 1) for task in TASKS]
     from edanb import synth  # spawned workers import the function by name, not a notebook's copy of it
     for _ in progress_bar(parallel_map(synth.write_recording, jobs, workers), progress, total=len(jobs),

@@ -1,4 +1,5 @@
 "The synthetic UBFC-Phys-format dataset: layout, rates, faces, the visible cue and the null control."
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -250,3 +251,72 @@ def test_old_single_coupling_dataset_is_reused(tmp_path):
     stamp = (tmp_path / "d" / "s1" / "eda_s1_T1.csv").stat().st_mtime_ns
     generate(tmp_path / "d", config, workers=1, progress=False)
     assert (tmp_path / "d" / "s1" / "eda_s1_T1.csv").stat().st_mtime_ns == stamp   # not regenerated
+
+
+@pytest.fixture(scope="module")
+def rich_root(tmp_path_factory) -> Path:
+    "The rich world (SCR latency, the face's own time course, talking): 4 subjects, 40 s, 64 px."
+    root = tmp_path_factory.mktemp("rich") / "ubfc"
+    generate(root, SynthConfig(subjects=4, seconds=40, size=64, world="rich"), progress=False)
+    return root
+
+
+def test_rich_world_latency_is_found_by_lagged_r(rich_root):
+    "The true EDA follows the face's expression by the recorded lead (latency plus the SCR's slower rise): lagged r finds it."
+    from edanb.metrics import lagged_r
+    found, truth = [], []
+    for signals in sorted((rich_root / "ground_truth").glob("*_signals.csv")):
+        table = pd.read_csv(signals)
+        if not table.responder.iat[0]: continue                        # a non-responder's skin barely answers
+        found.append(lagged_r(table.expression.to_numpy(), table.true_eda_us.to_numpy(), 4.0)[1])
+        truth.append(table.face_lead_s.iat[0])
+    assert len(found) >= 6 and 1.5 < np.median(truth) < 4.5
+    assert np.median(np.abs(np.array(found) - np.array(truth))) < 0.75, list(zip(found, truth))
+
+
+def test_rich_world_scr_starts_its_latency_after_the_burst():
+    "One burst at 5 s: the face answers at once, the SCR starts exactly `latency_s` later (on the 64 Hz grid)."
+    subject = synth.make_subject(0, 1)
+    phys = synth.simulate_physiology(subject, "T1", 20, synth.stream(0, 1, 1, "physiology"))
+    impulses = np.zeros_like(phys.t); impulses[5 * 64] = 1.0
+    one = dataclasses.replace(phys, impulses=impulses, phasic_us=np.convolve(impulses, synth.scr_kernel(64))[:len(impulses)])
+    late = synth.enrich_physiology(one, subject, 1.3, np.random.default_rng(0))
+    assert np.flatnonzero(late.phasic_us > 0)[0] == 5 * 64 + round(1.3 * 64) + 1       # the kernel is 0 at its first sample
+    burst = np.convolve(impulses, synth.scr_kernel(64, **synth.BURST_KERNEL))[:len(impulses)]
+    assert np.argmax(late.phasic_us) / 64 - np.argmax(burst) / 64 == pytest.approx(synth.face_lead_s(1.3), abs=1 / 64)
+
+
+def test_rich_world_talks_in_the_speaking_tasks_whatever_the_arousal(rich_root):
+    talking = {s.name.split("_signals")[0]: pd.read_csv(s) for s in (rich_root / "ground_truth").glob("*_signals.csv")}
+    assert all((t.talking == 0).all() for name, t in talking.items() if name.endswith("T1"))
+    assert all(t.talking.mean() > 0.1 for name, t in talking.items() if not name.endswith("T1"))
+    speaking = [t for name, t in talking.items() if not name.endswith("T1")]
+    assert abs(np.mean([pearson(t.talking, t.arousal) for t in speaking])) < 0.15
+
+
+def test_rich_world_null_twin_still_talks(tmp_path):
+    "Decoupled, the face carries no EDA, but the behaviour of the tasks stays: the confound the null control must expose."
+    root = tmp_path / "null"
+    generate(root, SynthConfig(subjects=1, seconds=6, size=48, world="rich", video_coupling=0, pulse_coupling=0), workers=1,
+             progress=False)
+    t3 = pd.read_csv(root / "ground_truth" / "s1_T3_signals.csv")
+    assert (t3[synth.CUE_COLUMNS] == 0).all().all() and t3.talking.max() > 0
+
+
+@pytest.mark.parametrize("bad, message", [(dict(world="dream"), "world 'dream'"),
+                                          (dict(latency_min_s=3.0, latency_max_s=1.0), "latency range")])
+def test_synth_config_rejects_a_bad_world(bad, message):
+    with pytest.raises(ValueError, match=message): SynthConfig(**bad)
+
+
+def test_the_reader_flags_the_rich_worlds_eda_artefacts(rich_root, synth_root):
+    "Most samples an artefact touched are flagged, few clean ones are; on the simple world's clean EDA, none."
+    from edanb.data import eda_quality
+    touched, flagged = [], []
+    for signals in sorted((rich_root / "ground_truth").glob("*_signals.csv")):
+        subject, task = signals.name.split("_")[:2]
+        touched.append(pd.read_csv(signals).artefact.to_numpy(bool))
+        flagged.append(eda_quality(read_signal(recording_paths(rich_root, subject, task)["eda"])))
+    touched, flagged = np.concatenate(touched), np.concatenate(flagged)
+    assert touched.sum() > 20 and flagged[touched].mean() > 0.5 and flagged[~touched].mean() < 0.02
+    assert sum(r.eda_flagged for r in discover(synth_root)) == 0
