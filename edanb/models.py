@@ -14,9 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['MODELS', 'PRESETS', 'OUTPUTS', 'register', 'create_model', 'count_parameters', 'NaiveMean', 'conv_block_2d',
-           'BVPBranch', 'SeqCNN', 'SeqCNNBVP', 'conv_block_3d', 'PhysNet', 'AttentionMask', 'DeepPhys',
-           'sinusoidal_positions', 'TAM3D', 'landmark_features', 'LandmarkTCN', 'example_batch', 'model_table']
+__all__ = ['MODELS', 'PRESETS', 'OUTPUTS', 'register', 'create_model', 'count_parameters', 'example_batch', 'NaiveMean',
+           'conv_block_2d', 'BVPBranch', 'SeqCNN', 'SeqCNNBVP', 'conv_block_3d', 'PhysNet', 'AttentionMask', 'DeepPhys',
+           'sinusoidal_positions', 'TAM3D', 'landmark_features', 'LandmarkTCN', 'model_table']
 
 # %% ../nbs/04_models.ipynb #c006
 MODELS: dict[str, type[nn.Module]] = {}
@@ -56,6 +56,20 @@ def _frames_2d(x: torch.Tensor) -> torch.Tensor:
     "(B, T, C, H, W) -> (B*T, C, H, W), channels-last on CUDA where cuDNN is faster with it."
     x = x.flatten(0, 1)
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+# %% ../nbs/04_models.ipynb #c020
+def example_batch(batch: int = 2,    # clips
+                  frames: int = 32,  # samples per clip (T)
+                  size: int = 72,    # frame side
+                  seed: int = 0,
+                 ) -> dict:
+    "A random batch with every key any model reads (the format of `edanb.dataset.ClipDataset` after collation)."
+    g = torch.Generator().manual_seed(seed)
+    landmarks = 0.5 + 0.1 * torch.randn(batch, frames, 68, 2, generator=g)
+    return dict(frames=torch.rand(batch, frames, 3, size, size, generator=g),
+                diff=0.1 * torch.randn(batch, frames, 3, size, size, generator=g),
+                bvp=torch.randn(batch, frames, generator=g), landmarks=landmarks,
+                eda=torch.randn(batch, frames, generator=g))
 
 # %% ../nbs/04_models.ipynb #c008
 @register("naive")
@@ -308,20 +322,6 @@ class LandmarkTCN(nn.Module):
         if marks.dim() != 4 or marks.shape[2:] != (68, 2):
             raise ValueError(f"landmarks: expected (B, T, 68, 2), got {tuple(marks.shape)}")
         return self.net(landmark_features(marks, self.velocities).transpose(1, 2)).squeeze(1)
-
-# %% ../nbs/04_models.ipynb #c020
-def example_batch(batch: int = 2,    # clips
-                  frames: int = 32,  # samples per clip (T)
-                  size: int = 72,    # frame side
-                  seed: int = 0,
-                 ) -> dict:
-    "A random batch with every key any model reads (the format of `edanb.dataset.ClipDataset` after collation)."
-    g = torch.Generator().manual_seed(seed)
-    landmarks = 0.5 + 0.1 * torch.randn(batch, frames, 68, 2, generator=g)
-    return dict(frames=torch.rand(batch, frames, 3, size, size, generator=g),
-                diff=0.1 * torch.randn(batch, frames, 3, size, size, generator=g),
-                bvp=torch.randn(batch, frames, generator=g), landmarks=landmarks,
-                eda=torch.randn(batch, frames, generator=g))
 
 # %% ../nbs/04_models.ipynb #c028
 def model_table(preset: str = "tiny", batch: int = 8, frames: int = 32, size: int = 72,

@@ -21,8 +21,8 @@ __all__ = ['STREAMS', 'TASK_AROUSAL', 'WORLDS', 'BURST_KERNEL', 'NON_RESPONDER_G
            'MOUTH', 'JPEG_QUALITY', 'TALKING_TASKS', 'EXPRESSION_MAX', 'CUE_COLUMNS', 'ORACLE_LAGS_S', 'stream',
            'Subject', 'make_subject', 'ou_process', 'lowpass', 'scr_kernel', 'pulse_wave', 'Physiology', 'rest_drift',
            'simulate_physiology', 'enrich_physiology', 'face_lead_s', 'subject_latency', 'is_responder', 'recorded_eda',
-           'face_patch', 'background', 'Nuisance', 'simulate_nuisance', 'Behaviour', 'simulate_behaviour', 'Cues',
-           'cues_from_physiology', 'affine', 'face_box', 'FaceRenderer', 'write_recording', 'recording_world',
+           'face_patch', 'background', 'Nuisance', 'simulate_nuisance', 'Behaviour', 'simulate_behaviour', 'looks_away',
+           'Cues', 'cues_from_physiology', 'affine', 'face_box', 'FaceRenderer', 'write_recording', 'recording_world',
            'write_signals', 'pearson_or_zero', 'lagged_cues', 'oracle_cues', 'oracle_scores', 'SynthConfig', 'generate',
            'summary']
 
@@ -244,6 +244,13 @@ class Behaviour:
     "What a person does in a task whatever their arousal (rich world): talking, and more head motion while at it."
     talking: np.ndarray  # mouth opening of speech per video frame, 0..0.8 (added to the expression when rendered)
     motion: float        # head motion scale
+    turn_deg: np.ndarray | None = None  # looking away: extra head rotation per video frame (degrees)
+    turn_dx: np.ndarray | None = None   # ... and the sideways shift that comes with it (fraction of the frame)
+
+    def move(self, nuisance: Nuisance) -> Nuisance:
+        "The head motion with the looks away added."
+        if self.turn_deg is None: return nuisance
+        return replace(nuisance, angle=nuisance.angle + self.turn_deg, dx=nuisance.dx + self.turn_dx)
 
 TALKING_TASKS = ("T2", "T3")   # UBFC-Phys: a speech, and mental arithmetic answered aloud
 
@@ -256,7 +263,19 @@ def simulate_behaviour(n_frames: int, task: str, rng: np.random.Generator) -> Be
         turns[i:i + length], i = rng.random() < 0.7, i + length
     rate = rng.uniform(3.0, 6.0)   # syllables per second, this recording's
     syllables = 0.5 * (1 + np.sin(2 * np.pi * rate * np.arange(n_frames) / VIDEO_FPS + rng.uniform(0, 2 * np.pi)))
-    return Behaviour(talking=0.8 * syllables * turns, motion=1.8)
+    return Behaviour(talking=0.8 * syllables * turns, motion=1.8, **looks_away(n_frames, rng))
+
+def looks_away(n_frames: int, rng: np.random.Generator, per_minute: float = 4.0) -> dict[str, np.ndarray]:
+    "Glances away while speaking: about 4 a minute, 0.5-2 s each, the head turned 8-20 degrees and shifted with it, eased in and out."
+    turn_deg, turn_dx = np.zeros(n_frames), np.zeros(n_frames)
+    for _ in range(rng.poisson(per_minute * n_frames / VIDEO_FPS / 60)):
+        start, length = int(rng.integers(0, n_frames)), int(rng.uniform(0.5, 2.0) * VIDEO_FPS)
+        side = rng.choice([-1.0, 1.0])
+        shape = np.sin(np.linspace(0, np.pi, length)) ** 0.5           # turns away, holds, turns back
+        end = min(start + length, n_frames)
+        turn_deg[start:end] += side * rng.uniform(8, 20) * shape[:end - start]
+        turn_dx[start:end] += side * 0.04 * shape[:end - start]
+    return dict(turn_deg=turn_deg, turn_dx=turn_dx)
 
 # %% ../nbs/01_synth.ipynb #c018
 @dataclass
@@ -352,7 +371,7 @@ def write_recording(out: str | Path,     # dataset folder
                                       non_responders)
     times = np.arange(n_frames) / VIDEO_FPS
     cues = cues_from_physiology(phys, subject, times, video_coupling)
-    nuisance = simulate_nuisance(n_frames, stream(seed, number, k, "nuisance"), behaviour.motion)
+    nuisance = behaviour.move(simulate_nuisance(n_frames, stream(seed, number, k, "nuisance"), behaviour.motion))
     renderer = FaceRenderer(subject, size, stream(seed, number, 0, "appearance"))
     boxes = _render_video(paths["video"], renderer, nuisance, cues, size, quality, behaviour.talking if world == "rich" else None)
     pd.DataFrame(boxes, columns=["x0", "y0", "x1", "y1"]).assign(frame=np.arange(n_frames), t=times).round(3).to_csv(

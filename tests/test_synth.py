@@ -320,3 +320,10 @@ def test_the_reader_flags_the_rich_worlds_eda_artefacts(rich_root, synth_root):
     touched, flagged = np.concatenate(touched), np.concatenate(flagged)
     assert touched.sum() > 20 and flagged[touched].mean() > 0.5 and flagged[~touched].mean() < 0.02
     assert sum(r.eda_flagged for r in discover(synth_root)) == 0
+
+
+def test_rich_world_moves_the_head_more_in_the_speaking_tasks(rich_root):
+    "More head motion and glances away in T2/T3 (the true face boxes say so), whatever the arousal."
+    spread = lambda name: pd.read_csv(rich_root / "ground_truth" / f"{name}_face_boxes.csv")[["x0", "y0"]].std().sum()
+    rest, speech = (np.mean([spread(f"s{n}_{task}") for n in range(1, 5)]) for task in ("T1", "T3"))
+    assert speech > 1.3 * rest, (rest, speech)
