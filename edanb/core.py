@@ -224,7 +224,7 @@ def cache_fingerprint(cache: str | Path) -> dict:
         entries.append((meta.parent.name, {k: key.get(k) for k in ("version", "config")}, sizes, entry_fingerprint(meta.parent)))
     if not entries: return dict(cache_key=None, dataset=None, preprocessing=None)
     return dict(cache_key=digest(sorted({json.dumps(e[1], sort_keys=True) for e in entries})),
-                dataset=digest([(name, sizes, eda) for name, _, sizes, eda in entries]), preprocessing=entries[0][1]["config"])
+                dataset=digest([(name, sizes, arrays) for name, _, sizes, arrays in entries]), preprocessing=entries[0][1]["config"])
 
 def provenance(data: str | Path = "", # the dataset folder (a synthetic one's generator parameters count)
                cache: str | Path = "", # the cache the run reads

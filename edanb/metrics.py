@@ -27,9 +27,9 @@ __all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'LABEL_CENTRED_US', 'METRICS', 'LOW
            'npc_loss', 'ccc_loss', 'make_loss', 'stitch', 'series_table', 'stitch_shapes', 'clip_correlations',
            'predictions_table', 'series_predictions', 'lagged_r', 'ccc', 'series_metrics', 'metrics_table',
            'bootstrap_ci', 'summarise', 'compare_to_baseline', 'scaled_like_targets', 'linear_reference',
-           'cue_features', 'oracle_predictions', 'oracle_fraction', 'elapsed_time_series', 'elapsed_time_per_task',
-           'mean_profile', 'task_profile', 'heart_rate_features', 'has_heart_rate', 'reference_series',
-           'reference_predictions', 'ceiling_table', 'baseline_tests', 'run_metrics', 'headline']
+           'cue_features', 'oracle_predictions', 'oracle_fraction', 'elapsed_time_series', 'task_of',
+           'elapsed_time_per_task', 'mean_profile', 'task_profile', 'heart_rate_features', 'has_heart_rate',
+           'reference_series', 'reference_predictions', 'ceiling_table', 'baseline_tests', 'run_metrics', 'headline']
 
 # %% ../nbs/05_metrics.ipynb #c006
 VAR_EPS = 1e-5    # relative: each clip's variances get VAR_EPS x the variance of its *target* added ...
@@ -366,14 +366,17 @@ def elapsed_time_series(targets: dict[str, np.ndarray], # training recordings ->
     slope, intercept = np.polyfit(t, np.concatenate(list(targets.values())), 1)
     return lambda n: intercept + slope * np.arange(n) / hz
 
+def task_of(recording: str) -> str:
+    "The task of a recording name: 's3_T2' -> 'T2'."
+    return recording.split("_")[-1]
+
 def elapsed_time_per_task(targets: dict[str, np.ndarray], # training recordings ('s3_T2', ...) -> normalised target
                           hz: float = 4.0,
                          ) -> Callable[[str, int], np.ndarray]: # (recording, n) -> its prediction
     "One elapsed-time line per task, each fitted on the training recordings of that task; a task never trained on gets the pooled line."
-    task = lambda name: name.split("_")[-1]
-    lines = {k: elapsed_time_series({n: y for n, y in targets.items() if task(n) == k}, hz) for k in {task(n) for n in targets}}
+    lines = {k: elapsed_time_series({n: y for n, y in targets.items() if task_of(n) == k}, hz) for k in {task_of(n) for n in targets}}
     pooled = elapsed_time_series(targets, hz)
-    return lambda name, n: lines.get(task(name), pooled)(n)
+    return lambda name, n: lines.get(task_of(name), pooled)(n)
 
 # %% ../nbs/05_metrics.ipynb #c063
 def mean_profile(series: list[np.ndarray]) -> np.ndarray:
@@ -385,11 +388,10 @@ def mean_profile(series: list[np.ndarray]) -> np.ndarray:
 def task_profile(targets: dict[str, np.ndarray], # training recordings ('s3_T2', ...) -> normalised target
                 ) -> Callable[[str, int], np.ndarray]: # (recording, n) -> its prediction
     "Per task, the mean training target at each sample since the recording started (its last value held beyond); a task never trained on gets all tasks' mean."
-    task = lambda name: name.split("_")[-1]
-    profiles = {k: mean_profile([y for n, y in targets.items() if task(n) == k]) for k in {task(n) for n in targets}}
+    profiles = {k: mean_profile([y for n, y in targets.items() if task_of(n) == k]) for k in {task_of(n) for n in targets}}
     pooled = mean_profile(list(targets.values()))
     def predict(name: str, n: int) -> np.ndarray:
-        profile = profiles.get(task(name), pooled)
+        profile = profiles.get(task_of(name), pooled)
         return profile[:n] if len(profile) >= n else np.concatenate([profile, np.full(n - len(profile), profile[-1])])
     return predict
 

@@ -25,10 +25,10 @@ from .stress import stress_detection
 # %% auto #0
 __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS', 'run_config',
            'crop_of', 'current_provenance', 'staleness', 'finished_runs', 'baseline_test', 'run_labels', 'collect_runs',
-           'fold_model', 'study_row', 'study_table', 'seed_spread', 'per_subject', 'compare_runs', 'runs_differing_in',
-           'verdict', 'null_runs', 'beats', 'uses_pulse', 'answer_face', 'answer_pulse', 'answer_null_twins',
-           'answer_models', 'answer_physnet_bvp', 'answer_factor', 'study_answers', 'run_stress', 'summary_table',
-           'run_summary']
+           'fold_model', 'study_row', 'study_table', 'config_without', 'seed_spread', 'per_subject', 'compare_runs',
+           'runs_differing_in', 'verdict', 'null_runs', 'beats', 'uses_pulse', 'answer_face', 'answer_pulse',
+           'answer_null_twins', 'answer_models', 'answer_physnet_bvp', 'answer_factor', 'study_answers', 'run_stress',
+           'summary_table', 'run_summary']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
@@ -141,9 +141,13 @@ def study_table(runs: pd.DataFrame,        # collect_runs(results)
     table = pd.DataFrame(rows).sort_values("r_mean", ascending=False, na_position="last").reset_index(drop=True)
     return table.join(seed_spread(table))
 
+def config_without(config: str, ignored: set[str]) -> str:
+    "A run's configuration (JSON, as in the study table) without the fields `ignored`: runs equal in it differ only there."
+    return json.dumps({k: v for k, v in json.loads(config).items() if k not in ignored}, sort_keys=True)
+
 def seed_spread(table: pd.DataFrame) -> pd.DataFrame:
     "For each run, its configuration's mean r over seeds and the spread between them (runs that differ only in `seed`, which sets the folds too)."
-    key = table.config.map(lambda c: json.dumps({k: v for k, v in json.loads(c).items() if k != "seed"}, sort_keys=True))
+    key = table.config.map(lambda c: config_without(c, {"seed"}))
     groups = table.r_mean.groupby(key)
     n, mean, spread = key.map(key.value_counts()), key.map(groups.mean()), key.map(groups.std(ddof=1))
     text = [("1 seed" if k == 1 else f"n/a ({k} seeds)" if not np.isfinite(m) else f"{m:.3f} ± {s:.3f} ({k} seeds)")
@@ -170,9 +174,8 @@ def runs_differing_in(table: pd.DataFrame,  # study_table(...)
                      ) -> list[tuple[str, str]]:
     "Every pair of runs that differ in `key` and in no other configuration field (epochs, lr, seed, ... included)."
     ignored = {key, "cache"} if key in ("crop", "data") else {key}   # another crop or dataset is another cache
-    rest = lambda config: json.dumps({k: v for k, v in json.loads(config).items() if k not in ignored}, sort_keys=True)
     pairs = []
-    for _, g in table.assign(_rest=table.config.map(rest)).groupby("_rest", sort=False):
+    for _, g in table.assign(_rest=table.config.map(lambda c: config_without(c, ignored))).groupby("_rest", sort=False):
         for i, j in itertools.combinations(range(len(g)), 2):
             if str(g[key].iat[i]) != str(g[key].iat[j]): pairs.append((g.run.iat[i], g.run.iat[j]))
     return pairs
