@@ -4,6 +4,7 @@
 
 # %% ../nbs/01_synth.ipynb #c003
 from __future__ import annotations
+import functools
 import json
 import shutil
 from dataclasses import asdict, dataclass, replace
@@ -12,23 +13,26 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from skimage.transform import PiecewiseAffineTransform, SimilarityTransform, warp
 
 from .core import parallel_map, pearson, progress_bar, write_atomic
 from .data import BVP_HZ, EDA_HZ, TASKS, VIDEO_FPS, current_couplings, recording_paths, subject_number
 
 # %% auto #0
 __all__ = ['STREAMS', 'TASK_AROUSAL', 'WORLDS', 'BURST_KERNEL', 'NON_RESPONDER_GAIN', 'PATCH_ROWS', 'PATCH_COLS', 'FACE_BOX',
-           'MOUTH', 'JPEG_QUALITY', 'TALKING_TASKS', 'EXPRESSION_MAX', 'CUE_COLUMNS', 'ORACLE_LAGS_S', 'stream',
-           'Subject', 'make_subject', 'ou_process', 'lowpass', 'scr_kernel', 'pulse_wave', 'Physiology', 'rest_drift',
-           'simulate_physiology', 'enrich_physiology', 'face_lead_s', 'subject_latency', 'is_responder', 'recorded_eda',
-           'face_patch', 'background', 'Nuisance', 'simulate_nuisance', 'Behaviour', 'simulate_behaviour', 'looks_away',
-           'Cues', 'cues_from_physiology', 'affine', 'face_box', 'FaceRenderer', 'write_recording', 'recording_world',
-           'write_signals', 'pearson_or_zero', 'lagged_cues', 'oracle_cues', 'oracle_scores', 'SynthConfig', 'generate',
-           'summary']
+           'MOUTH', 'JPEG_QUALITY', 'HAIR_RGB', 'MAX_LANDMARK_SHIFT', 'TALKING_TASKS', 'EXPRESSION_MAX', 'CUE_COLUMNS',
+           'ORACLE_LAGS_S', 'stream', 'Subject', 'make_subject', 'ou_process', 'lowpass', 'scr_kernel', 'pulse_wave',
+           'Physiology', 'rest_drift', 'simulate_physiology', 'enrich_physiology', 'face_lead_s', 'subject_latency',
+           'is_responder', 'recorded_eda', 'face_patch', 'Identity', 'astronaut_identity', 'landmarks_68',
+           'astronaut_landmarks', 'lfw_landmarks', 'identity_geometry', 'warp_to', 'identity', 'background', 'Nuisance',
+           'simulate_nuisance', 'Behaviour', 'simulate_behaviour', 'looks_away', 'Cues', 'cues_from_physiology',
+           'affine', 'face_box', 'FaceRenderer', 'write_recording', 'recording_world', 'write_signals',
+           'pearson_or_zero', 'lagged_cues', 'oracle_cues', 'oracle_scores', 'SynthConfig', 'generate', 'summary',
+           'face_distances', 'identity_margin']
 
 # %% ../nbs/01_synth.ipynb #c006
 STREAMS = {"subject": 0, "physiology": 1, "nuisance": 2, "appearance": 3, "pulse": 4, "behaviour": 5, "cues": 6, "latency": 7,
-           "artefact": 8}
+           "artefact": 8, "identity": 9}
 
 def stream(seed: int, subject: int, task: int, purpose: str) -> np.random.Generator:
     "An independent random generator for one (seed, subject, task, purpose); task 0 means subject-level."
@@ -209,6 +213,88 @@ def face_patch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     skin = _ellipse(patch.shape[:2], (90, 108), (38, 46), 6)
     return patch, head, skin
 
+# %% ../nbs/01_synth.ipynb #c042
+HAIR_RGB = [(30, 25, 22), (60, 40, 28), (110, 75, 45), (190, 150, 90), (140, 60, 30), (150, 150, 150)]
+MAX_LANDMARK_SHIFT = 14.0  # px in the 180-px patch: how far an identity may move one landmark
+
+@dataclass
+class Identity:
+    "One person's face: the patch (float32 RGB 0..255), its head and skin masks (0..1), mouth centre and face box in the patch."
+    patch: np.ndarray
+    head: np.ndarray
+    skin: np.ndarray
+    mouth: tuple[float, float]
+    box: tuple[float, float, float, float]
+
+def astronaut_identity(subject: Subject) -> Identity:
+    "The simple world's face: the astronaut, tinted by the subject's skin multipliers."
+    patch, head, skin = face_patch()
+    return Identity(patch * np.asarray(subject.skin, np.float32), head, skin, MOUTH, FACE_BOX)
+
+def landmarks_68(image: np.ndarray,                        # uint8 RGB
+                 box: tuple[int, int, int, int] | None = None, # x0, y0, x1, y1 of the face; None: the whole image
+                ) -> np.ndarray:
+    "The 68 landmarks (x, y) of `face_recognition`'s large model for the face in `box`."
+    import face_recognition
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = box or (0, 0, w, h)
+    found = face_recognition.face_landmarks(np.ascontiguousarray(image), face_locations=[(y0, x1, y1, x0)], model="large")
+    return np.concatenate([np.asarray(points, np.float64) for points in found[0].values()])
+
+@functools.cache
+def astronaut_landmarks() -> np.ndarray:
+    return landmarks_68(face_patch()[0].astype(np.uint8), FACE_BOX)
+
+@functools.cache
+def lfw_landmarks() -> np.ndarray:
+    "Landmarks of the 100 faces of scikit-image's LFW subset, upsampled from 25 to 150 px (shape 100 x 68 x 2)."
+    from skimage.data import lfw_subset
+    grey = [cv2.resize((face * 255).astype(np.uint8), (150, 150), interpolation=cv2.INTER_CUBIC) for face in lfw_subset()[:100]]
+    return np.stack([landmarks_68(np.dstack([g] * 3)) for g in grey])
+
+def identity_geometry(seed: int, number: int) -> np.ndarray:
+    "Where subject `number`'s landmarks sit in the patch: the astronaut's, moved towards a distinct LFW face's."
+    source, faces = astronaut_landmarks(), lfw_landmarks()
+    face = faces[stream(seed, 0, 0, "identity").permutation(len(faces))[(number - 1) % len(faces)]]
+    shift = SimilarityTransform.from_estimate(face, source)(face) - source
+    return source + shift * np.minimum(1, MAX_LANDMARK_SHIFT / (np.linalg.norm(shift, axis=1, keepdims=True) + 1e-9))
+
+def warp_to(images: list[np.ndarray], source: np.ndarray, target: np.ndarray) -> list[np.ndarray]:
+    "Move the points `source` of each image to `target` (piecewise affine; the border stays where it is)."
+    h, w = images[0].shape[:2]
+    border = np.array([(x, y) for x in np.linspace(0, w - 1, 5) for y in np.linspace(0, h - 1, 5) if x in (0, w - 1) or y in (0, h - 1)])
+    inverse = PiecewiseAffineTransform.from_estimate(np.vstack([target, border]), np.vstack([source, border]))
+    return [warp(im, inverse, output_shape=(h, w), order=1, mode="edge", preserve_range=True).astype(np.float32) for im in images]
+
+def identity(seed: int, number: int) -> Identity:
+    "Subject `number`'s own face (rich world): LFW geometry, skin tone and texture, hair colour, glasses or a beard."
+    rng, (patch, head, skin), source = stream(seed, number, 0, "identity"), face_patch(), astronaut_landmarks()
+    target = identity_geometry(seed, number)
+    patch, head, skin = warp_to([patch, head, skin], source, target)
+    h = patch.shape[0]
+    lightness = rng.uniform(0.38, 1.12)
+    tone = np.array([lightness * rng.uniform(0.98, 1.08), lightness, lightness * rng.uniform(0.82, 1.02)], np.float32)
+    blotches = cv2.GaussianBlur(rng.normal(0, 1, (h, h)).astype(np.float32), (0, 0), rng.uniform(3, 8))
+    texture = 1 + rng.uniform(0.03, 0.07) * blotches / blotches.std()
+    patch = patch * (1 + head[..., None] * (tone * texture[..., None] - 1))
+    yy = np.mgrid[0:h, 0:h][0]
+    hair = cv2.GaussianBlur((head * (1 - skin) * (yy < target[17:27, 1].min() - 10)).astype(np.float32), (0, 0), 3)[..., None]
+    colour = np.asarray(HAIR_RGB[rng.integers(len(HAIR_RGB))], np.float32)
+    patch = patch * (1 - hair) + hair * colour * patch.mean(-1, keepdims=True) / 140
+    if rng.random() < 0.35:   # glasses
+        dark = (20, 20, 25)
+        for eye in (target[36:42], target[42:48]):
+            (cx, cy), r = eye.mean(0), np.ptp(eye[:, 0]) * 0.9
+            cv2.ellipse(patch, (int(cx), int(cy)), (int(r), int(r * 0.7)), 0, 0, 360, dark, 2)
+        cv2.line(patch, tuple(int(v) for v in target[39]), tuple(int(v) for v in target[42]), dark, 2)
+    if rng.random() < 0.25:   # a beard: the jaw below the lower lip, darkened
+        jaw = np.zeros((h, h), np.float32)
+        cv2.fillPoly(jaw, [np.vstack([target[2:15], target[[54, 55, 56, 57, 58, 59, 48]]]).astype(np.int32)], 1.0)
+        patch = patch * (1 - 0.6 * cv2.GaussianBlur(jaw, (0, 0), 3)[..., None])
+    x0, y0, x1, y1 = FACE_BOX
+    (bx0, by0), (bx1, by1) = SimilarityTransform.from_estimate(source, target)(np.array([[x0, y0], [x1, y1]], np.float64))
+    return Identity(np.clip(patch, 0, 255), head, skin, tuple(target[48:68].mean(0)), (bx0, by0, bx1, by1))
+
 # %% ../nbs/01_synth.ipynb #c017
 def background(size: int, rng: np.random.Generator) -> np.ndarray:
     "A static per-subject background: a colour gradient with a few soft blocks (float32 RGB)."
@@ -302,26 +388,28 @@ def affine(subject: Subject, nuisance: Nuisance, i: int, size: int, patch_size: 
     m[1, 2] += (subject.centre[1] + nuisance.dy[i]) * size - patch_size / 2
     return m
 
-def face_box(m: np.ndarray) -> tuple[float, float, float, float]:
-    "Axis-aligned box (x0, y0, x1, y1) of `FACE_BOX` after the affine warp `m`."
-    x0, y0, x1, y1 = FACE_BOX
+def face_box(m: np.ndarray, box: tuple[float, float, float, float] = FACE_BOX) -> tuple[float, float, float, float]:
+    "Axis-aligned box (x0, y0, x1, y1) of the face `box` in the patch after the affine warp `m`."
+    x0, y0, x1, y1 = box
     corners = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]], np.float64) @ m.T
     return (*corners.min(0), *corners.max(0))
 
 # %% ../nbs/01_synth.ipynb #c019
 class FaceRenderer:
     "Renders frames of one subject: face patch, cues, placement, background, light and noise."
-    def __init__(self, subject: Subject, size: int, rng: np.random.Generator):
+    def __init__(self, subject: Subject, size: int, rng: np.random.Generator,
+                 person: Identity | None = None):  # the face (rich world: `identity`); None: the astronaut, tinted
         self.subject, self.size = subject, size
-        patch, self.head, self.skin = face_patch()
-        self.patch = patch * np.asarray(subject.skin, np.float32)
+        self.person = person or astronaut_identity(subject)
+        self.patch, self.head, self.skin = self.person.patch, self.person.head, self.person.skin
         self.background = background(size, rng)
         self.noise = rng.normal(0, 2.0, (8, size, size, 3)).astype(np.float32)  # sensor noise bank
         h = self.patch.shape[0]
         yy, xx = np.mgrid[0:h, 0:h].astype(np.float32)
         self.grid = (xx, yy)
-        jaw = np.exp(-(((xx - MOUTH[0]) / 22) ** 2 + ((yy - MOUTH[1] - 14) / 16) ** 2))  # below the mouth centre
-        self.jaw = (jaw * (yy > MOUTH[1] - 2)).astype(np.float32)
+        mx, my = self.person.mouth
+        jaw = np.exp(-(((xx - mx) / 22) ** 2 + ((yy - my - 14) / 16) ** 2))  # below the mouth centre
+        self.jaw = (jaw * (yy > my - 2)).astype(np.float32)
 
     def face(self, flush: float, expression: float, pulse: float) -> np.ndarray:
         "The face patch with the cues applied (float32 RGB)."
@@ -372,7 +460,7 @@ def write_recording(out: str | Path,     # dataset folder
     times = np.arange(n_frames) / VIDEO_FPS
     cues = cues_from_physiology(phys, subject, times, video_coupling)
     nuisance = behaviour.move(simulate_nuisance(n_frames, stream(seed, number, k, "nuisance"), behaviour.motion))
-    renderer = FaceRenderer(subject, size, stream(seed, number, 0, "appearance"))
+    renderer = FaceRenderer(subject, size, stream(seed, number, 0, "appearance"), identity(seed, number) if world == "rich" else None)
     boxes = _render_video(paths["video"], renderer, nuisance, cues, size, quality, behaviour.talking if world == "rich" else None)
     pd.DataFrame(boxes, columns=["x0", "y0", "x1", "y1"]).assign(frame=np.arange(n_frames), t=times).round(3).to_csv(
         out / "ground_truth" / f"{subject.name}_{task}_face_boxes.csv", index=False)
@@ -426,7 +514,7 @@ def _render_video(path: Path, renderer: FaceRenderer, nuisance: Nuisance, cues: 
                 m = affine(renderer.subject, nuisance, i, size, patch_size)
                 mouth = cues.expression[i] if talking is None else min(cues.expression[i] + talking[i], EXPRESSION_MAX)
                 writer.write(renderer.frame(m, cues.flush[i], mouth, cues.pulse[i], nuisance.light[i], i))
-                boxes.append(face_box(m))
+                boxes.append(face_box(m, renderer.person.box))
         finally: writer.release()
     write_atomic(path, render)
     return boxes
@@ -562,3 +650,30 @@ def summary(out: str | Path) -> pd.DataFrame:
     table = pd.DataFrame(rows).round(3)
     return table.sort_values(["subject", "task"], key=lambda c: c.map(subject_number) if c.name == "subject" else c,
                              ignore_index=True)
+
+# %% ../nbs/01_synth.ipynb #c045
+def face_distances(root: str | Path,  # a generated dataset
+                   frames: int = 4,   # frames read per recording, evenly spaced
+                  ) -> pd.DataFrame:
+    "Encoder distances between frames (one row per pair): `same` is True for two frames of one subject."
+    import face_recognition
+    subjects, encodings = [], []
+    for truth in sorted(Path(root, "ground_truth").glob("*_face_boxes.csv")):
+        subject, task = truth.name.split("_")[:2]
+        boxes, video = pd.read_csv(truth), cv2.VideoCapture(str(recording_paths(root, subject, task)["video"]))
+        for i in np.linspace(0, len(boxes) - 1, frames).astype(int):
+            video.set(cv2.CAP_PROP_POS_FRAMES, int(i))
+            ok, frame = video.read()
+            if not ok: raise OSError(f"{truth.name}: cannot read frame {i} of its video")
+            x0, y0, x1, y1 = boxes.loc[i, ["x0", "y0", "x1", "y1"]].round().astype(int)
+            found = face_recognition.face_encodings(np.ascontiguousarray(frame[..., ::-1]), known_face_locations=[(y0, x1, y1, x0)])
+            subjects.append(subject); encodings.append(found[0])
+        video.release()
+    a, b = np.triu_indices(len(subjects), 1)
+    codes, names = np.stack(encodings), np.array(subjects)
+    return pd.DataFrame(dict(a=names[a], b=names[b], same=names[a] == names[b],
+                             distance=np.linalg.norm(codes[a] - codes[b], axis=1)))
+
+def identity_margin(distances: pd.DataFrame) -> float:
+    "The smallest distance between two subjects' frames minus the largest within one subject's: > 0 when every subject is its own person."
+    return float(distances.distance[~distances.same].min() - distances.distance[distances.same].max())

@@ -327,3 +327,32 @@ def test_rich_world_moves_the_head_more_in_the_speaking_tasks(rich_root):
     spread = lambda name: pd.read_csv(rich_root / "ground_truth" / f"{name}_face_boxes.csv")[["x0", "y0"]].std().sum()
     rest, speech = (np.mean([spread(f"s{n}_{task}") for n in range(1, 5)]) for task in ("T1", "T3"))
     assert speech > 1.3 * rest, (rest, speech)
+
+
+@pytest.fixture(scope="module")
+def people_root(tmp_path_factory) -> Path:
+    "The rich world at the generator's default size, where its people are told apart: 6 subjects, 3 s."
+    root = tmp_path_factory.mktemp("people") / "ubfc"
+    generate(root, SynthConfig(subjects=6, seconds=3, world="rich"), progress=False)
+    return root
+
+
+def test_rich_world_subjects_are_different_people_to_the_face_encoder(people_root, tmp_path):
+    "Every pair of frames of two subjects is further apart than any two frames of one; in the simple world it is not."
+    assert synth.identity_margin(synth.face_distances(people_root, frames=3)) > 0
+    simple = tmp_path / "simple"
+    generate(simple, SynthConfig(subjects=6, seconds=3), progress=False)
+    assert synth.identity_margin(synth.face_distances(simple, frames=3)) < 0
+
+
+def test_rich_world_faces_are_found_where_the_ground_truth_puts_them(people_root, tmp_path):
+    "The face detector finds every identity at rest (glances away in T2/T3 lose it at times, as in people), and the crop holds the true face centre (the box moves with the warp)."
+    from edanb.preprocess import PreprocessConfig, load_cached, preprocess_dataset
+    preprocess_dataset(people_root, tmp_path / "cache", PreprocessConfig(size=32), workers=2, progress=False)
+    for rec in discover(people_root):
+        entry = load_cached(tmp_path / "cache", rec.name)
+        truth = pd.read_csv(people_root / "ground_truth" / f"{rec.name}_face_boxes.csv").iloc[entry["frame_index"]]
+        x0, y0, side = entry["boxes"].T
+        cx, cy = (truth.x0 + truth.x1).to_numpy() / 2, (truth.y0 + truth.y1).to_numpy() / 2
+        if rec.task == "T1": assert entry["meta"]["face_rate"] == 1.0, rec.name
+        assert ((x0 <= cx) & (cx <= x0 + side) & (y0 <= cy) & (cy <= y0 + side)).mean() >= 0.9, rec.name
