@@ -8,8 +8,8 @@ import json
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['EDA_SCALINGS', 'REST_TASK', 'CENTRING', 'FRAME_SCALINGS', 'RENAMED', 'RUN_INDEPENDENT', 'DatasetConfig',
-           'TrainConfig', 'current_names', 'before_provenance', 'comparable']
+__all__ = ['EDA_SCALINGS', 'REST_TASK', 'CENTRING', 'FRAME_SCALINGS', 'EDA_QUALITIES', 'RENAMED', 'ADDED', 'RUN_INDEPENDENT',
+           'DatasetConfig', 'TrainConfig', 'current_names', 'before_provenance', 'comparable']
 
 # %% ../nbs/02a_config.ipynb #c005
 EDA_SCALINGS = ("recording", "subject", "zscore", "minmax")
@@ -18,6 +18,7 @@ CENTRING = {"recording": "each test recording's own mean EDA (from its labels)",
             "subject": f"each test subject's rest-task ({REST_TASK}) mean EDA (from its labels)",
             "zscore": "the training recordings' mean EDA", "minmax": "the training recordings' minimum EDA"}
 FRAME_SCALINGS = ("unit", "standard", "recording")
+EDA_QUALITIES = ("mask", "keep")  # what training does with the EDA samples no skin produces (`edanb.data.eda_quality`)
 
 # %% ../nbs/02a_config.ipynb #c007
 @dataclass
@@ -31,6 +32,7 @@ class DatasetConfig:
     diff: bool = False        # also return normalised frame differences (DeepPhys' motion input)
     landmarks: bool = False   # also return the 68 landmarks (the cache must be built with --landmarks)
     tasks: str = "T1,T2,T3"   # tasks to use, comma-separated
+    eda_quality: str = "mask" # mask: implausible EDA samples (motion spikes, dropouts) are never trained on or scored | keep: used as recorded
 
     def task_list(self) -> list[str]:
         "The tasks as a list: 'T1, T2' -> ['T1', 'T2']."
@@ -72,7 +74,7 @@ class TrainConfig(DatasetConfig):
     def __post_init__(self):
         choices = dict(loss=("mse", "npc", "mse+npc", "ccc"), optimiser=("adam", "adamw"), amp=("none", "bf16", "fp16"),
                        scheduler=("none", "cosine", "plateau"), select=("r", "clip_r", "ccc", "mse", "loss"),
-                       eda_scaling=EDA_SCALINGS, frame_scaling=FRAME_SCALINGS)
+                       eda_scaling=EDA_SCALINGS, frame_scaling=FRAME_SCALINGS, eda_quality=EDA_QUALITIES)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed: raise ValueError(f"{name} {getattr(self, name)!r}: choose from {allowed}")
         if self.folds and self.split: raise ValueError("give either a split file or folds, not both")
@@ -92,10 +94,11 @@ class TrainConfig(DatasetConfig):
 
 # %% ../nbs/02a_config.ipynb #c014
 RENAMED = {"target": "eda_scaling", "frames": "frame_scaling"}   # old name -> field: run folders and grids written before
+ADDED = {"eda_quality": "keep"}   # field -> what a run saved before the field existed did
 
 def current_names(config: dict) -> dict:
-    "A saved configuration (config.json, a grid block) with fields of an older edanb under their current names."
-    return {RENAMED.get(k, k): v for k, v in config.items()}
+    "A saved run configuration (config.json, metrics.json) with fields of an older edanb under their current names, and fields added since as that run had them (`ADDED`)."
+    return {**ADDED, **{RENAMED.get(k, k): v for k, v in config.items()}}
 
 RUN_INDEPENDENT = ("out", "progress", "workers", "device", "reuse_stale")  # TrainConfig fields that may differ between two runs that are the same
 

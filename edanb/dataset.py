@@ -16,15 +16,15 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .config import EDA_SCALINGS, FRAME_SCALINGS, REST_TASK, DatasetConfig
-from .data import PARTS, TASKS, DataError, check_split, load_split, subject_number
+from .config import EDA_QUALITIES, EDA_SCALINGS, FRAME_SCALINGS, REST_TASK, DatasetConfig
+from .data import PARTS, TASKS, DataError, check_split, eda_quality, load_split, subject_number
 from .preprocess import load_cached, read_meta
 
 # %% auto #0
 __all__ = ['EVAL_COVERAGE', 'OLD_NORMALISER_KEYS', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index',
            'baseline_recording', 'Normaliser', 'frame_difference', 'recording_mean_frame', 'eda_centre_and_scale',
-           'fit_normaliser', 'cached_eda', 'record_baseline', 'ClipAugment', 'augment_clip', 'ClipDataset',
-           'cached_recordings', 'split_recordings', 'make_datasets']
+           'fit_normaliser', 'entry_flags', 'bridge_flagged', 'training_eda', 'cached_eda', 'record_baseline',
+           'ClipAugment', 'augment_clip', 'ClipDataset', 'cached_recordings', 'split_recordings', 'make_datasets']
 
 # %% ../nbs/03_dataset.ipynb #c006
 def clip_starts(n: int,                 # samples in the recording
@@ -181,23 +181,52 @@ def fit_normaliser(entries: dict[str, dict], # training recordings only: name ->
                       diff_std=float(mean_std(*diff_moments)[1]) or 1.0, frame_scaling=frame_scaling,
                       train_recordings=sorted(entries))
 
+# %% ../nbs/03_dataset.ipynb #c041
+def entry_flags(entry: dict) -> np.ndarray:
+    "A cache entry's EDA quality flags (`edanb.data.eda_quality`); for an entry cached before they were recorded, found on its EDA."
+    if "eda_flagged" in entry: return np.asarray(entry["eda_flagged"], bool)
+    return eda_quality(entry["eda"], entry["meta"]["target_hz"])
+
+def bridge_flagged(eda: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    "The EDA with its flagged samples replaced by a straight line between the clean samples around them (held at the ends)."
+    eda = np.asarray(eda)
+    if not flagged.any(): return eda
+    index = np.arange(len(eda))
+    return np.interp(index, index[~flagged], eda[~flagged].astype(np.float64)).astype(eda.dtype)
+
+def training_eda(entry: dict,        # a `load_cached` entry
+                 eda_quality: str,   # one of EDA_QUALITIES
+                 where: Path | str = "", # the entry's folder, for the error
+                ) -> tuple[np.ndarray, np.ndarray]: # the EDA (µS) and the samples never trained on or scored
+    """A cache entry's EDA as training sees it. 'mask': the flagged samples are never trained on or scored, and are bridged
+    in the series, so that no spike throws a scaling or a reference fitted on it; 'keep': every sample as recorded."""
+    if eda_quality not in EDA_QUALITIES: raise ValueError(f"eda_quality {eda_quality!r}: choose from {EDA_QUALITIES}")
+    eda = np.asarray(entry["eda"])
+    if eda_quality == "keep": return eda, np.zeros(len(eda), bool)
+    flagged = entry_flags(entry)
+    if flagged.all(): raise DataError(where, f"all {len(eda)} EDA samples are implausible (edanb.data.eda_quality): nothing to train on or score")
+    return bridge_flagged(eda, flagged), flagged
+
 # %% ../nbs/03_dataset.ipynb #c020
-def cached_eda(cache: str | Path, name: str) -> np.ndarray:
+def cached_eda(cache: str | Path, name: str,
+               eda_quality: str = "mask",  # mask: flagged samples bridged (`bridge_flagged`) | keep: as recorded
+              ) -> np.ndarray:
     "The EDA (µS) of one cache entry, for a centre taken from a recording that is not otherwise used."
     folder = Path(cache) / name
     if read_meta(folder) is None:
         raise DataError(folder, f"no complete cache entry: 'subject' scaling subtracts each subject's {REST_TASK} mean "
                                 "(preprocess every task)")
-    return np.load(folder / "eda.npy")
+    return training_eda(load_cached(cache, name), eda_quality, folder)[0]
 
 def record_baseline(normaliser: Normaliser, # the run's normaliser
                     cache: str | Path,      # the cache the recording comes from
                     name: str,              # the recording
                     eda_us: np.ndarray,     # its own EDA
+                    eda_quality: str = "mask", # how the EDA of another recording it is centred on is read (`cached_eda`)
                    ):
     "Record the centre of `name` in the normaliser (recording and subject scaling; nothing for zscore and minmax)."
     source = baseline_recording(normaliser.eda_scaling, name)
-    if source is not None: normaliser.add_baseline(name, eda_us if source == name else cached_eda(cache, source))
+    if source is not None: normaliser.add_baseline(name, eda_us if source == name else cached_eda(cache, source, eda_quality))
 
 # %% ../nbs/03_dataset.ipynb #c023
 def _mirror_68() -> list[int]:
@@ -268,26 +297,29 @@ class ClipDataset(Dataset):
                                                     # the stride becomes `evaluation_stride(window, stride)`
                  augment: ClipAugment | None = None, # training only
                  diff: bool = False,                # return 'diff' (normalised frame differences)
-                 landmarks: bool = False):          # return 'landmarks'
+                 landmarks: bool = False,           # return 'landmarks'
+                 eda_quality: str = "mask"):        # mask: no training clip holds a flagged EDA sample (`training_eda`) | keep
         self.cache, self.normaliser, self.window, self.pad = Path(cache), normaliser, window, pad
         self.stride = evaluation_stride(window, stride) if pad else stride
         self.augment, self.diff, self.landmarks = augment, diff, landmarks
-        self.meta, self.targets, self.bvp, self.marks = {}, {}, {}, {}
+        self.meta, self.targets, self.bvp, self.marks, self.flagged = {}, {}, {}, {}, {}
         self._frames = {}  # memory maps, opened per process on first use
         for name in names:
             entry = load_cached(self.cache, name)
             if landmarks and "landmarks" not in entry:
                 raise DataError(self.cache / name, "no landmarks in this cache entry (preprocess with --landmarks)")
-            record_baseline(normaliser, self.cache, name, entry["eda"])
+            eda, self.flagged[name] = training_eda(entry, eda_quality, self.cache / name)
+            record_baseline(normaliser, self.cache, name, eda, eda_quality)
             self.meta[name] = entry["meta"]
-            self.targets[name] = normaliser.transform(entry["eda"], name).astype(np.float32)
+            self.targets[name] = normaliser.transform(eda, name).astype(np.float32)
             self.bvp[name] = _zscore(entry["bvp"])
             if landmarks: self.marks[name] = entry["landmarks"].astype(np.float32)
         # frame_scaling='recording': each recording's mean frame (its own video only, never a label), subtracted from its clips
         self.mean_frames = ({name: recording_mean_frame(self.frames_of(name)) for name in names}
                             if normaliser.frame_scaling == "recording" else {})
+        clean = lambda name, s: pad or not self.flagged[name][s:s + window].any()   # evaluation clips are all kept (scoring masks)
         self.clips = pd.DataFrame([(name, int(s)) for name in names
-                                   for s in clip_starts(len(self.targets[name]), window, self.stride, pad=pad)],
+                                   for s in clip_starts(len(self.targets[name]), window, self.stride, pad=pad) if clean(name, s)],
                                   columns=["recording", "start"])
         self.pixel_mean, self.pixel_std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1)
                                  for v in (normaliser.frame_mean, normaliser.frame_std))
@@ -361,11 +393,14 @@ def make_datasets(cache: str | Path,                       # cache folder writte
     config = config or DatasetConfig()
     split = load_split(split) if isinstance(split, (str, Path)) else split
     parts = split_recordings(cache, split, config.task_list())
-    normaliser = fit_normaliser({n: load_cached(cache, n) for n in parts["train"]}, config.eda_scaling, config.frame_scaling,
-                                eda_of=lambda name: cached_eda(cache, name))
+    def entry(name: str) -> dict:
+        cached = load_cached(cache, name)
+        return {**cached, "eda": training_eda(cached, config.eda_quality, Path(cache) / name)[0]}
+    normaliser = fit_normaliser({n: entry(n) for n in parts["train"]}, config.eda_scaling, config.frame_scaling,
+                                eda_of=lambda name: cached_eda(cache, name, config.eda_quality))
     augment = ClipAugment(config.augment_p) if config.augment_p > 0 else None
     datasets = {part: ClipDataset(cache, names, normaliser, config.window, config.stride, pad=part != "train",
                                   augment=augment if part == "train" else None, diff=config.diff,
-                                  landmarks=config.landmarks)
+                                  landmarks=config.landmarks, eda_quality=config.eda_quality)
                 for part, names in parts.items()}
     return datasets, normaliser

@@ -90,15 +90,17 @@ def series_table(recording: str,            # recording name, e.g. 's3_T2'
                  normaliser: Normaliser | None = None, # to add µS columns
                  hz: float = 4.0,           # sampling clock
                  calibrated: bool = True,   # False: `pred` is a shape only (`stitch_shapes`), with no level or scale
+                 flagged: np.ndarray | None = None, # samples left out of every metric (implausible EDA, `eda_quality='mask'`)
                 ) -> pd.DataFrame:
-    """One row per sample of a recording: recording, subject, task, sample, t, pred, target, calibrated, and with a
+    """One row per sample of a recording: recording, subject, task, sample, t, pred, target, calibrated, flagged, and with a
     normaliser target_us and pred_us. Under 'recording' and 'subject' scaling the µS prediction needs a centre taken from
     labels (the recording's own mean, or its subject's rest mean), so it is named `pred_us_given_true_mean` or
     `pred_us_given_rest_mean` and no µS error is computed from it; a shape-only prediction has none."""
     subject, task = recording.split("_")
     table = pd.DataFrame(dict(recording=recording, subject=subject, task=task, sample=np.arange(len(target)),
                               t=np.arange(len(target)) / hz, pred=np.asarray(pred, np.float64),
-                              target=np.asarray(target, np.float64), calibrated=calibrated))
+                              target=np.asarray(target, np.float64), calibrated=calibrated,
+                              flagged=np.zeros(len(target), bool) if flagged is None else np.asarray(flagged, bool)))
     if normaliser is not None:
         table["target_us"] = normaliser.inverse(table.target, recording)
         if calibrated:
@@ -134,10 +136,15 @@ def stitch_shapes(starts: np.ndarray,  # first sample of each clip, (N,)
 def clip_correlations(starts: np.ndarray,  # first sample of each clip (may be negative: padded clips)
                       clips: np.ndarray,   # (N, T) clip predictions
                       target: np.ndarray,  # the recording's whole target series
+                      flagged: np.ndarray | None = None, # samples left out (implausible EDA)
                      ) -> np.ndarray:      # (N,) Pearson r of each clip over its samples inside the recording
     "Per-clip r, the metric an NPC loss optimises: NaN for a flat clip."
-    n = len(target)
-    return np.array([pearson(clip[max(-s, 0):n - s], target[max(s, 0):s + len(clip)]) for s, clip in zip(starts, clips)])
+    n, clean = len(target), np.ones(len(target), bool) if flagged is None else ~np.asarray(flagged, bool)
+    def r(s: int, clip: np.ndarray) -> float:
+        inside = slice(max(s, 0), s + len(clip))
+        keep = clean[inside]
+        return pearson(clip[max(-s, 0):n - s][keep], target[inside][keep])
+    return np.array([r(s, clip) for s, clip in zip(starts, clips)])
 
 def predictions_table(recordings: Sequence[str],        # recording of each clip
                       starts: Sequence[int],            # first sample of each clip
@@ -146,6 +153,7 @@ def predictions_table(recordings: Sequence[str],        # recording of each clip
                       normaliser: Normaliser | None = None, # adds µS columns
                       hz: float = 4.0,                  # sampling clock
                       shape_only: bool = False,         # the model was trained with NPC alone: `stitch_shapes`
+                      flagged: dict[str, np.ndarray] | None = None, # recording -> samples no metric reads (implausible EDA)
                      ) -> pd.DataFrame:
     """Stitch clip predictions into one row per sample of every recording (samples no clip covers are dropped),
     with `clip_r`, the recording's mean per-clip r, on every row."""
@@ -155,8 +163,9 @@ def predictions_table(recordings: Sequence[str],        # recording of each clip
         mine = recordings == name
         stitcher = stitch_shapes if shape_only else stitch
         pred = stitcher(starts[mine], predictions[mine], len(targets[name]))
-        rs = clip_correlations(starts[mine], predictions[mine], targets[name])
-        table = series_table(name, pred, targets[name], normaliser, hz, calibrated=not shape_only)
+        mask = (flagged or {}).get(name)
+        rs = clip_correlations(starts[mine], predictions[mine], targets[name], mask)
+        table = series_table(name, pred, targets[name], normaliser, hz, calibrated=not shape_only, flagged=mask)
         parts.append(table.assign(clip_r=np.nanmean(rs) if np.isfinite(rs).any() else np.nan).loc[~np.isnan(pred)])
     return pd.concat(parts, ignore_index=True)
 
@@ -166,6 +175,7 @@ def series_predictions(series: dict[str, np.ndarray],  # recording -> a predicti
                        window: int = 32,               # the evaluation clips of the models it is compared with
                        stride: int = 8,
                        hz: float = 4.0,
+                       flagged: dict[str, np.ndarray] | None = None, # recording -> samples no metric reads
                       ) -> pd.DataFrame:
     "A whole-series prediction (a baseline, the oracle) as a model's: cut into the same padded clips, so it has a `clip_r` too."
     stride, names, starts, clips = evaluation_stride(window, stride), [], [], []
@@ -174,7 +184,7 @@ def series_predictions(series: dict[str, np.ndarray],  # recording -> a predicti
         names += [name] * len(s)
         starts.append(s)
         clips.append(np.asarray(pred, np.float64)[reflect_index(s[:, None] + np.arange(window), len(pred))])
-    return predictions_table(names, np.concatenate(starts), np.concatenate(clips), targets, normaliser, hz)
+    return predictions_table(names, np.concatenate(starts), np.concatenate(clips), targets, normaliser, hz, flagged=flagged)
 
 # %% ../nbs/05_metrics.ipynb #c018
 METRICS = ("mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "r", "r_lag", "lag_s", "clip_r", "npc", "ccc")
@@ -188,12 +198,16 @@ def lagged_r(pred: np.ndarray, target: np.ndarray, # one recording's series
              max_lag_s: float = MAX_LAG_S,         # lags tried: every sample within ±max_lag_s ...
             ) -> tuple[float, float]:              # the highest r and its lag in s (> 0: the target follows the prediction)
     """Pearson r at the lag that maximises it, over lags that keep `MIN_OVERLAP` of the series and `MIN_SAMPLES`; among
-    equal r the smaller lag wins, and of two equal lags the positive one; (NaN, NaN) when no lag has an r."""
+    equal r the smaller lag wins, and of two equal lags the positive one; (NaN, NaN) when no lag has an r. A NaN
+    (a sample left out) leaves its pairs out."""
     p, t, n = np.asarray(pred, np.float64), np.asarray(target, np.float64), len(pred)
     best, most = (float("nan"), float("nan")), min(round(max_lag_s * hz), int(n * (1 - MIN_OVERLAP) + 1e-9), n - MIN_SAMPLES)
     if most < 0: return best
+    def shifted_r(a: np.ndarray, b: np.ndarray) -> float:
+        both = np.isfinite(a) & np.isfinite(b)
+        return pearson(a[both], b[both]) if both.sum() >= MIN_SAMPLES else float("nan")
     for k in sorted(range(-most, most + 1), key=lambda k: (abs(k), -k)):
-        r = pearson(p[:n - k], t[k:]) if k >= 0 else pearson(p[-k:], t[:n + k])
+        r = shifted_r(p[:n - k], t[k:]) if k >= 0 else shifted_r(p[-k:], t[:n + k])
         if np.isfinite(r) and not r <= best[0]: best = (float(r), k / hz)
     return best
 
@@ -204,8 +218,10 @@ def ccc(pred: np.ndarray, target: np.ndarray) -> float:
     return float(2 * np.mean((p - p.mean()) * (t - t.mean())) / denom) if denom > 0 else float("nan")
 
 def series_metrics(rows: pd.DataFrame) -> dict:
-    """Every metric of one series (columns pred, target, and pred_us, target_us when present). Errors and CCC need a
-    calibrated prediction (level and scale): for a shape-only one they are NaN; µS errors need a `pred_us` column."""
+    """Every metric of one series (columns pred, target, and pred_us, target_us when present), over its samples that are
+    not `flagged` (implausible EDA). Errors and CCC need a calibrated prediction (level and scale): for a shape-only one
+    they are NaN; µS errors need a `pred_us` column."""
+    every, rows = rows, rows[~rows.flagged] if "flagged" in rows else rows
     out, nan = dict(n=len(rows)), float("nan")
     calibrated = bool(rows["calibrated"].all()) if "calibrated" in rows else True
     for suffix in ("", "_us"):
@@ -217,7 +233,8 @@ def series_metrics(rows: pd.DataFrame) -> dict:
     r = pearson(rows.pred, rows.target)
     out |= dict(r=r, npc=-r, ccc=ccc(rows.pred, rows.target) if calibrated else nan)
     one = "recording" in rows and rows.recording.nunique() == 1 and len(rows) > 1  # a lag shifts within one recording only
-    out["r_lag"], out["lag_s"] = lagged_r(rows.pred, rows.target, 1 / float(np.median(np.diff(rows.t)))) if one else (nan, nan)
+    lag_target = every.target.where(~every.flagged) if "flagged" in every else every.target  # a lag keeps the clock: NaN, not dropped
+    out["r_lag"], out["lag_s"] = lagged_r(every.pred, lag_target, 1 / float(np.median(np.diff(every.t)))) if one else (nan, nan)
     if "clip_r" in rows: out["clip_r"] = float(rows.clip_r.mean())  # NaN left out; pooled: weighted by samples
     return out
 
@@ -337,15 +354,19 @@ def oracle_predictions(root: str | Path,       # the synthetic dataset folder (w
                        evaluate: str = "test", # the part to predict
                        window: int = 32,       # clips for `clip_r`: the evaluation clips of the models it is compared with
                        stride: int = 8,
+                       targets: dict[str, dict[str, np.ndarray]] | None = None, # part -> recording -> normalised target, as the
+                                               # models see it (a fold's datasets' `targets`); None: the cached EDA, scaled
+                       flagged: dict[str, np.ndarray] | None = None, # `evaluate`'s recording -> samples no metric reads
                       ) -> pd.DataFrame:
     """The oracle as a model: one linear map from the rendered cues, scaled as the targets are, to normalised EDA, fitted
     on 'train' and applied to `evaluate`. The normaliser must hold the centres of both parts' recordings (`make_datasets`)."""
     root, cache = Path(root), Path(cache)
     if not is_synthetic(root): raise FileNotFoundError(f"{root / 'ground_truth'}: no *_signals.csv (not synthetic data?)")
-    target = lambda name: normaliser.transform(load_cached(cache, name)["eda"], name)
-    targets = {part: {name: target(name) for name in parts[part]} for part in ("train", evaluate)}
+    if targets is None:
+        target = lambda name: normaliser.transform(load_cached(cache, name)["eda"], name)
+        targets = {part: {name: target(name) for name in parts[part]} for part in ("train", evaluate)}
     series = linear_reference(cue_features(root, cache), targets["train"], parts[evaluate], normaliser.eda_scaling)
-    return series_predictions(series, targets[evaluate], normaliser, window, stride).assign(model="oracle")
+    return series_predictions(series, targets[evaluate], normaliser, window, stride, flagged=flagged).assign(model="oracle")
 
 def oracle_fraction(subjects: pd.DataFrame, # per-subject metrics with a 'model' column, the oracle's included
                     metric: str = "r",
@@ -440,11 +461,13 @@ def reference_predictions(datasets: dict,          # a fold's train / val / test
     "The baselines every results table carries: `reference_series`, and the oracle on synthetic data."
     test = datasets["test"].targets
     hz = datasets["test"].meta[next(iter(test))]["target_hz"] if test else 4.0
-    out = [series_predictions(series, test, normaliser, window, stride, hz).assign(model=model)
+    flagged = datasets["test"].flagged
+    out = [series_predictions(series, test, normaliser, window, stride, hz, flagged).assign(model=model)
            for model, series in reference_series(datasets, normaliser, hz, cache).items()]
     if data and is_synthetic(data):
         parts = {part: list(d.targets) for part, d in datasets.items()}
-        out.append(oracle_predictions(data, cache, parts, normaliser, window=window, stride=stride))
+        out.append(oracle_predictions(data, cache, parts, normaliser, window=window, stride=stride,
+                                      targets={part: d.targets for part, d in datasets.items()}, flagged=flagged))
     return out
 
 # %% ../nbs/05_metrics.ipynb #c052

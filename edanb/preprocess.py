@@ -18,7 +18,7 @@ import scipy.ndimage
 import scipy.signal
 
 from .core import parallel_map, progress_bar, write_atomic
-from .data import BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, Recording, load_recording, scan
+from .data import BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, Recording, eda_quality, load_recording, scan
 
 # %% auto #0
 __all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'sample_count', 'frame_indices', 'resample', 'bandpass', 'pulse_frequency',
@@ -218,8 +218,8 @@ def landmarks_68(image: np.ndarray, box: np.ndarray, reduction: int, window: tup
     return (points - (x0, y0)) / w
 
 # %% ../nbs/02_preprocess.ipynb #c021
-CACHE_VERSION = 3  # 2: box path interpolated between detections and smoothed without phase lag; 3: heart rate without dicrotic beats
-ARRAYS = ("frames", "eda", "bvp", "hr", "t", "frame_index", "boxes", "landmarks")
+CACHE_VERSION = 4  # 2: box path interpolated between detections and smoothed without phase lag; 3: heart rate without dicrotic beats; 4: EDA quality flags
+ARRAYS = ("frames", "eda", "eda_flagged", "bvp", "hr", "t", "frame_index", "boxes", "landmarks")
 
 def source_stamp(rec: Recording) -> dict:
     "Size and modification time of the three source files: a change to any of them invalidates the cache."
@@ -236,13 +236,17 @@ def read_meta(folder: Path) -> dict | None:
 
 # %% ../nbs/02_preprocess.ipynb #c022
 def _signals(rec: Recording, config: PreprocessConfig, n: int) -> dict[str, np.ndarray]:
-    "EDA, BVP and heart rate on the sampling clock."
+    "EDA, its quality flags (`edanb.data.eda_quality`, found on the EDA as recorded), BVP and heart rate on the sampling clock."
     times = np.arange(n) / config.target_hz
     eda = rec.read_eda()
-    eda = eda[:n] if config.target_hz == EDA_HZ else np.interp(times, np.arange(len(eda)) / EDA_HZ, eda)
+    flagged = eda_quality(eda)
+    if config.target_hz == EDA_HZ: eda, flagged = eda[:n], flagged[:n]
+    else:   # a sample is flagged when a flagged recorded sample takes part in its interpolation
+        eda_t = np.arange(len(eda)) / EDA_HZ
+        eda, flagged = np.interp(times, eda_t, eda), np.interp(times, eda_t, flagged.astype(float)) > 0
     raw_bvp = rec.read_bvp()
     bvp = resample(bandpass(raw_bvp, BVP_HZ) if config.bvp_bandpass else raw_bvp, BVP_HZ, config.target_hz)[:n]
-    return dict(t=times, eda=eda.astype(np.float32), bvp=bvp.astype(np.float32),
+    return dict(t=times, eda=eda.astype(np.float32), eda_flagged=flagged, bvp=bvp.astype(np.float32),
                 hr=heart_rate(raw_bvp, BVP_HZ, times))
 
 def _face_path(rec: Recording, config: PreprocessConfig, index: np.ndarray, progress: bool) -> dict:
@@ -297,7 +301,8 @@ def write_entry(folder: Path, rec: Recording, config: PreprocessConfig, n: int, 
     meta = dict(recording=rec.name, subject=rec.subject, task=rec.task, samples=n, target_hz=config.target_hz,
                 seconds=used, cut_s=dict(video=rec.video_seconds - used, eda=rec.eda_seconds - used,
                                          bvp=rec.bvp_seconds - used),
-                face_rate=crops["detections"] / max(crops["attempts"], 1), **crops, key=key)
+                face_rate=crops["detections"] / max(crops["attempts"], 1), eda_flagged=int(signals["eda_flagged"].sum()),
+                **crops, key=key)
     (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 

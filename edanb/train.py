@@ -127,7 +127,7 @@ def predict(model: torch.nn.Module, dataset, config: TrainConfig, device: torch.
 def score(dataset, preds: np.ndarray, normaliser: Normaliser, config: TrainConfig) -> pd.DataFrame:
     "Stitched per-sample predictions of a dataset (standardised clips for a model trained with NPC alone)."
     return predictions_table(dataset.clips.recording, dataset.clips.start, preds, dataset.targets, normaliser,
-                             shape_only=config.loss == "npc")
+                             shape_only=config.loss == "npc", flagged=dataset.flagged)
 
 # %% ../nbs/06_train.ipynb #c063
 def selection_value(recordings: pd.DataFrame, val_loss: float, metric: str) -> float:
