@@ -16,19 +16,19 @@ import numpy as np
 import pandas as pd
 
 from .config import TrainConfig, before_provenance, comparable, current_names
-from .core import format_interval, format_p, provenance, stale_reasons
+from .core import format_interval, format_p, pearson, provenance, stale_reasons
 from .data import load_split, synthetic_couplings
 from .experiment import EXPERIMENTS, notebook_error
-from .metrics import compare_to_baseline
+from .metrics import bootstrap_ci, compare_to_baseline
 from .stress import stress_detection
 
 # %% auto #0
-__all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS', 'run_config',
-           'crop_of', 'current_provenance', 'staleness', 'finished_runs', 'baseline_test', 'run_labels', 'collect_runs',
-           'fold_model', 'study_row', 'study_table', 'config_without', 'seed_spread', 'per_subject', 'compare_runs',
-           'runs_differing_in', 'verdict', 'null_runs', 'beats', 'uses_pulse', 'answer_face', 'answer_pulse',
-           'answer_null_twins', 'answer_models', 'answer_physnet_bvp', 'answer_factor', 'study_answers', 'run_stress',
-           'summary_table', 'run_summary']
+__all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'LEVEL_KEEPING', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS',
+           'run_config', 'crop_of', 'current_provenance', 'staleness', 'finished_runs', 'baseline_test', 'run_labels',
+           'collect_runs', 'fold_model', 'study_row', 'study_table', 'config_without', 'seed_spread', 'per_subject',
+           'compare_runs', 'runs_differing_in', 'verdict', 'null_runs', 'beats', 'uses_pulse', 'answer_face',
+           'answer_pulse', 'answer_null_twins', 'across_task_r', 'answer_task_confound', 'answer_models',
+           'answer_physnet_bvp', 'answer_factor', 'study_answers', 'run_stress', 'summary_table', 'run_summary']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
@@ -252,6 +252,30 @@ def answer_null_twins(results: Path, table: pd.DataFrame, runs: pd.DataFrame, nu
                     if row.ci_low <= 0 <= row.ci_high else "its interval excludes 0: look for a leak."))
     return out
 
+# %% ../nbs/08_study.ipynb #c048
+LEVEL_KEEPING = ("subject", "zscore", "minmax")   # EDA scalings whose targets keep each task's level
+
+def across_task_r(samples: pd.DataFrame) -> pd.Series:
+    "Per subject, r of the predictions over all its recordings together, each task's level included (flagged samples left out)."
+    rows = samples[~samples.flagged] if "flagged" in samples else samples
+    return pd.Series({subject: pearson(g.pred, g.target) for subject, g in rows.groupby("subject", sort=False)}, dtype=float)
+
+def answer_task_confound(results: Path, table: pd.DataFrame, null: set[str]) -> list[str]:
+    "Does a model read the task from the face (talking, motion) instead of arousal? Each null run's r across tasks (`across_task_r`)."
+    label, out = "**Does a model read the task from the face instead of arousal?**", []
+    for _, row in table[table.run.isin(null)].iterrows():
+        path = Path(results) / row.run / "predictions.parquet"
+        if not path.is_file(): continue
+        samples = pd.read_parquet(path)
+        mean, low, high = bootstrap_ci(across_task_r(samples[samples.model == row.model]).to_numpy())
+        scaling = f"{row.eda_scaling} scaling, which " + ("keeps each task's level" if row.eda_scaling in LEVEL_KEEPING
+                                                          else "removes each recording's level")
+        out.append(f"{label} {row.run} ({scaling}) on null data has r across tasks {format_interval(mean, low, high)}: " +
+                   ("above 0: it reads the task from the face (talking, head motion), not arousal; trust its within-recording r, not its level." if low > 0 else
+                    "not estimable." if not np.isfinite(mean) else "its interval contains 0: no sign that it reads the task."
+                    if low <= 0 <= high else "below 0."))
+    return out or [f"{label} Not answered: no run on null data with its predictions."]
+
 # %% ../nbs/08_study.ipynb #c015
 def answer_models(results: Path, runs: pd.DataFrame, a: str, b: str, label: str) -> list[str]:
     "Model `a` against model `b`, in every pair of runs that differ in the model alone."
@@ -289,6 +313,7 @@ def study_answers(results: str | Path,    # results folder of `edanb run`
     results, null = Path(results), null_runs(table)
     others = table[~table.run.isin(null)]
     out = answer_face(table, null) + answer_pulse(table, null) + answer_null_twins(results, table, runs, null)
+    out += answer_task_confound(results, table, null)
     for a, b, label in MODEL_QUESTIONS: out += answer_models(results, others, a, b, label)
     out += answer_physnet_bvp(results, others)
     out += answer_models(results, others, "seqcnn", "landmarks", "Do frames carry more than the landmarks?")

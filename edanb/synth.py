@@ -443,7 +443,7 @@ def write_recording(out: str | Path,     # dataset folder
                     video_coupling: float = 1.0, # strength of the visible cues (0: video independent of physiology)
                     quality: int = JPEG_QUALITY, # MJPEG quality
                     pulse_coupling: float = 1.0, # how much heart rate follows arousal (0: independent of it)
-                    world: str = "simple",       # 'rich': SCR latency, the face's own time course, talking (`WORLDS`)
+                    world: str = "rich",         # rich: people, SCR latency, the face's own time course, talking, artefacts | simple (`WORLDS`)
                     latency_range: tuple[float, float] = (1.0, 3.0), # rich world: each subject's SCR latency is drawn in it (s)
                     non_responders: float = 0.1,      # rich world: the share of subjects whose skin barely answers
                     artefacts_per_min: float = 1.0,   # rich world: motion artefacts in the recorded EDA (and a third as many dropouts)
@@ -578,7 +578,7 @@ class SynthConfig:
     pulse_coupling: float = 1.0  # how much heart rate follows arousal; 0 = a pulse independent of it (BVP's null)
     seed: int = 0            # everything is deterministic for a seed
     quality: int = JPEG_QUALITY  # MJPEG quality
-    world: str = "simple"        # simple (cues at lag 0, same behaviour in every task) | rich (SCR latency, the face's own time course, talking)
+    world: str = "rich"          # rich (people, SCR latency, the face's own time course, talking, artefacts) | simple (one face, cues at lag 0: the world before issue 27)
     latency_min_s: float = 1.0   # rich world: the shortest SCR latency a subject is drawn (s)
     latency_max_s: float = 3.0   # rich world: the longest (s)
     non_responders: float = 0.1  # rich world: the share of subjects whose skin barely answers their bursts
@@ -600,7 +600,8 @@ def _check_target(out: Path, config: SynthConfig) -> bool:
     if not params.is_file():
         raise FileExistsError(f"{out}: folder is not empty and is not a synthetic edanb dataset; refusing to overwrite it")
     params = json.loads(params.read_text())
-    saved = {**asdict(SynthConfig()), **current_couplings(params.get("config") or {})}  # a field added since: its default
+    saved = {**asdict(SynthConfig()), "world": "simple",   # a field added since: its default (a dataset without a world is simple)
+             **current_couplings(params.get("config") or {})}
     return params.get("complete", False) and saved == asdict(config)
 
 def _write_params(out: Path, config: SynthConfig, complete: bool):

@@ -6,8 +6,10 @@ import pytest
 
 from edanb.synth import SynthConfig, generate
 
-# Large enough for the statistical checks (18 recordings x 120 EDA samples), small enough for CI.
-STATS_CONFIG = dict(subjects=6, seconds=30, size=160, seed=0)
+# Large enough for the statistical checks (18 recordings x 120 EDA samples), small enough for CI. The shared fixtures are
+# the simple world (one face, cues at lag 0, clean EDA): they test the pipeline's mechanics against figures known in
+# advance; the rich world (the generator's default) has fixtures and tests of its own (test_synth, test_eda_quality).
+STATS_CONFIG = dict(subjects=6, seconds=30, size=160, seed=0, world="simple")
 
 def _generate(factory, name: str, **config) -> Path:
     root = factory.mktemp(name) / "ubfc"
@@ -27,7 +29,7 @@ def null_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     "Two subjects, 4 s, 64 px: a valid dataset for the bad-input tests (copy it before breaking it)."
-    return _generate(tmp_path_factory, "tiny", subjects=2, seconds=4, size=64)
+    return _generate(tmp_path_factory, "tiny", subjects=2, seconds=4, size=64, world="simple")
 
 @pytest.fixture
 def dataset(tiny_root, tmp_path) -> Path:
@@ -50,7 +52,7 @@ def small(tmp_path_factory) -> dict:
     from edanb.preprocess import PreprocessConfig, preprocess_dataset
     from edanb.synth import SynthConfig, generate
     root = tmp_path_factory.mktemp("train")
-    generate(root / "ubfc", SynthConfig(subjects=6, seconds=12, size=96), workers=2, progress=False)
+    generate(root / "ubfc", SynthConfig(subjects=6, seconds=12, size=96, world="simple"), workers=2, progress=False)
     table = preprocess_dataset(root / "ubfc", root / "cache", PreprocessConfig(size=32, landmarks=True), workers=2,
                                progress=False)
     assert (table.status == "built").all()

@@ -341,7 +341,7 @@ def test_rich_world_subjects_are_different_people_to_the_face_encoder(people_roo
     "Every pair of frames of two subjects is further apart than any two frames of one; in the simple world it is not."
     assert synth.identity_margin(synth.face_distances(people_root, frames=3)) > 0
     simple = tmp_path / "simple"
-    generate(simple, SynthConfig(subjects=6, seconds=3), progress=False)
+    generate(simple, SynthConfig(subjects=6, seconds=3, world="simple"), progress=False)
     assert synth.identity_margin(synth.face_distances(simple, frames=3)) < 0
 
 
