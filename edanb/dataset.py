@@ -311,6 +311,9 @@ class ClipDataset(Dataset):
             eda, self.flagged[name] = training_eda(entry, eda_quality, self.cache / name)
             record_baseline(normaliser, self.cache, name, eda, eda_quality)
             self.meta[name] = entry["meta"]
+            if entry["meta"].get("frames_per_sample", 1) != self.meta[names[0]].get("frames_per_sample", 1):
+                raise DataError(self.cache / name, f"cached at {entry['meta'].get('frame_hz')} frames/s, {names[0]} at "
+                                                   f"{self.meta[names[0]].get('frame_hz')}: use one preprocessing per cache folder")
             self.targets[name] = normaliser.transform(eda, name).astype(np.float32)
             self.bvp[name] = _zscore(entry["bvp"])
             if landmarks: self.marks[name] = entry["landmarks"].astype(np.float32)
@@ -323,6 +326,7 @@ class ClipDataset(Dataset):
                                   columns=["recording", "start"])
         self.pixel_mean, self.pixel_std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1)
                                  for v in (normaliser.frame_mean, normaliser.frame_std))
+        self.per_sample = int(self.meta[names[0]].get("frames_per_sample", 1)) if names else 1   # frames per EDA sample
 
     def __len__(self) -> int: return len(self.clips)
 
@@ -337,22 +341,31 @@ class ClipDataset(Dataset):
         if not self.pad or (start >= 0 and stop <= n): return slice(start, min(stop, n))
         return reflect_index(np.arange(start, stop), n)
 
+    def frame_index(self, samples: slice | np.ndarray, frames: int) -> slice | np.ndarray:
+        "The cached frames of `samples`, `per_sample` each, at most `frames` of them (at one frame per sample: the samples)."
+        k = self.per_sample
+        if k == 1: return samples
+        if isinstance(samples, slice): samples = np.arange(samples.start, samples.stop)
+        return (np.asarray(samples)[:, None] * k + np.arange(k)).ravel()[:frames]
+
     def __getitem__(self, i: int) -> dict:
         name, start = self.clips.recording.iat[i], int(self.clips.start.iat[i])
         stop, meta, n = start + self.window, self.meta[name], len(self.targets[name])
         clip, extended = self.sample_index(start, stop, n), self.sample_index(start, stop + self.diff, n)  # one more for the last difference
-        raw = torch.from_numpy(np.array(self.frames_of(name)[extended])).permute(0, 3, 1, 2)  # a copy: the map is read-only
-        marks = torch.from_numpy(self.marks[name][extended]) if self.landmarks else None
+        length = self.window * self.per_sample                          # frames of the clip (per_sample per EDA sample)
+        shown = self.frame_index(extended, length + self.diff)
+        raw = torch.from_numpy(np.array(self.frames_of(name)[shown])).permute(0, 3, 1, 2)  # a copy: the map is read-only
+        marks = torch.from_numpy(self.marks[name][shown]) if self.landmarks else None
         x, marks, mean_frame = augment_clip(self.augment, raw, marks, self.mean_frames.get(name))
-        frames = x[:self.window] if mean_frame is None else x[:self.window] - mean_frame  # 'recording' scaling
+        frames = x[:length] if mean_frame is None else x[:length] - mean_frame  # 'recording' scaling
         item = dict(frames=(frames - self.pixel_mean) / self.pixel_std, eda=torch.from_numpy(self.targets[name][clip]),
                     bvp=torch.from_numpy(self.bvp[name][clip]), recording=name, subject=meta["subject"],
                     task=meta["task"], start=start, t0=start / meta["target_hz"])
         if self.diff:
-            d = frame_difference(x)
-            if len(d) < self.window: d = torch.cat([d, torch.zeros_like(d[:1])])  # the recording's last sample
+            d = frame_difference(x)[:length]
+            if len(d) < length: d = torch.cat([d, torch.zeros_like(d[:1])])  # the recording's last sample
             item["diff"] = d / self.normaliser.diff_std
-        if self.landmarks: item["landmarks"] = marks[:self.window]
+        if self.landmarks: item["landmarks"] = marks[:length]
         return item
 
 # %% ../nbs/03_dataset.ipynb #c029

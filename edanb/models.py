@@ -16,7 +16,7 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['MODELS', 'PRESETS', 'OUTPUTS', 'register', 'create_model', 'count_parameters', 'example_batch', 'NaiveMean',
            'conv_block_2d', 'BVPBranch', 'SeqCNN', 'SeqCNNBVP', 'conv_block_3d', 'PhysNet', 'AttentionMask', 'DeepPhys',
-           'sinusoidal_positions', 'TAM3D', 'landmark_features', 'LandmarkTCN', 'model_table']
+           'sinusoidal_positions', 'TAM3D', 'landmark_features', 'LandmarkTCN', 'OnEdaClock', 'model_table']
 
 # %% ../nbs/04_models.ipynb #c006
 MODELS: dict[str, type[nn.Module]] = {}
@@ -322,6 +322,21 @@ class LandmarkTCN(nn.Module):
         if marks.dim() != 4 or marks.shape[2:] != (68, 2):
             raise ValueError(f"landmarks: expected (B, T, 68, 2), got {tuple(marks.shape)}")
         return self.net(landmark_features(marks, self.velocities).transpose(1, 2)).squeeze(1)
+
+# %% ../nbs/04_models.ipynb #c041
+class OnEdaClock(nn.Module):
+    "A model fed k frames per EDA sample: BVP repeated to the frames' clock, the per-frame output averaged back to the EDA clock."
+    def __init__(self, model: nn.Module, per_sample: int):
+        super().__init__()
+        self.model, self.per_sample = model, per_sample
+        self.inputs, self.output = model.inputs, model.output
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        k = self.per_sample
+        b, frames = batch["frames"].shape[:2]
+        if frames % k: raise ValueError(f"{frames} frames per clip is not a whole number of EDA samples of {k} frames")
+        if "bvp" in batch: batch = {**batch, "bvp": batch["bvp"].repeat_interleave(k, 1)}
+        return self.model(batch).view(b, frames // k, k).mean(-1)
 
 # %% ../nbs/04_models.ipynb #c028
 def model_table(preset: str = "tiny", batch: int = 8, frames: int = 32, size: int = 72,

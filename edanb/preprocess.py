@@ -21,10 +21,10 @@ from .core import parallel_map, progress_bar, write_atomic
 from .data import BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, Recording, eda_quality, load_recording, scan
 
 # %% auto #0
-__all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'sample_count', 'frame_indices', 'resample', 'bandpass', 'pulse_frequency',
-           'heart_rate', 'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'detect_face', 'box_path',
-           'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'source_stamp', 'cache_key', 'read_meta',
-           'write_entry', 'preprocess_recording', 'load_cached', 'preprocess_job', 'preprocess_dataset']
+__all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'sample_count', 'frame_indices', 'resample', 'bandpass',
+           'pulse_frequency', 'heart_rate', 'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'detect_face',
+           'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'source_stamp', 'cache_key',
+           'read_meta', 'write_entry', 'preprocess_recording', 'load_cached', 'preprocess_job', 'preprocess_dataset']
 
 # %% ../nbs/02_preprocess.ipynb #c006
 def sample_count(rec: Recording, target_hz: float = EDA_HZ) -> int:
@@ -36,9 +36,14 @@ def sample_count(rec: Recording, target_hz: float = EDA_HZ) -> int:
 def frame_indices(n: int,          # number of samples
                   fps: float,      # video frame rate
                   target_hz: float = EDA_HZ, # sampling clock
-                 ) -> np.ndarray:  # for sample i, the frame nearest t_i = i / target_hz
-    "The frame whose timestamp is nearest each clock tick, computed from i (no accumulated float error)."
-    return np.rint(np.arange(n) * (fps / target_hz)).astype(np.int64)
+                  per_sample: int = 1,       # frames per sample (`PreprocessConfig.frame_hz`), centred on its tick
+                  last: int | None = None,   # the video's last frame (the index is clipped to it)
+                 ) -> np.ndarray:  # for sample i, the frame nearest t_i = i / target_hz (per_sample of them: n * per_sample)
+    """The frame whose timestamp is nearest each clock tick, computed from i (no accumulated float error). With k frames
+    per sample, those nearest t_i + (j - (k - 1) / 2) / (k * target_hz), j = 0..k-1: the sample's interval, centred on it."""
+    ticks = (np.arange(n)[:, None] * per_sample + np.arange(per_sample) - (per_sample - 1) / 2).ravel()
+    index = np.rint(ticks * (fps / (target_hz * per_sample))).astype(np.int64)
+    return np.clip(index, 0, last if last is not None else None) if per_sample > 1 else index
 
 # %% ../nbs/02_preprocess.ipynb #c008
 def resample(x: np.ndarray, src_hz: float, dst_hz: float) -> np.ndarray:
@@ -143,6 +148,7 @@ class PreprocessConfig:
     box_scale: float = 1.5      # enlargement of the detected face box
     smooth_s: float = 0.5       # zero-phase Gaussian smoothing of the face-box path: standard deviation, seconds (0 = none)
     landmarks: bool = False     # also cache 68 facial landmarks per sampled frame
+    frame_hz: float = 0.0       # frames cached per second: 0 = one per sample (target_hz); a whole multiple of it up to the video's rate
     bvp_bandpass: bool = False  # band-pass BVP to 0.7-4 Hz before resampling
     tolerance_s: float = DURATION_TOLERANCE_S  # allowed disagreement of video, EDA and BVP durations
 
@@ -151,6 +157,14 @@ class PreprocessConfig:
         if self.detector not in ("hog", "cnn"): raise ValueError(f"detector must be 'hog' or 'cnn', not {self.detector!r}")
         if self.target_hz <= 0 or self.size < 8 or self.detect_every < 1 or self.box_scale < 1 or self.smooth_s < 0:
             raise ValueError(f"need target_hz > 0, size >= 8, detect_every >= 1, box_scale >= 1, smooth_s >= 0: {self}")
+        ratio = self.frame_hz / self.target_hz
+        if self.frame_hz and (ratio < 1 or abs(ratio - round(ratio)) > 1e-9):
+            raise ValueError(f"--frame-hz {self.frame_hz:g}: must be a whole multiple of the EDA clock ({self.target_hz:g} Hz), "
+                             f"e.g. {2 * self.target_hz:g} or {4 * self.target_hz:g} (0: one frame per sample)")
+
+    def frames_per_sample(self) -> int:
+        "Frames cached per EDA-clock sample (`frame_hz` / `target_hz`; 1 when `frame_hz` is 0)."
+        return int(round(self.frame_hz / self.target_hz)) if self.frame_hz else 1
 
 def quiet_face_recognition():
     "Import `face_recognition` without the deprecation warning its model package prints."
@@ -226,8 +240,11 @@ def source_stamp(rec: Recording) -> dict:
     return {kind: [p.stat().st_size, p.stat().st_mtime_ns] for kind, p in
             (("video", rec.video), ("eda", rec.eda), ("bvp", rec.bvp))}
 
+KEY_ADDED = {"frame_hz": 0.0}   # a field added since, at the value entries built before it had: left out of the key, so they stay valid
+
 def cache_key(rec: Recording, config: PreprocessConfig) -> dict:
-    return dict(version=CACHE_VERSION, config=asdict(config), sources=source_stamp(rec))
+    fields = {k: v for k, v in asdict(config).items() if KEY_ADDED.get(k, object()) != v}
+    return dict(version=CACHE_VERSION, config=fields, sources=source_stamp(rec))
 
 def read_meta(folder: Path) -> dict | None:
     "The cache entry's metadata, or None if there is no complete entry."
@@ -250,19 +267,20 @@ def _signals(rec: Recording, config: PreprocessConfig, n: int) -> dict[str, np.n
                 hr=heart_rate(raw_bvp, BVP_HZ, times))
 
 def _face_path(rec: Recording, config: PreprocessConfig, index: np.ndarray, progress: bool) -> dict:
-    "Pass 1: detect on every `detect_every`-th sampled frame only; return the smoothed box path and the counts."
-    n = len(index)
+    "Pass 1: detect on every `detect_every`-th sample's frame only; return the smoothed box path and the counts."
+    n, k = len(index), config.frames_per_sample()   # frames, and frames per sample: the detector runs as often per second
     if config.crop == "none": return dict(path=None, attempts=0, detections=0, fallback=0, reductions=[])
-    attempts, at, found = np.arange(0, n, config.detect_every), [], []
+    step = config.detect_every * k
+    attempts, at, found = np.arange(0, n, step), [], []
     r = reduction_for(rec.width, config.detect_width)  # the detector needs `detect_width` pixels, not the crop's
     with FrameReader(rec.video) as reader:
         reader.reduction = r
         for i in progress_bar(attempts, progress, desc=f"{rec.name} faces", leave=False):
             box = detect_face(reader.read(int(index[i])), r, config)
             if box is not None: at.append(i); found.append(box)
-    path = box_path(np.array(at, int), np.array(found).reshape(-1, 3), n, config.smooth_s * config.target_hz)
-    nearest = attempts[np.minimum((np.arange(n) + config.detect_every // 2) // config.detect_every, len(attempts) - 1)]
-    fallback = int((~np.isin(nearest, at)).sum())  # samples whose nearest detection attempt found no face
+    path = box_path(np.array(at, int), np.array(found).reshape(-1, 3), n, config.smooth_s * config.target_hz * k)
+    nearest = attempts[np.minimum((np.arange(n) + step // 2) // step, len(attempts) - 1)]
+    fallback = int((~np.isin(nearest, at)).sum()) // k  # samples whose nearest detection attempt found no face
     return dict(path=path, attempts=len(attempts), detections=len(at), fallback=fallback, reductions=[r])
 
 def _crop_frames(rec: Recording, config: PreprocessConfig, index: np.ndarray, frames: np.ndarray,
@@ -289,9 +307,10 @@ def _crop_frames(rec: Recording, config: PreprocessConfig, index: np.ndarray, fr
 def write_entry(folder: Path, rec: Recording, config: PreprocessConfig, n: int, key: dict, progress: bool) -> dict:
     "Write a new cache entry of `n` samples into `folder` (meta.json last); return its metadata."
     folder.mkdir(parents=True)
-    index = frame_indices(n, rec.fps, config.target_hz)
+    k = config.frames_per_sample()
+    index = frame_indices(n, rec.fps, config.target_hz, k, rec.n_frames - 1)
     signals = _signals(rec, config, n)
-    frames = np.lib.format.open_memmap(folder / "frames.npy", "w+", np.uint8, (n, config.size, config.size, 3))
+    frames = np.lib.format.open_memmap(folder / "frames.npy", "w+", np.uint8, (n * k, config.size, config.size, 3))
     crops = _crop_frames(rec, config, index, frames, progress)
     frames.flush(); del frames
     arrays = dict(signals, frame_index=index, boxes=crops.pop("boxes"), landmarks=crops.pop("landmarks"))
@@ -299,7 +318,7 @@ def write_entry(folder: Path, rec: Recording, config: PreprocessConfig, n: int, 
         if array is not None: np.save(folder / f"{name}.npy", array)
     used = n / config.target_hz
     meta = dict(recording=rec.name, subject=rec.subject, task=rec.task, samples=n, target_hz=config.target_hz,
-                seconds=used, cut_s=dict(video=rec.video_seconds - used, eda=rec.eda_seconds - used,
+                frames_per_sample=k, frame_hz=config.target_hz * k, seconds=used, cut_s=dict(video=rec.video_seconds - used, eda=rec.eda_seconds - used,
                                          bvp=rec.bvp_seconds - used),
                 face_rate=crops["detections"] / max(crops["attempts"], 1), eda_flagged=int(signals["eda_flagged"].sum()),
                 **crops, key=key)
@@ -318,6 +337,7 @@ def preprocess_recording(rec: Recording,            # a validated recording (`ed
     if meta is not None and meta["key"] == key: return {**meta, "status": "cached"}
     n = sample_count(rec, config.target_hz)
     if n == 0: raise DataError(rec.video, "no sample of the EDA clock falls inside the video")
+    if config.frame_hz > rec.fps + 1e-9: raise DataError(rec.video, f"--frame-hz {config.frame_hz:g} is above the video's frame rate ({rec.fps:g} fps)")
     built = {}
     write_atomic(final, lambda folder: built.update(write_entry(folder, rec, config, n, key, progress)))
     return {**built, "status": "built"}
@@ -359,6 +379,9 @@ def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
     for pattern in (".*.tmp-*", ".*.old-*"):  # left by a killed run
         for stale in cache.glob(pattern): shutil.rmtree(stale, ignore_errors=True)
     recordings, problems = scan(root, tolerance_s=config.tolerance_s)
+    slow = [r for r in recordings if config.frame_hz > r.fps + 1e-9]
+    if slow: raise ValueError(f"--frame-hz {config.frame_hz:g} is above the video frame rate of {len(slow)} recording(s) "
+                              f"({slow[0].video}: {slow[0].fps:g} fps)")
     rows = [dict(recording=p.path.name, status="failed", error=str(p)) for p in problems]
     jobs = [(r, str(cache), config, progress and workers <= 1 and not scheduler) for r in recordings]
     from edanb import preprocess  # spawned workers import the function by name

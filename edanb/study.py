@@ -24,14 +24,14 @@ from .stress import stress_detection
 
 # %% auto #0
 __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'LEVEL_KEEPING', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS',
-           'run_config', 'crop_of', 'current_provenance', 'staleness', 'finished_runs', 'baseline_test', 'run_labels',
-           'collect_runs', 'fold_model', 'study_row', 'study_table', 'config_without', 'seed_spread', 'per_subject',
-           'compare_runs', 'runs_differing_in', 'verdict', 'null_runs', 'beats', 'uses_pulse', 'answer_face',
-           'answer_pulse', 'answer_null_twins', 'across_task_r', 'answer_task_confound', 'answer_models',
+           'run_config', 'crop_of', 'frames_of', 'current_provenance', 'staleness', 'finished_runs', 'baseline_test',
+           'run_labels', 'collect_runs', 'fold_model', 'study_row', 'study_table', 'config_without', 'seed_spread',
+           'per_subject', 'compare_runs', 'runs_differing_in', 'verdict', 'null_runs', 'beats', 'uses_pulse',
+           'answer_face', 'answer_pulse', 'answer_null_twins', 'across_task_r', 'answer_task_confound', 'answer_models',
            'answer_physnet_bvp', 'answer_factor', 'study_answers', 'run_stress', 'summary_table', 'run_summary']
 
 # %% ../nbs/08_study.ipynb #c005
-CONDITIONS = ("model", "model_args", "loss", "crop", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
+CONDITIONS = ("model", "model_args", "loss", "crop", "frames", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
 
 def run_config(metrics: dict) -> dict:
     "A run's configuration from its metrics.json, under today's names (`before_provenance` for a run that recorded none)."
@@ -44,6 +44,11 @@ def crop_of(metrics: dict) -> str:
         metas = sorted(Path(run_config(metrics)["cache"]).glob("*/meta.json"))
         config = json.loads(metas[0].read_text()).get("key", {}).get("config", {}) if metas else {}
     return f"{config.get('crop', '?')} {config.get('size', '?')}px" if config else "?"
+
+def frames_of(metrics: dict) -> str:
+    "How many frames a second a run's cache holds, e.g. '4 fps' (one per EDA sample) or '16 fps', as its run folder recorded it."
+    config = (metrics.get("provenance") or {}).get("preprocessing") or {}
+    return f"{config.get('frame_hz') or config.get('target_hz', 4.0):g} fps"
 
 # %% ../nbs/08_study.ipynb #c028
 @functools.cache
@@ -78,7 +83,8 @@ def run_labels(run: str, metrics: dict) -> dict:
     "What identifies a run in the study's tables, all read from its metrics.json: conditions, crop, seed, staleness."
     config = run_config(metrics)
     return dict(run=run, trained=config["model"], config=json.dumps(comparable(config), sort_keys=True),
-                **{k: config.get(k) for k in CONDITIONS if k not in ("model", "crop")}, crop=crop_of(metrics),
+                **{k: config.get(k) for k in CONDITIONS if k not in ("model", "crop", "frames")}, crop=crop_of(metrics),
+                frames=frames_of(metrics),
                 seed=config.get("seed"), stale=staleness(metrics), folds=metrics.get("folds"),
                 centring=metrics.get("trained_on", {}).get("centring", ""))
 
@@ -174,6 +180,7 @@ def runs_differing_in(table: pd.DataFrame,  # study_table(...)
                      ) -> list[tuple[str, str]]:
     "Every pair of runs that differ in `key` and in no other configuration field (epochs, lr, seed, ... included)."
     ignored = {key, "cache"} if key in ("crop", "data") else {key}   # another crop or dataset is another cache
+    if key == "frames": ignored |= {"cache", "data_on_device"}        # ... and another frame rate, read by the DataLoader
     pairs = []
     for _, g in table.assign(_rest=table.config.map(lambda c: config_without(c, ignored))).groupby("_rest", sort=False):
         for i, j in itertools.combinations(range(len(g)), 2):
@@ -303,7 +310,8 @@ MODEL_QUESTIONS = (("seqcnn_bvp", "seqcnn", "Does BVP help (SeqCNN)?"),
                    *((name, "seqcnn", f"How does {name} compare with the simpler SeqCNN?") for name in ("physnet", "deepphys", "tam3d")))
 FACTOR_QUESTIONS = (("augment_p", "What does the study's augmentation change?"), ("crop", "What does face cropping change?"),
                     ("eda_scaling", "What does the EDA scaling change?"),
-                    ("frame_scaling", "What does the frame normalisation change?"))
+                    ("frame_scaling", "What does the frame normalisation change?"),
+                    ("frames", "Do the video models gain from more frames per EDA sample (nearer their native rate)?"))
 
 def study_answers(results: str | Path,    # results folder of `edanb run`
                   table: pd.DataFrame,    # study_table(runs)

@@ -26,7 +26,7 @@ from .data import kfold_subjects, load_split, save_split, split_subjects, subjec
 from .dataset import (ClipDataset, Normaliser, augment_clip, cached_recordings, frame_difference,
                            make_datasets, reflect_index)
 from .metrics import make_loss, metrics_table, predictions_table, reference_predictions, run_metrics
-from .models import MODELS, create_model
+from .models import MODELS, OnEdaClock, create_model
 
 # %% auto #0
 __all__ = ['RUN_OUTPUTS', 'make_splits', 'seed_everything', 'rng_state', 'set_rng_state', 'resolve_device', 'distributed',
@@ -148,6 +148,9 @@ class ResidentClips:
     whole UBFC-Phys cache at 72 px), clips gathered, scaled, differenced and augmented there. No loader, no workers."""
     def __init__(self, dataset,                 # a ClipDataset (its clips, targets, normaliser and options)
                  device: torch.device):
+        if dataset.per_sample > 1:
+            raise ValueError("data_on_device: a cache with more frames than EDA samples (--frame-hz) is read by the "
+                             "DataLoader only; run without --data-on-device")
         self.dataset, self.device, self.window = dataset, device, dataset.window
         names, offsets, total = list(dataset.targets), {}, 0
         for name in names: offsets[name], total = total, total + len(dataset.targets[name])
@@ -255,7 +258,8 @@ def model_and_data(config: TrainConfig, split: dict[str, list[str]],
     "The configured model (its weights drawn now) and the split's datasets with the inputs it reads."
     model = build_model(config, int(cached_recordings(config.cache)["size"].iat[0]))
     datasets, normaliser = make_datasets(config.cache, split, dataset_config(config, model.inputs))
-    return model, datasets, normaliser
+    per_sample = datasets["train"].per_sample   # frames per EDA sample in the cache (`edanb preprocess --frame-hz`)
+    return (OnEdaClock(model, per_sample) if per_sample > 1 else model), datasets, normaliser
 
 # %% ../nbs/06_train.ipynb #c022
 @dataclass
