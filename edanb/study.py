@@ -355,9 +355,11 @@ def run_summary(results: str | Path,               # results folder of `edanb ru
     if not runs: raise FileNotFoundError(f"{results}: no finished run (*/metrics.json)")
     out, html = results / "summary.ipynb", results / "summary.html"
     inputs = [notebook, *runs]
+    names = {p.parent.relative_to(results).as_posix() for p in runs}
     if html.exists() and (results / "summary.csv").exists() and \
-            html.stat().st_mtime > max(p.stat().st_mtime for p in inputs):
-        return out, html   # up to date: no run finished since it was written
+            html.stat().st_mtime > max(p.stat().st_mtime for p in inputs) and \
+            set(pd.read_csv(results / "summary.csv").run) == names:
+        return out, html   # up to date: no run finished, and none was removed, since it was written
     command = [sys.executable, "-m", "papermill", str(notebook), str(out), "-p", "results", str(results.resolve()),
                "--cwd", os.getcwd(), "--no-progress-bar", "--log-level", "ERROR"]
     process = subprocess.run(command, capture_output=True, text=True)

@@ -16,7 +16,7 @@ import pandas as pd
 from skimage.transform import PiecewiseAffineTransform, SimilarityTransform, warp
 
 from .core import parallel_map, pearson, progress_bar, write_atomic
-from .data import BVP_HZ, EDA_HZ, TASKS, VIDEO_FPS, current_couplings, recording_paths, subject_number
+from .data import BVP_HZ, EDA_HZ, TASKS, VIDEO_FPS, current_couplings, eda_quality, recording_paths, subject_number
 
 # %% auto #0
 __all__ = ['STREAMS', 'TASK_AROUSAL', 'WORLDS', 'BURST_KERNEL', 'NON_RESPONDER_GAIN', 'PATCH_ROWS', 'PATCH_COLS', 'FACE_BOX',
@@ -546,14 +546,16 @@ def oracle_cues(signals: pd.DataFrame) -> np.ndarray:
     return lagged_cues(cues) if "latency_s" in signals else cues
 
 def oracle_scores(root: str | Path) -> dict:
-    "The oracle ceiling of a synthetic dataset: r of EDA against the best linear map of the rendered cues (and, in the rich world, their last 8 s)."
+    """The oracle ceiling of a synthetic dataset: r of EDA against the best linear map of the rendered cues (and, in the
+    rich world, their last 8 s), on the samples a run scores (those `edanb.data.eda_quality` does not flag)."""
     root = Path(root)
-    recordings = {}
+    recordings, flagged = {}, 0
     for signals in sorted((root / "ground_truth").glob("*_signals.csv")):
         name = signals.name.removesuffix("_signals.csv")
         subject, task = name.split("_")
-        cues = oracle_cues(pd.read_csv(signals))
         eda = np.loadtxt(recording_paths(root, subject, task)["eda"])
+        clean = ~eda_quality(eda)
+        cues, eda, flagged = oracle_cues(pd.read_csv(signals))[clean], eda[clean], flagged + int((~clean).sum())
         recordings[name] = (cues - cues.mean(0), eda - eda.mean())
     if not recordings: raise FileNotFoundError(f"{root / 'ground_truth'}: no *_signals.csv files")
     weights = _linear_fit(np.concatenate([c for c, _ in recordings.values()]),
@@ -561,7 +563,9 @@ def oracle_scores(root: str | Path) -> dict:
     per = {name: dict(r=pearson_or_zero(c @ weights, e), r_own_fit=pearson_or_zero(c @ _linear_fit(c, e), e))
            for name, (c, e) in recordings.items()}
     return dict(method="Pearson r per recording between EDA and one linear map of the rendered cues "
-                       "(fitted on all recordings after removing each recording's mean), averaged over recordings",
+                       "(fitted on all recordings after removing each recording's mean), averaged over recordings; "
+                       "EDA samples that edanb.data.eda_quality flags are left out, as runs leave them out",
+                flagged_samples=flagged,
                 mean_r=float(np.mean([v["r"] for v in per.values()])),
                 mean_r_own_fit=float(np.mean([v["r_own_fit"] for v in per.values()])),
                 weights=dict(zip(CUE_COLUMNS if len(weights) == len(CUE_COLUMNS) else

@@ -2,6 +2,7 @@
 import base64
 import dataclasses
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -99,6 +100,16 @@ def test_the_summary_renders_the_numbers_of_metrics_json(grid_run):
         if test: assert np.isclose(table.loc[run, "p_vs_elapsed_task (r)"], test["p_value"])
     assert "Can EDA be predicted from the face?" in text
     assert table.loc["model-naive", "rest_vs_stress"].startswith("0.50")   # a constant prediction is chance
+
+
+@pytest.mark.slow
+def test_the_summary_is_made_again_when_a_run_is_removed(grid_run, tmp_path):
+    results = Path(shutil.copytree(grid_run["results"], tmp_path / "results"))
+    run_summary(results)
+    assert "model-naive" in set(pd.read_csv(results / "summary.csv").run)
+    shutil.rmtree(results / "model-naive")
+    run_summary(results)
+    assert "model-naive" not in set(pd.read_csv(results / "summary.csv").run)
 
 
 @pytest.mark.dask
