@@ -25,10 +25,11 @@ from .stress import stress_detection
 # %% auto #0
 __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'LEVEL_KEEPING', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS',
            'run_config', 'crop_of', 'frames_of', 'current_provenance', 'staleness', 'finished_runs', 'baseline_test',
-           'run_labels', 'collect_runs', 'fold_model', 'study_row', 'study_table', 'config_without', 'seed_spread',
-           'per_subject', 'compare_runs', 'runs_differing_in', 'verdict', 'null_runs', 'beats', 'uses_pulse',
-           'answer_face', 'answer_pulse', 'answer_null_twins', 'across_task_r', 'answer_task_confound', 'answer_models',
-           'answer_physnet_bvp', 'answer_factor', 'study_answers', 'run_stress', 'summary_table', 'run_summary']
+           'run_labels', 'collect_runs', 'load_fold', 'fold_model', 'transfer_predictions', 'study_row', 'study_table',
+           'config_without', 'seed_spread', 'per_subject', 'compare_runs', 'runs_differing_in', 'verdict', 'null_runs',
+           'beats', 'uses_pulse', 'answer_face', 'answer_pulse', 'answer_null_twins', 'across_task_r',
+           'answer_task_confound', 'answer_models', 'answer_physnet_bvp', 'answer_factor', 'study_answers',
+           'run_stress', 'summary_table', 'run_summary']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "frames", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
@@ -106,21 +107,42 @@ def collect_runs(results: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 # %% ../nbs/08_study.ipynb #c009
+def load_fold(run: Path,   # a run folder written by `fit`
+              fold: int,   # which fold's best.pt
+              **changes,   # configuration fields to change, e.g. another `data` and `cache`
+             ) -> tuple:   # (the model in eval mode on the CPU, the fold's datasets, their normaliser, the configuration)
+    "A fold's best model and its split's datasets, from the run's own data or, with `changes`, from other data."
+    import torch
+    from edanb.train import model_and_data, saved_config
+    config = TrainConfig(**{**saved_config(run), **changes})
+    model, datasets, normaliser = model_and_data(config, load_split(run / f"fold{fold}" / "split.json"))
+    model.load_state_dict(torch.load(run / f"fold{fold}" / "best.pt", map_location="cpu", weights_only=True)["model"])
+    return model.eval(), datasets, normaliser, config
+
 def fold_model(run: str | Path,  # a run folder written by `fit`
                fold: int = 0,    # which fold's best.pt
                clip: int | None = None, # which test clip (default: the middle one)
               ):                 # (the model in eval mode on the CPU, a batch of one test clip)
     "A fold's best model and one of its test clips."
-    import torch
     from torch.utils.data import default_collate
-    from edanb.train import model_and_data, saved_config
-    run = Path(run)
-    config = TrainConfig(**saved_config(run))
-    model, datasets, _ = model_and_data(config, load_split(run / f"fold{fold}" / "split.json"))
-    model.load_state_dict(torch.load(run / f"fold{fold}" / "best.pt", map_location="cpu", weights_only=True)["model"])
+    model, datasets, _, _ = load_fold(Path(run), fold)
     test = datasets["test"]
     item = test[len(test) // 2 if clip is None else clip]
-    return model.eval(), default_collate([item])
+    return model, default_collate([item])
+
+def transfer_predictions(run: str | Path,   # a finished run folder
+                         data: str | Path,  # another dataset ...
+                         cache: str | Path, # ... and its cache, preprocessed as the run's was
+                        ) -> pd.DataFrame:  # stitched test samples, as in the run's predictions.parquet (no references)
+    "A run's fold models on other data: each fold's best weights predict that fold's test subjects there, scored as in the run."
+    import torch
+    from edanb.train import predict, score
+    run, parts = Path(run), []
+    for fold in sorted(int(p.name[4:]) for p in run.glob("fold*") if p.name[4:].isdigit()):
+        model, datasets, normaliser, config = load_fold(run, fold, data=str(data), cache=str(cache), progress=False)
+        predictions = predict(model, datasets["test"], config, torch.device("cpu"))
+        parts.append(score(datasets["test"], predictions, normaliser, config).assign(model=config.model, fold=fold))
+    return pd.concat(parts, ignore_index=True)
 
 # %% ../nbs/08_study.ipynb #c011
 TABLE_METRICS = ("mse_us", "rmse_us", "r", "r_lag", "lag_s", "clip_r", "npc", "ccc")

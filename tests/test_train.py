@@ -209,3 +209,16 @@ def test_ddp_across_two_nodes_meeting_at_a_rendezvous(small, tmp_path):
     split = json.loads((tmp_path / "ddp" / "fold0" / "split.json").read_text())
     assert set(pd.read_parquet(tmp_path / "ddp" / "predictions.parquet").subject) == set(split["test"])
     assert not list((tmp_path / "ddp").glob("**/.*tmp-*"))
+
+
+def test_a_runs_fold_models_on_its_own_data_give_its_own_predictions(small, tmp_path):
+    "transfer_predictions (a run's fold models on other data), pointed at the run's own data, is the run's test."
+    from edanb.study import transfer_predictions
+    fit(config(small, tmp_path / "run", epochs=1))
+    again = transfer_predictions(tmp_path / "run", small["data"], small["cache"])
+    saved = pd.read_parquet(tmp_path / "run" / "predictions.parquet").query("model == 'landmarks'")
+    key = ["recording", "sample"]
+    merged = saved.merge(again, on=key, suffixes=("", "_again"))
+    assert len(merged) == len(saved) == len(again)
+    np.testing.assert_allclose(merged.pred_again, merged.pred, atol=1e-5)
+    assert (merged.fold_again == merged.fold).all()
