@@ -48,15 +48,24 @@ def edanb_decode(rec, wanted: np.ndarray, reduction: int) -> float:
     return time.perf_counter() - start
 
 
-def peak_rss_mb(root: Path, cache: Path) -> float:
-    "Peak RSS of a fresh process that preprocesses s1_T1 of `root` (face crops, landmarks)."
-    code = ("import resource, sys; from edanb.data import load_recording; "
+def preprocess_cost(root: Path, cache: Path, frame_hz: float = 0.0) -> tuple[float, float]:
+    "Peak RSS (MB) and wall time (s) of a fresh process that preprocesses s1_T1 of `root` (face crops, landmarks)."
+    code = ("import resource, sys, time; from edanb.data import load_recording; "
             "from edanb.preprocess import PreprocessConfig, preprocess_recording; "
-            f"preprocess_recording(load_recording({str(root)!r}, 's1', 'T1'), {str(cache)!r}, "
-            "PreprocessConfig(landmarks=True)); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            f"rec = load_recording({str(root)!r}, 's1', 'T1'); start = time.perf_counter(); "
+            f"preprocess_recording(rec, {str(cache)!r}, PreprocessConfig(landmarks=True, frame_hz={frame_hz})); "
+            "print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     import shutil; shutil.rmtree(cache, ignore_errors=True)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return int(out.split()[-1]) / 1024
+    seconds, rss = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-2:]
+    return int(rss) / 1024, float(seconds)
+
+
+def real_size_recordings() -> dict[int, Path]:
+    "One subject at UBFC-Phys' size (1024 px), 60 s and 180 s per task (generated once)."
+    roots = {s: BENCH / f"real-size-{s}s" for s in (60, 180)}
+    for seconds, root in roots.items():
+        generate(root, SynthConfig(subjects=1, seconds=seconds, size=1024), progress=False)
+    return roots
 
 
 def models():
@@ -77,9 +86,7 @@ def preprocessing():
     print("== synthetic dataset generation (one core)")
     for size in (256, 1024):
         print(f"render {size}x{size}: {render_fps(size):.0f} frames/s")
-    roots = {s: BENCH / f"real-size-{s}s" for s in (60, 180)}
-    for seconds, root in roots.items():
-        generate(root, SynthConfig(subjects=1, seconds=seconds, size=1024), progress=False)
+    roots = real_size_recordings()
 
     rec = load_recording(roots[180], "s1", "T1")
     wanted = frame_indices(sample_count(rec), rec.fps)
@@ -116,7 +123,7 @@ def preprocessing():
           f"of per-frame time; detect_every=1 would be {(per + decode_per) / (per / config.detect_every + decode_per):.1f}x slower")
 
     print("\n== memory: peak RSS of preprocessing one recording (fresh process, face crops + landmarks)")
-    rss = {s: peak_rss_mb(root, BENCH / f"cache-{s}s") for s, root in roots.items()}
+    rss = {s: preprocess_cost(root, BENCH / f"cache-{s}s")[0] for s, root in roots.items()}
     print(f"60 s: {rss[60]:.0f} MB, 180 s: {rss[180]:.0f} MB, ratio 180/60 = {rss[180] / rss[60]:.2f} "
           f"(target <= 1024 MB and within 10%)")
     meta = json.loads((BENCH / "cache-180s" / "s1_T1" / "meta.json").read_text())
@@ -166,7 +173,22 @@ def training():
               f"model's training step ({table.step_samples_per_s.drop('naive').idxmin()}, {slowest:.1f} samples/s; target >= 5x)")
 
 
-SECTIONS = dict(preprocessing=preprocessing, models=models, training=training)
+def frames():
+    "Preprocessing one real-size recording at one frame per EDA sample and at --frame-hz 16: time, memory, frames kept."
+    roots = real_size_recordings()
+    print("\n== frames above the EDA clock: preprocessing s1_T1 at 1024x1024 (fresh process, face crops + landmarks)")
+    rows = {}
+    for frame_hz in (0.0, 16.0):
+        for seconds, root in roots.items():
+            rows[frame_hz, seconds] = preprocess_cost(root, BENCH / f"cache-{seconds}s-{frame_hz:g}fps", frame_hz)
+            print(f"{frame_hz or 4:g} frames/s, {seconds} s: {rows[frame_hz, seconds][1]:.1f} s, peak {rows[frame_hz, seconds][0]:.0f} MB")
+    for seconds in roots:
+        print(f"{seconds} s recording: 16 vs 4 frames/s costs {rows[16.0, seconds][1] / rows[0.0, seconds][1]:.2f}x the time "
+              f"and {rows[16.0, seconds][0] / rows[0.0, seconds][0]:.2f}x the peak memory")
+    print(f"16 frames/s, 180 s vs 60 s: peak memory ratio {rows[16.0, 180][0] / rows[16.0, 60][0]:.2f} (flat in the length: ~1)")
+
+
+SECTIONS = dict(preprocessing=preprocessing, models=models, training=training, frames=frames)
 
 def main(names: list[str]) -> int:
     "Run the named sections (all by default): `python bench/run.py models`."
