@@ -341,19 +341,17 @@ class ClipDataset(Dataset):
         if not self.pad or (start >= 0 and stop <= n): return slice(start, min(stop, n))
         return reflect_index(np.arange(start, stop), n)
 
-    def frame_index(self, samples: slice | np.ndarray, frames: int) -> slice | np.ndarray:
-        "The cached frames of `samples`, `per_sample` each, at most `frames` of them (at one frame per sample: the samples)."
+    def frame_index(self, start: int, frames: int, n: int) -> slice | np.ndarray:
+        """The cached frames of a clip that starts at sample `start` of a recording of `n` samples: `frames` of them,
+        `per_sample` per sample, mirrored beyond a padded recording's ends frame by frame (a smooth reversal of time)."""
         k = self.per_sample
-        if k == 1: return samples
-        if isinstance(samples, slice): samples = np.arange(samples.start, samples.stop)
-        return (np.asarray(samples)[:, None] * k + np.arange(k)).ravel()[:frames]
+        return self.sample_index(start * k, start * k + frames, n * k)
 
     def __getitem__(self, i: int) -> dict:
         name, start = self.clips.recording.iat[i], int(self.clips.start.iat[i])
         stop, meta, n = start + self.window, self.meta[name], len(self.targets[name])
-        clip, extended = self.sample_index(start, stop, n), self.sample_index(start, stop + self.diff, n)  # one more for the last difference
-        length = self.window * self.per_sample                          # frames of the clip (per_sample per EDA sample)
-        shown = self.frame_index(extended, length + self.diff)
+        clip, length = self.sample_index(start, stop, n), self.window * self.per_sample   # its samples; its frames (per_sample each)
+        shown = self.frame_index(start, length + self.diff, n)                            # one more for the last difference
         raw = torch.from_numpy(np.array(self.frames_of(name)[shown])).permute(0, 3, 1, 2)  # a copy: the map is read-only
         marks = torch.from_numpy(self.marks[name][shown]) if self.landmarks else None
         x, marks, mean_frame = augment_clip(self.augment, raw, marks, self.mean_frames.get(name))

@@ -138,11 +138,12 @@ def clip_correlations(starts: np.ndarray,  # first sample of each clip (may be n
                       target: np.ndarray,  # the recording's whole target series
                       flagged: np.ndarray | None = None, # samples left out (implausible EDA)
                      ) -> np.ndarray:      # (N,) Pearson r of each clip over its samples inside the recording
-    "Per-clip r, the metric an NPC loss optimises: NaN for a flat clip."
+    "Per-clip r, the metric an NPC loss optimises: NaN for a flat clip, and for one with fewer than half its samples clean."
     n, clean = len(target), np.ones(len(target), bool) if flagged is None else ~np.asarray(flagged, bool)
     def r(s: int, clip: np.ndarray) -> float:
         inside = slice(max(s, 0), s + len(clip))
         keep = clean[inside]
+        if 2 * keep.sum() < len(keep): return float("nan")
         return pearson(clip[max(-s, 0):n - s][keep], target[inside][keep])
     return np.array([r(s, clip) for s, clip in zip(starts, clips)])
 
@@ -357,6 +358,7 @@ def oracle_predictions(root: str | Path,       # the synthetic dataset folder (w
                        targets: dict[str, dict[str, np.ndarray]] | None = None, # part -> recording -> normalised target, as the
                                                # models see it (a fold's datasets' `targets`); None: the cached EDA, scaled
                        flagged: dict[str, np.ndarray] | None = None, # `evaluate`'s recording -> samples no metric reads
+                       hz: float = 4.0,        # the cache's clock
                       ) -> pd.DataFrame:
     """The oracle as a model: one linear map from the rendered cues, scaled as the targets are, to normalised EDA, fitted
     on 'train' and applied to `evaluate`. The normaliser must hold the centres of both parts' recordings (`make_datasets`)."""
@@ -366,7 +368,7 @@ def oracle_predictions(root: str | Path,       # the synthetic dataset folder (w
         target = lambda name: normaliser.transform(load_cached(cache, name)["eda"], name)
         targets = {part: {name: target(name) for name in parts[part]} for part in ("train", evaluate)}
     series = linear_reference(cue_features(root, cache), targets["train"], parts[evaluate], normaliser.eda_scaling)
-    return series_predictions(series, targets[evaluate], normaliser, window, stride, flagged=flagged).assign(model="oracle")
+    return series_predictions(series, targets[evaluate], normaliser, window, stride, hz, flagged).assign(model="oracle")
 
 def oracle_fraction(subjects: pd.DataFrame, # per-subject metrics with a 'model' column, the oracle's included
                     metric: str = "r",
@@ -467,7 +469,7 @@ def reference_predictions(datasets: dict,          # a fold's train / val / test
     if data and is_synthetic(data):
         parts = {part: list(d.targets) for part, d in datasets.items()}
         out.append(oracle_predictions(data, cache, parts, normaliser, window=window, stride=stride,
-                                      targets={part: d.targets for part, d in datasets.items()}, flagged=flagged))
+                                      targets={part: d.targets for part, d in datasets.items()}, flagged=flagged, hz=hz))
     return out
 
 # %% ../nbs/05_metrics.ipynb #c052

@@ -41,9 +41,10 @@ def frame_indices(n: int,          # number of samples
                  ) -> np.ndarray:  # for sample i, the frame nearest t_i = i / target_hz (per_sample of them: n * per_sample)
     """The frame whose timestamp is nearest each clock tick, computed from i (no accumulated float error). With k frames
     per sample, those nearest t_i + (j - (k - 1) / 2) / (k * target_hz), j = 0..k-1: the sample's interval, centred on it."""
+    if per_sample == 1: return np.rint(np.arange(n) * (fps / target_hz)).astype(np.int64)
     ticks = (np.arange(n)[:, None] * per_sample + np.arange(per_sample) - (per_sample - 1) / 2).ravel()
-    index = np.rint(ticks * (fps / (target_hz * per_sample))).astype(np.int64)
-    return np.clip(index, 0, last if last is not None else None) if per_sample > 1 else index
+    index = np.floor(ticks * (fps / (target_hz * per_sample)) + 0.5).astype(np.int64)   # halves up: no two ticks share a frame
+    return np.clip(index, 0, last)
 
 # %% ../nbs/02_preprocess.ipynb #c008
 def resample(x: np.ndarray, src_hz: float, dst_hz: float) -> np.ndarray:

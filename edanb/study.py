@@ -19,7 +19,7 @@ from .config import TrainConfig, before_provenance, comparable, current_names
 from .core import format_interval, format_p, pearson, provenance, stale_reasons
 from .data import load_split, synthetic_couplings
 from .experiment import EXPERIMENTS, notebook_error
-from .metrics import bootstrap_ci, compare_to_baseline
+from .metrics import compare_to_baseline
 from .stress import stress_detection
 
 # %% auto #0
@@ -27,9 +27,9 @@ __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'LEVEL_KE
            'run_config', 'crop_of', 'frames_of', 'current_provenance', 'staleness', 'finished_runs', 'baseline_test',
            'run_labels', 'collect_runs', 'load_fold', 'fold_model', 'transfer_predictions', 'study_row', 'study_table',
            'config_without', 'seed_spread', 'per_subject', 'compare_runs', 'runs_differing_in', 'verdict', 'null_runs',
-           'beats', 'uses_pulse', 'answer_face', 'answer_pulse', 'answer_null_twins', 'across_task_r',
-           'answer_task_confound', 'answer_models', 'answer_physnet_bvp', 'answer_factor', 'study_answers',
-           'run_stress', 'summary_table', 'run_summary']
+           'beats', 'uses_pulse', 'answer_face', 'answer_pulse', 'answer_null_twins', 'task_levels', 'task_level_r',
+           'confound_verdict', 'answer_task_confound', 'answer_models', 'answer_physnet_bvp', 'answer_factor',
+           'study_answers', 'run_stress', 'summary_table', 'run_summary']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "frames", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
@@ -137,11 +137,16 @@ def transfer_predictions(run: str | Path,   # a finished run folder
     "A run's fold models on other data: each fold's best weights predict that fold's test subjects there, scored as in the run."
     import torch
     from edanb.train import predict, score
+    from edanb.dataset import ClipDataset, Normaliser
     run, parts = Path(run), []
     for fold in sorted(int(p.name[4:]) for p in run.glob("fold*") if p.name[4:].isdigit()):
-        model, datasets, normaliser, config = load_fold(run, fold, data=str(data), cache=str(cache), progress=False)
-        predictions = predict(model, datasets["test"], config, torch.device("cpu"))
-        parts.append(score(datasets["test"], predictions, normaliser, config).assign(model=config.model, fold=fold))
+        model, datasets, _, config = load_fold(run, fold, data=str(data), cache=str(cache), progress=False)
+        normaliser = Normaliser.load(run / f"fold{fold}" / "normaliser.json")   # the run's scaling, not one fitted on the other labels
+        fitted = datasets["test"]
+        test = ClipDataset(cache, list(fitted.targets), normaliser, config.window, config.stride, pad=True, diff=fitted.diff,
+                           landmarks=fitted.landmarks, eda_quality=config.eda_quality)   # centres of its own recordings added
+        predictions = predict(model, test, config, torch.device("cpu"))
+        parts.append(score(test, predictions, normaliser, config).assign(model=config.model, fold=fold))
     return pd.concat(parts, ignore_index=True)
 
 # %% ../nbs/08_study.ipynb #c011
@@ -201,12 +206,14 @@ def runs_differing_in(table: pd.DataFrame,  # study_table(...)
                       key: str,             # the condition that differs, e.g. 'augment_p' ('crop' compares caches)
                      ) -> list[tuple[str, str]]:
     "Every pair of runs that differ in `key` and in no other configuration field (epochs, lr, seed, ... included)."
-    ignored = {key, "cache"} if key in ("crop", "data") else {key}   # another crop or dataset is another cache
-    if key == "frames": ignored |= {"cache", "data_on_device"}        # ... and another frame rate, read by the DataLoader
+    ignored = {key, "cache"} if key in ("crop", "data", "frames") else {key}   # another crop, dataset or frame rate is another cache
+    if key == "frames": ignored.add("data_on_device")                            # ... read by the DataLoader
+    same = [k for k in ("crop", "frames") if k != key and k in table]            # what else a cache says: equal in a pair
     pairs = []
     for _, g in table.assign(_rest=table.config.map(lambda c: config_without(c, ignored))).groupby("_rest", sort=False):
         for i, j in itertools.combinations(range(len(g)), 2):
-            if str(g[key].iat[i]) != str(g[key].iat[j]): pairs.append((g.run.iat[i], g.run.iat[j]))
+            if str(g[key].iat[i]) != str(g[key].iat[j]) and all(str(g[k].iat[i]) == str(g[k].iat[j]) for k in same):
+                pairs.append((g.run.iat[i], g.run.iat[j]))
     return pairs
 
 def verdict(c: dict) -> str:
@@ -284,25 +291,44 @@ def answer_null_twins(results: Path, table: pd.DataFrame, runs: pd.DataFrame, nu
 # %% ../nbs/08_study.ipynb #c048
 LEVEL_KEEPING = ("subject", "zscore", "minmax")   # EDA scalings whose targets keep each task's level
 
-def across_task_r(samples: pd.DataFrame) -> pd.Series:
-    "Per subject, r of the predictions over all its recordings together, each task's level included (flagged samples left out)."
+def task_levels(samples: pd.DataFrame) -> pd.DataFrame:
+    "Each recording's mean prediction and target less its subject's mean over its recordings (flagged samples left out)."
     rows = samples[~samples.flagged] if "flagged" in samples else samples
-    return pd.Series({subject: pearson(g.pred, g.target) for subject, g in rows.groupby("subject", sort=False)}, dtype=float)
+    means = rows.groupby(["subject", "recording"], sort=False)[["pred", "target"]].mean()
+    return (means - means.groupby(level="subject").transform("mean")).reset_index()
+
+def task_level_r(samples: pd.DataFrame, # one model's stitched samples (predictions.parquet)
+                 n_boot: int = 2000, seed: int = 0,
+                ) -> tuple[float, float, float]: # r, and its 95 % bootstrap interval over subjects
+    "r of the task levels a model predicts against the EDA's (`task_levels`, pooled over subjects)."
+    levels = task_levels(samples)
+    pred, target = levels.pred.to_numpy(), levels.target.to_numpy()
+    groups = [np.flatnonzero(levels.subject.to_numpy() == s) for s in levels.subject.unique()]
+    r = lambda chosen: pearson(pred[np.concatenate([groups[c] for c in chosen])], target[np.concatenate([groups[c] for c in chosen])])
+    rng = np.random.default_rng(seed)
+    boot = np.array([r(rng.integers(0, len(groups), len(groups))) for _ in range(n_boot)])
+    low, high = np.nanquantile(boot, [0.025, 0.975]) if np.isfinite(boot).any() else (np.nan, np.nan)
+    return r(range(len(groups))), float(low), float(high)
+
+def confound_verdict(row: pd.Series, samples: pd.DataFrame) -> str:
+    "One null run's answer: whether its level per task follows the EDA's, or why that cannot be asked."
+    if row.eda_scaling not in LEVEL_KEEPING:
+        return f"{row.eda_scaling} scaling removes each recording's level, so reading the task cannot raise its scores."
+    if row.get("loss") == "npc": return "not estimable: a model trained with NPC alone predicts a shape, not a level."
+    r, low, high = task_level_r(samples)
+    head = f"with {row.eda_scaling} scaling (each task's level kept), its task levels have r {format_interval(r, low, high)} with the EDA's: "
+    if not np.isfinite(r): return head + "not estimable."
+    return head + ("it reads the task from the face (talking, head motion), not arousal: its level per task is no evidence of arousal."
+                   if low > 0 else "no sign that it reads the task." if low <= 0 <= high else "below 0.")
 
 def answer_task_confound(results: Path, table: pd.DataFrame, null: set[str]) -> list[str]:
-    "Does a model read the task from the face (talking, motion) instead of arousal? Each null run's r across tasks (`across_task_r`)."
+    "Does a model read the task from the face (talking, motion) instead of arousal? Each null run's task levels (`task_level_r`)."
     label, out = "**Does a model read the task from the face instead of arousal?**", []
     for _, row in table[table.run.isin(null)].iterrows():
         path = Path(results) / row.run / "predictions.parquet"
-        if not path.is_file(): continue
+        if not path.is_file() or row.model == "naive": continue
         samples = pd.read_parquet(path)
-        mean, low, high = bootstrap_ci(across_task_r(samples[samples.model == row.model]).to_numpy())
-        scaling = f"{row.eda_scaling} scaling, which " + ("keeps each task's level" if row.eda_scaling in LEVEL_KEEPING
-                                                          else "removes each recording's level")
-        out.append(f"{label} {row.run} ({scaling}) on null data has r across tasks {format_interval(mean, low, high)}: " +
-                   ("above 0: it reads the task from the face (talking, head motion), not arousal; trust its within-recording r, not its level." if low > 0 else
-                    "not estimable." if not np.isfinite(mean) else "its interval contains 0: no sign that it reads the task."
-                    if low <= 0 <= high else "below 0."))
+        out.append(f"{label} {row.run} on null data: " + confound_verdict(row, samples[samples.model == row.model]))
     return out or [f"{label} Not answered: no run on null data with its predictions."]
 
 # %% ../nbs/08_study.ipynb #c015

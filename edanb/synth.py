@@ -554,8 +554,8 @@ def oracle_scores(root: str | Path) -> dict:
         name = signals.name.removesuffix("_signals.csv")
         subject, task = name.split("_")
         eda = np.loadtxt(recording_paths(root, subject, task)["eda"])
-        clean = ~eda_quality(eda)
-        cues, eda, flagged = oracle_cues(pd.read_csv(signals))[clean], eda[clean], flagged + int((~clean).sum())
+        clean, cues = ~eda_quality(eda), oracle_cues(pd.read_csv(signals))
+        if not clean.all(): cues, eda, flagged = cues[clean], eda[clean], flagged + int((~clean).sum())
         recordings[name] = (cues - cues.mean(0), eda - eda.mean())
     if not recordings: raise FileNotFoundError(f"{root / 'ground_truth'}: no *_signals.csv files")
     weights = _linear_fit(np.concatenate([c for c, _ in recordings.values()]),

@@ -31,10 +31,10 @@ from .models import MODELS, OnEdaClock, create_model
 # %% auto #0
 __all__ = ['RUN_OUTPUTS', 'make_splits', 'seed_everything', 'rng_state', 'set_rng_state', 'resolve_device', 'distributed',
            'fold_device', 'end_distributed', 'to_device', 'autocast', 'predict', 'score', 'selection_value',
-           'clip_targets', 'ResidentClips', 'shuffled_order', 'ResidentBatches', 'make_optimiser', 'train_epoch',
-           'dataset_config', 'build_model', 'model_and_data', 'EarlyStopping', 'Training', 'Fold', 'start_fold',
-           'resume', 'epoch_loader', 'validate', 'run_epoch', 'save_epoch', 'epoch_line', 'test_fold', 'fit_fold',
-           'same_run', 'saved_config', 'stale_run', 'run_provenance', 'retire_run', 'open_run', 'fit']
+           'clean_clips', 'clip_targets', 'ResidentClips', 'shuffled_order', 'ResidentBatches', 'make_optimiser',
+           'train_epoch', 'dataset_config', 'build_model', 'model_and_data', 'EarlyStopping', 'Training', 'Fold',
+           'start_fold', 'resume', 'epoch_loader', 'validate', 'run_epoch', 'save_epoch', 'epoch_line', 'test_fold',
+           'fit_fold', 'same_run', 'saved_config', 'stale_run', 'run_provenance', 'retire_run', 'open_run', 'fit']
 
 # %% ../nbs/06_train.ipynb #c007
 def make_splits(config: TrainConfig) -> list[dict[str, list[str]]]:
@@ -135,6 +135,11 @@ def selection_value(recordings: pd.DataFrame, val_loss: float, metric: str) -> f
     value = -val_loss if metric == "loss" else recordings[metric].mean()  # mean over validation recordings
     value = -value if metric == "mse" else value
     return float(value) if np.isfinite(value) else -np.inf
+
+def clean_clips(dataset) -> np.ndarray:
+    "Which clips of a dataset hold no flagged EDA sample (`eda_quality='mask'`), mirrored samples beyond a padded recording's ends included."
+    return np.array([not dataset.flagged[name][dataset.sample_index(start, start + dataset.window, len(dataset.targets[name]))].any()
+                     for name, start in zip(dataset.clips.recording, dataset.clips.start)], bool)
 
 def clip_targets(dataset) -> np.ndarray:
     "(N, T) target of every clip of a dataset (mirrored beyond a padded recording's ends), as its items hold them."
@@ -370,7 +375,9 @@ def validate(fold: Fold) -> tuple[dict, float]:
     "Validation loss over the clips and mean per-recording r, clip r, CCC and MSE; and the value that selects the epoch."
     val, model = fold.datasets["val"], fold.training.model
     preds = predict(model, val, fold.config, fold.device, fold.resident.get("val"))
-    row = dict(val_loss=float(fold.training.loss_fn(torch.from_numpy(preds), fold.val_targets)))
+    clean = torch.from_numpy(clean_clips(val))        # the loss, like every metric, reads no flagged EDA sample
+    if not clean.any(): clean[:] = True
+    row = dict(val_loss=float(fold.training.loss_fn(torch.from_numpy(preds)[clean], fold.val_targets[clean])))
     recordings = metrics_table(score(val, preds, fold.normaliser, fold.config))   # per validation recording
     row |= {f"val_{m}": float(recordings[m].mean()) for m in ("r", "clip_r", "ccc", "mse")}
     return row, selection_value(recordings, row["val_loss"], fold.config.select)
