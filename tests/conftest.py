@@ -11,7 +11,8 @@ from edanb.synth import SynthConfig, generate
 # advance; the rich world (the generator's default) has fixtures and tests of its own (test_synth, test_eda_quality).
 STATS_CONFIG = dict(subjects=6, seconds=30, size=160, seed=0, world="simple")
 
-def _generate(factory, name: str, **config) -> Path:
+def make_dataset(factory, name: str, **config) -> Path:
+    "A synthetic dataset of `config` (SynthConfig fields) in a fresh temporary folder `name`."
     root = factory.mktemp(name) / "ubfc"
     generate(root, SynthConfig(**config), progress=False)
     return root
@@ -19,17 +20,17 @@ def _generate(factory, name: str, **config) -> Path:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     "Coupling 1: the face and the pulse carry the arousal."
-    return _generate(tmp_path_factory, "synth", **STATS_CONFIG, video_coupling=1.0, pulse_coupling=1.0)
+    return make_dataset(tmp_path_factory, "synth", **STATS_CONFIG, video_coupling=1.0, pulse_coupling=1.0)
 
 @pytest.fixture(scope="session")
 def null_root(tmp_path_factory) -> Path:
     "Coupling 0 for the video and the pulse: the null control."
-    return _generate(tmp_path_factory, "null", **STATS_CONFIG, video_coupling=0.0, pulse_coupling=0.0)
+    return make_dataset(tmp_path_factory, "null", **STATS_CONFIG, video_coupling=0.0, pulse_coupling=0.0)
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     "Two subjects, 4 s, 64 px: a valid dataset for the bad-input tests (copy it before breaking it)."
-    return _generate(tmp_path_factory, "tiny", subjects=2, seconds=4, size=64, world="simple")
+    return make_dataset(tmp_path_factory, "tiny", subjects=2, seconds=4, size=64, world="simple")
 
 @pytest.fixture
 def dataset(tiny_root, tmp_path) -> Path:

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import make_dataset
 from edanb.data import save_split
 from edanb.dataset import DatasetConfig, make_datasets
 from edanb.preprocess import PreprocessConfig, frame_indices, load_cached, preprocess_dataset
-from edanb.synth import SynthConfig, generate
 from edanb.train import TrainConfig, fit
 
 BIN = Path(sys.executable).parent
@@ -22,9 +22,7 @@ SPLIT = dict(train=["s1"], val=["s2"], test=["s3"])
 @pytest.fixture(scope="module")
 def three(tmp_path_factory) -> Path:
     "Three subjects, 6 s, 64 px (35 fps video, EDA at 4 Hz)."
-    root = tmp_path_factory.mktemp("three") / "ubfc"
-    generate(root, SynthConfig(subjects=3, seconds=6, size=64, world="simple"), progress=False)
-    return root
+    return make_dataset(tmp_path_factory, "three", subjects=3, seconds=6, size=64, world="simple")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import STATS_CONFIG
+from conftest import STATS_CONFIG, make_dataset
 from edanb import synth
 from edanb.data import TASKS, discover, probe_video, recording_paths, read_signal
 from edanb.core import pearson
@@ -256,9 +256,7 @@ def test_old_single_coupling_dataset_is_reused(tmp_path):
 @pytest.fixture(scope="module")
 def rich_root(tmp_path_factory) -> Path:
     "The rich world (SCR latency, the face's own time course, talking): 4 subjects, 40 s, 64 px."
-    root = tmp_path_factory.mktemp("rich") / "ubfc"
-    generate(root, SynthConfig(subjects=4, seconds=40, size=64, world="rich"), progress=False)
-    return root
+    return make_dataset(tmp_path_factory, "rich", subjects=4, seconds=40, size=64, world="rich")
 
 
 def test_rich_world_latency_is_found_by_lagged_r(rich_root):
@@ -332,9 +330,7 @@ def test_rich_world_moves_the_head_more_in_the_speaking_tasks(rich_root):
 @pytest.fixture(scope="module")
 def people_root(tmp_path_factory) -> Path:
     "The rich world at the generator's default size, where its people are told apart: 6 subjects, 3 s."
-    root = tmp_path_factory.mktemp("people") / "ubfc"
-    generate(root, SynthConfig(subjects=6, seconds=3, world="rich"), progress=False)
-    return root
+    return make_dataset(tmp_path_factory, "people", subjects=6, seconds=3, world="rich")
 
 
 def test_rich_world_subjects_are_different_people_to_the_face_encoder(people_root, tmp_path):
