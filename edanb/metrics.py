@@ -335,7 +335,9 @@ def linear_reference(features_of: Callable[[str], np.ndarray], # recording -> (n
                     ) -> dict[str, np.ndarray]:     # test recording -> prediction, normalised units
     "One least-squares linear map from features (scaled like the targets) to the target, fitted on the training recordings."
     x = np.concatenate([scaled_like_targets(features_of, n, eda_scaling) for n in train])
-    weights = np.linalg.lstsq(x, np.concatenate([np.asarray(y, np.float64) for y in train.values()]), rcond=None)[0]
+    y = np.concatenate([np.asarray(y, np.float64) for y in train.values()])
+    known = np.isfinite(y)                     # a NaN target (a flagged sample) is left out of the fit
+    weights = np.linalg.lstsq(x[known], y[known], rcond=None)[0]
     return {n: scaled_like_targets(features_of, n, eda_scaling) @ weights for n in test}
 
 def cue_features(root: str | Path, cache: str | Path) -> Callable[[str], np.ndarray]:
@@ -386,7 +388,9 @@ def elapsed_time_series(targets: dict[str, np.ndarray], # training recordings ->
                        ) -> Callable[[int], np.ndarray]:  # n samples -> the prediction for a recording of n samples
     "The elapsed-time baseline: one least-squares line of the target on seconds since the recording started, fitted on training recordings."
     t = np.concatenate([np.arange(len(y)) / hz for y in targets.values()])
-    slope, intercept = np.polyfit(t, np.concatenate(list(targets.values())), 1)
+    y = np.concatenate(list(targets.values()))
+    known = np.isfinite(y)                     # a NaN target (a flagged sample) is left out of the fit
+    slope, intercept = np.polyfit(t[known], y[known], 1)
     return lambda n: intercept + slope * np.arange(n) / hz
 
 def task_of(recording: str) -> str:
@@ -403,10 +407,14 @@ def elapsed_time_per_task(targets: dict[str, np.ndarray], # training recordings 
 
 # %% ../nbs/05_metrics.ipynb #c063
 def mean_profile(series: list[np.ndarray]) -> np.ndarray:
-    "The mean of several series sample by sample, from their starts (as many of them as are that long)."
+    "The mean of several series sample by sample, from their starts (as many of them as are that long; NaN left out, a sample with none bridged)."
     total, count = np.zeros(max(len(y) for y in series)), np.zeros(max(len(y) for y in series))
-    for y in series: total[:len(y)] += y; count[:len(y)] += 1
-    return total / count
+    for y in series:
+        known = np.isfinite(y)
+        total[:len(y)] += np.where(known, y, 0.0); count[:len(y)] += known
+    if count.all(): return total / count
+    index, seen = np.arange(len(count)), count > 0
+    return np.interp(index, index[seen], total[seen] / count[seen])
 
 def task_profile(targets: dict[str, np.ndarray], # training recordings ('s3_T2', ...) -> normalised target
                 ) -> Callable[[str, int], np.ndarray]: # (recording, n) -> its prediction
@@ -441,9 +449,12 @@ def reference_series(datasets: dict,          # a fold's train / val / test `Cli
                      hz: float = 4.0,
                      cache: str | Path = "",  # the cache: with heart rate in it, the BVP-only reference is added
                     ) -> dict[str, dict[str, np.ndarray]]:  # reference -> test recording -> prediction, normalised units
-    "The label-free references fitted on the training recordings: naive (their mean), elapsed_task, task_profile, elapsed, bvp_only."
-    test, train = datasets["test"].targets, datasets["train"].targets
-    mean = float(np.concatenate(list(train.values())).mean())
+    "The label-free references fitted on the training recordings (their samples not flagged): naive (their mean), elapsed_task, task_profile, elapsed, bvp_only."
+    test, flagged = datasets["test"].targets, getattr(datasets["train"], "flagged", {})
+    train = {n: np.where(flagged[n], np.nan, y) if n in flagged and flagged[n].any() else y   # fitted on clean samples only
+             for n, y in datasets["train"].targets.items()}
+    pooled_targets = np.concatenate(list(train.values()))
+    mean = float(pooled_targets[np.isfinite(pooled_targets)].mean())
     per_task, pooled, profile = elapsed_time_per_task(train, hz), elapsed_time_series(train, hz), task_profile(train)
     out = dict(naive={n: np.full(len(y), mean) for n, y in test.items()},
                elapsed_task={n: per_task(n, len(y)) for n, y in test.items()},
@@ -468,8 +479,9 @@ def reference_predictions(datasets: dict,          # a fold's train / val / test
            for model, series in reference_series(datasets, normaliser, hz, cache).items()]
     if data and is_synthetic(data):
         parts = {part: list(d.targets) for part, d in datasets.items()}
+        clean = lambda d: {n: np.where(d.flagged[n], np.nan, y) if d.flagged[n].any() else y for n, y in d.targets.items()}
         out.append(oracle_predictions(data, cache, parts, normaliser, window=window, stride=stride,
-                                      targets={part: d.targets for part, d in datasets.items()}, flagged=flagged, hz=hz))
+                                      targets=dict(train=clean(datasets["train"]), test=test), flagged=flagged, hz=hz))
     return out
 
 # %% ../nbs/05_metrics.ipynb #c052

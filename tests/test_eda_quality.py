@@ -90,3 +90,17 @@ def test_a_run_records_its_eda_quality_and_scores_without_the_flagged_samples(sp
     counted = per_recording.set_index(["model", "recording"]).n
     assert all(counted[(m, r)] == len(rows) - flagged[r] for (m, r), rows in samples.groupby(["model", "recording"]))
     with pytest.raises(ValueError, match="eda_quality"): TrainConfig(eda_quality="drop")
+
+
+def test_the_references_are_fitted_on_clean_training_samples_only(spiky):
+    "A flagged training sample moves no reference: naive, the elapsed-time lines, the task profile, BVP-only, the oracle."
+    from edanb.metrics import reference_predictions
+    root, cache = spiky
+    datasets, norm = make_datasets(cache, SPLIT, DatasetConfig(window=16, stride=4, augment_p=0))
+    before = pd.concat(reference_predictions(datasets, norm, 16, 4, root, cache))
+    train = datasets["train"]
+    assert any(f.any() for f in train.flagged.values())
+    for name, flagged in train.flagged.items(): train.targets[name][flagged] += 1000.0   # what a bridged sample holds: ignored
+    after = pd.concat(reference_predictions(datasets, norm, 16, 4, root, cache))
+    assert set(before.model) == {"naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "oracle"}
+    np.testing.assert_allclose(after.pred.to_numpy(), before.pred.to_numpy(), atol=1e-9)
