@@ -18,7 +18,7 @@ import pandas as pd
 # %% auto #0
 __all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOLERANCE_S', 'EDA_RANGE_US', 'MAX_EDA_SLOPE_US_S',
            'UBFC_SPLIT', 'PARTS', 'DataError', 'read_signal', 'VideoInfo', 'probe_video', 'subject_number',
-           'recording_paths', 'Recording', 'load_recording', 'eda_quality', 'subject_folders', 'scan', 'discover',
+           'recording_paths', 'Recording', 'eda_quality', 'load_recording', 'subject_folders', 'scan', 'discover',
            'recordings_table', 'SplitError', 'split_counts', 'check_split', 'split_subjects', 'kfold_subjects',
            'save_split', 'load_split', 'is_synthetic', 'current_couplings', 'synthetic_couplings']
 
@@ -97,6 +97,7 @@ def recording_paths(root: str | Path, subject: str, task: str) -> dict[str, Path
                 bvp=folder / f"bvp_{subject}_{task}.csv",
                 eda=folder / f"eda_{subject}_{task}.csv")
 
+# %% ../nbs/00_data.ipynb #c032
 @dataclass(frozen=True)
 class Recording:
     "One subject doing one task: file paths and validated sizes."
@@ -129,7 +130,30 @@ class Recording:
     def read_eda(self) -> np.ndarray: return read_signal(self.eda)
     def read_bvp(self) -> np.ndarray: return read_signal(self.bvp)
 
+# %% ../nbs/00_data.ipynb #c035
+EDA_RANGE_US = (0.05, 60.0)  # what skin conductance can be (µS): below, the electrodes lost contact (Kleckner et al. 2018)
+MAX_EDA_SLOPE_US_S = 10.0     # faster than skin conductance changes (µS/s): a motion spike or drop (ibid.)
+
+def eda_quality(eda: np.ndarray,   # EDA as recorded (µS)
+                hz: float = EDA_HZ,
+                max_slope: float = MAX_EDA_SLOPE_US_S, # µS/s
+               ) -> np.ndarray:    # True where a sample is implausible
+    """Samples no skin produces: outside `EDA_RANGE_US`, on either side of a jump faster than `max_slope`, and between a
+    jump and the opposite jump that ends its excursion within 2 s (a spike's or a drop's plateau)."""
+    eda = np.asarray(eda, np.float64)
+    flagged = (eda < EDA_RANGE_US[0]) | (eda > EDA_RANGE_US[1])
+    step = np.diff(eda) * hz
+    jumps = np.flatnonzero(np.abs(step) > max_slope)
+    flagged[jumps] = True; flagged[jumps + 1] = True
+    for a, b in zip(jumps[:-1], jumps[1:]):
+        if np.sign(step[a]) != np.sign(step[b]) and b - a <= 2 * hz: flagged[a:b + 2] = True
+    return flagged
+
 # %% ../nbs/00_data.ipynb #c013
+def _info_path(root, subject) -> Path | None:
+    path = Path(root) / subject / f"info_{subject}.txt"
+    return path if path.is_file() else None
+
 def _check_duration(path: Path, what: str, seconds: float, video: Path, video_seconds: float, tolerance_s: float):
     if abs(seconds - video_seconds) > tolerance_s:
         raise DataError(path, f"{what} lasts {seconds:.2f} s but the video {video.name} lasts {video_seconds:.2f} s "
@@ -149,28 +173,6 @@ def load_recording(root: str | Path,  # dataset folder holding s1/, s2/, ...
     _check_duration(rec.eda, "EDA", rec.eda_seconds, rec.video, rec.video_seconds, tolerance_s)
     _check_duration(rec.bvp, "BVP", rec.bvp_seconds, rec.video, rec.video_seconds, tolerance_s)
     return rec
-
-EDA_RANGE_US = (0.05, 60.0)  # what skin conductance can be (µS): below, the electrodes lost contact (Kleckner et al. 2018)
-MAX_EDA_SLOPE_US_S = 10.0     # faster than skin conductance changes (µS/s): a motion spike or drop (ibid.)
-
-def eda_quality(eda: np.ndarray,   # EDA as recorded (µS)
-                hz: float = EDA_HZ,
-                max_slope: float = MAX_EDA_SLOPE_US_S, # µS/s
-               ) -> np.ndarray:    # True where a sample is implausible
-    """Samples no skin produces: outside `EDA_RANGE_US`, on either side of a jump faster than `max_slope`, and between a
-    jump and the opposite jump that ends its excursion within 2 s (a spike's or a drop's plateau)."""
-    eda = np.asarray(eda, np.float64)
-    flagged = (eda < EDA_RANGE_US[0]) | (eda > EDA_RANGE_US[1])
-    step = np.diff(eda) * hz
-    jumps = np.flatnonzero(np.abs(step) > max_slope)
-    flagged[jumps] = True; flagged[jumps + 1] = True
-    for a, b in zip(jumps[:-1], jumps[1:]):
-        if np.sign(step[a]) != np.sign(step[b]) and b - a <= 2 * hz: flagged[a:b + 2] = True
-    return flagged
-
-def _info_path(root, subject) -> Path | None:
-    path = Path(root) / subject / f"info_{subject}.txt"
-    return path if path.is_file() else None
 
 # %% ../nbs/00_data.ipynb #c015
 def subject_folders(root: str | Path) -> list[Path]:
@@ -241,6 +243,7 @@ def split_counts(n: int,                                  # number of subjects
     if n - n_val - n_test < 1: raise SplitError(f"{n} subject(s) cannot be split {tuple(proportions)}: no training subject left")
     return n - n_val - n_test, n_val, n_test
 
+# %% ../nbs/00_data.ipynb #c037
 def _by_number(subjects) -> list[str]: return sorted(subjects, key=subject_number)
 
 def check_split(split: dict[str, Sequence[str]], source: str = "split") -> dict[str, list[str]]:
@@ -254,6 +257,7 @@ def check_split(split: dict[str, Sequence[str]], source: str = "split") -> dict[
             seen[subject] = part
     return {part: _by_number(split[part]) for part in PARTS}
 
+# %% ../nbs/00_data.ipynb #c038
 def split_subjects(subjects: Sequence[str],                   # subject names, e.g. ['s1', 's2', ...]
                    proportions: Sequence[float] = UBFC_SPLIT,  # train, val, test weights
                    seed: int = 0,                              # shuffling seed
@@ -277,6 +281,7 @@ def kfold_subjects(subjects: Sequence[str],  # subject names
                              train=[s for j, g in enumerate(groups) if j not in (i, (i + 1) % k) for s in g]))
             for i in range(k)]
 
+# %% ../nbs/00_data.ipynb #c041
 def save_split(split: dict[str, Sequence[str]], path: str | Path, **meta) -> Path:
     "Write a checked split (plus `meta`, e.g. the seed) as JSON."
     path = Path(path)
