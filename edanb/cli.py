@@ -20,10 +20,10 @@ from .preprocess import PreprocessConfig, preprocess_dataset
 from .synth import SynthConfig, generate
 
 # %% auto #0
-__all__ = ['COMMANDS', 'dataclass_arguments', 'dataclass_from_args', 'print_table', 'readable_summary', 'finite_count', 'cmd_run',
-           'cmd_summary', 'cmd_info', 'cmd_synth', 'cmd_split', 'cmd_preprocess', 'cmd_models', 'cmd_train',
-           'subcommand', 'add_workers', 'add_scheduler', 'add_info', 'add_synth', 'add_split', 'add_preprocess',
-           'add_models', 'add_train', 'add_run', 'add_summary', 'parser', 'main']
+__all__ = ['COMMANDS', 'dataclass_arguments', 'dataclass_from_args', 'print_table', 'readable_summary', 'finite_count',
+           'subcommand', 'add_workers', 'add_scheduler', 'cmd_synth', 'add_synth', 'cmd_info', 'add_info', 'cmd_split',
+           'add_split', 'cmd_preprocess', 'add_preprocess', 'cmd_models', 'add_models', 'cmd_train', 'add_train',
+           'cmd_run', 'add_run', 'cmd_summary', 'add_summary', 'parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #c005
 def dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -63,34 +63,21 @@ def finite_count(value) -> bool:
     return isinstance(value, str) and "/" in value and value.split("/")[1] not in ("", "0")
 
 # %% ../nbs/90_cli.ipynb #c008
-def cmd_run(args) -> int:
-    "Run every cell of a grid file with papermill (one run folder each); finished cells are skipped, failures recorded."
-    from edanb.experiment import parse_overrides, run_grid
-    overrides = parse_overrides(args.set) | ({"reuse_stale": True} if args.reuse_stale else {})
-    table = run_grid(args.grid, args.results, args.jobs, args.notebook, progress=not args.quiet,
-                     overrides=overrides, scheduler=args.scheduler)
-    print_table(table.assign(seconds=table.seconds.round(1)))
-    counts = table.status.value_counts()
-    print(f"\n{counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed: "
-          f"run folders in {args.results} (each with its executed train.ipynb)")
-    return 1 if counts.get("failed", 0) else 0
+def subcommand(sub, name: str, run):
+    "A subcommand run by `run`, whose docstring is its help."
+    command = sub.add_parser(name, help=run.__doc__, description=run.__doc__)
+    command.set_defaults(run=run)
+    return command
 
-def cmd_summary(args) -> int:
-    "Execute the summary notebook on a results folder: summary.ipynb, summary.html and summary.csv beside the runs."
-    from edanb.study import run_summary
-    try: notebook, html = run_summary(args.results, args.notebook)
-    except RuntimeError as e: raise ValueError(str(e)) from None
-    print_table(readable_summary(pd.read_csv(Path(args.results) / "summary.csv")))
-    print(f"\nsummary: {notebook}\n         {html}")
-    return 0
+def add_workers(command):
+    command.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
 
-def cmd_info(args) -> int:
-    "Validate a dataset folder and print one line per recording and per problem."
-    recordings, problems = scan(args.root, tolerance_s=args.tolerance)
-    print_table(recordings_table(recordings, problems))
-    print(f"\n{len(recordings)} recording(s) ok, {len(problems)} problem(s)")
-    return 1 if problems else 0
+def add_scheduler(command, what: str):
+    "The `--scheduler ADDRESS` option of a command that can run its jobs on a Dask cluster."
+    command.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                         help=f"run on the workers of this Dask distributed scheduler (e.g. tcp://host:8786), {what}")
 
+# %% ../nbs/90_cli.ipynb #c018
 def cmd_synth(args) -> int:
     "Generate a synthetic UBFC-Phys-format dataset and print its summary (with --quiet, one line)."
     if args.coupling is not None: args.video_coupling = args.pulse_coupling = args.coupling
@@ -101,6 +88,33 @@ def cmd_synth(args) -> int:
           f"(see {Path(args.out) / 'ground_truth' / 'oracle.json'})")
     return 0
 
+def add_synth(sub):
+    synth = subcommand(sub, "synth", cmd_synth)
+    synth.add_argument("out", help="folder to write")
+    dataclass_arguments(synth, SynthConfig)
+    synth.add_argument("--coupling", type=float, help="sets --video-coupling and --pulse-coupling together "
+                                                      "(0: the null control, no input carries EDA)")
+    add_workers(synth)
+    synth.add_argument("--force", action="store_true", help="regenerate even if OUT already holds this dataset")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar, one line of output")
+    return synth
+
+# %% ../nbs/90_cli.ipynb #c021
+def cmd_info(args) -> int:
+    "Validate a dataset folder and print one line per recording and per problem."
+    recordings, problems = scan(args.root, tolerance_s=args.tolerance)
+    print_table(recordings_table(recordings, problems))
+    print(f"\n{len(recordings)} recording(s) ok, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+def add_info(sub):
+    info = subcommand(sub, "info", cmd_info)
+    info.add_argument("root", help="dataset folder holding s1/, s2/, ...")
+    info.add_argument("--tolerance", type=float, default=DURATION_TOLERANCE_S,
+                      help="allowed disagreement of video, EDA and BVP durations, seconds (default: %(default)s)")
+    return info
+
+# %% ../nbs/90_cli.ipynb #c024
 def cmd_split(args) -> int:
     "Write a subject-disjoint split (or k of them) of the valid recordings' subjects as JSON."
     recordings, problems = scan(args.root)
@@ -116,6 +130,15 @@ def cmd_split(args) -> int:
         print(f"{path}: {', '.join(f'{p} {len(split[p])}' for p in split)}")
     return 0
 
+def add_split(sub):
+    split = subcommand(sub, "split", cmd_split)
+    split.add_argument("root", help="dataset folder")
+    split.add_argument("--out", required=True, help="JSON file to write (a folder of fold*.json with --kfold)")
+    split.add_argument("--seed", type=int, default=0, help="shuffling seed (default: %(default)s)")
+    split.add_argument("--kfold", type=int, default=0, help="write k folds by subject instead of one split")
+    return split
+
+# %% ../nbs/90_cli.ipynb #c027
 def cmd_preprocess(args) -> int:
     "Sample every recording to the EDA clock, crop faces and cache them; exit 1 if any recording failed (--quiet: those only)."
     table = preprocess_dataset(args.root, args.out, dataclass_from_args(PreprocessConfig, args), workers=args.workers,
@@ -126,6 +149,17 @@ def cmd_preprocess(args) -> int:
     print(f"{len(table) - int(failed.sum())} recording(s) cached in {args.out}, {int(failed.sum())} failed")
     return 1 if failed.any() else 0
 
+def add_preprocess(sub):
+    prep = subcommand(sub, "preprocess", cmd_preprocess)
+    prep.add_argument("root", help="dataset folder")
+    prep.add_argument("--out", required=True, help="cache folder")
+    dataclass_arguments(prep, PreprocessConfig)
+    add_workers(prep)
+    add_scheduler(prep, "one task per recording")
+    prep.add_argument("--quiet", action="store_true", help="no progress bars; print the failed recordings and one line")
+    return prep
+
+# %% ../nbs/90_cli.ipynb #c030
 def cmd_models(args) -> int:
     "List the registered models: inputs, parameters, and (with --time) CPU forward time for one batch."
     from edanb.models import MODELS, count_parameters, create_model, model_table  # torch only when asked for
@@ -139,6 +173,16 @@ def cmd_models(args) -> int:
     print_table(table)
     return 0
 
+def add_models(sub):
+    models = subcommand(sub, "models", cmd_models)
+    models.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="model sizes (default: %(default)s)")
+    models.add_argument("--time", action="store_true", help="also time one forward pass per model on the CPU")
+    models.add_argument("--batch", type=int, default=8, help="clips per timed batch (default: %(default)s)")
+    models.add_argument("--frames", type=int, default=32, help="samples per clip (default: %(default)s)")
+    models.add_argument("--size", type=int, default=72, help="frame side in px (default: %(default)s)")
+    return models
+
+# %% ../nbs/90_cli.ipynb #c033
 def cmd_train(args) -> int:
     "Train and test a model (k-fold subject cross-validation with --folds); write a run folder and print the headline table."
     from edanb.metrics import headline
@@ -149,71 +193,23 @@ def cmd_train(args) -> int:
     print(f"\nrun folder: {args.out} (metrics.json, predictions.parquet, fold*/history.csv)")
     return 0
 
-# %% ../nbs/90_cli.ipynb #c009
-def subcommand(sub, name: str, run):
-    "A subcommand run by `run`, whose docstring is its help."
-    command = sub.add_parser(name, help=run.__doc__, description=run.__doc__)
-    command.set_defaults(run=run)
-    return command
-
-def add_workers(command):
-    command.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
-
-def add_scheduler(command, what: str):
-    "The `--scheduler ADDRESS` option of a command that can run its jobs on a Dask cluster."
-    command.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                         help=f"run on the workers of this Dask distributed scheduler (e.g. tcp://host:8786), {what}")
-
-def add_info(sub):
-    info = subcommand(sub, "info", cmd_info)
-    info.add_argument("root", help="dataset folder holding s1/, s2/, ...")
-    info.add_argument("--tolerance", type=float, default=DURATION_TOLERANCE_S,
-                      help="allowed disagreement of video, EDA and BVP durations, seconds (default: %(default)s)")
-    return info
-
-def add_synth(sub):
-    synth = subcommand(sub, "synth", cmd_synth)
-    synth.add_argument("out", help="folder to write")
-    dataclass_arguments(synth, SynthConfig)
-    synth.add_argument("--coupling", type=float, help="sets --video-coupling and --pulse-coupling together "
-                                                      "(0: the null control, no input carries EDA)")
-    add_workers(synth)
-    synth.add_argument("--force", action="store_true", help="regenerate even if OUT already holds this dataset")
-    synth.add_argument("--quiet", action="store_true", help="no progress bar, one line of output")
-    return synth
-
-def add_split(sub):
-    split = subcommand(sub, "split", cmd_split)
-    split.add_argument("root", help="dataset folder")
-    split.add_argument("--out", required=True, help="JSON file to write (a folder of fold*.json with --kfold)")
-    split.add_argument("--seed", type=int, default=0, help="shuffling seed (default: %(default)s)")
-    split.add_argument("--kfold", type=int, default=0, help="write k folds by subject instead of one split")
-    return split
-
-def add_preprocess(sub):
-    prep = subcommand(sub, "preprocess", cmd_preprocess)
-    prep.add_argument("root", help="dataset folder")
-    prep.add_argument("--out", required=True, help="cache folder")
-    dataclass_arguments(prep, PreprocessConfig)
-    add_workers(prep)
-    add_scheduler(prep, "one task per recording")
-    prep.add_argument("--quiet", action="store_true", help="no progress bars; print the failed recordings and one line")
-    return prep
-
-# %% ../nbs/90_cli.ipynb #c010
-def add_models(sub):
-    models = subcommand(sub, "models", cmd_models)
-    models.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="model sizes (default: %(default)s)")
-    models.add_argument("--time", action="store_true", help="also time one forward pass per model on the CPU")
-    models.add_argument("--batch", type=int, default=8, help="clips per timed batch (default: %(default)s)")
-    models.add_argument("--frames", type=int, default=32, help="samples per clip (default: %(default)s)")
-    models.add_argument("--size", type=int, default=72, help="frame side in px (default: %(default)s)")
-    return models
-
 def add_train(sub):
     train = subcommand(sub, "train", cmd_train)
     dataclass_arguments(train, TrainConfig)
     return train
+
+# %% ../nbs/90_cli.ipynb #c036
+def cmd_run(args) -> int:
+    "Run every cell of a grid file with papermill (one run folder each); finished cells are skipped, failures recorded."
+    from edanb.experiment import parse_overrides, run_grid
+    overrides = parse_overrides(args.set) | ({"reuse_stale": True} if args.reuse_stale else {})
+    table = run_grid(args.grid, args.results, args.jobs, args.notebook, progress=not args.quiet,
+                     overrides=overrides, scheduler=args.scheduler)
+    print_table(table.assign(seconds=table.seconds.round(1)))
+    counts = table.status.value_counts()
+    print(f"\n{counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed: "
+          f"run folders in {args.results} (each with its executed train.ipynb)")
+    return 1 if counts.get("failed", 0) else 0
 
 def add_run(sub):
     run = subcommand(sub, "run", cmd_run)
@@ -228,6 +224,16 @@ def add_run(sub):
                      help="keep finished runs made by other code or data (the summary names them) instead of making them again")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     return run
+
+# %% ../nbs/90_cli.ipynb #c039
+def cmd_summary(args) -> int:
+    "Execute the summary notebook on a results folder: summary.ipynb, summary.html and summary.csv beside the runs."
+    from edanb.study import run_summary
+    try: notebook, html = run_summary(args.results, args.notebook)
+    except RuntimeError as e: raise ValueError(str(e)) from None
+    print_table(readable_summary(pd.read_csv(Path(args.results) / "summary.csv")))
+    print(f"\nsummary: {notebook}\n         {html}")
+    return 0
 
 def add_summary(sub):
     summary = subcommand(sub, "summary", cmd_summary)
