@@ -582,7 +582,7 @@ class SynthConfig:
     pulse_coupling: float = 1.0  # how much heart rate follows arousal; 0 = a pulse independent of it (BVP's null)
     seed: int = 0            # everything is deterministic for a seed
     quality: int = JPEG_QUALITY  # MJPEG quality
-    world: str = "rich"          # rich (people, SCR latency, the face's own time course, talking, artefacts) | simple (one face, cues at lag 0: the world before issue 27)
+    world: str = "rich"          # rich (people, SCR latency, the face's own time course, talking, artefacts) | simple (one face, cues at lag 0, clean EDA)
     latency_min_s: float = 1.0   # rich world: the shortest SCR latency a subject is drawn (s)
     latency_max_s: float = 3.0   # rich world: the longest (s)
     non_responders: float = 0.1  # rich world: the share of subjects whose skin barely answers their bursts
