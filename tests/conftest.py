@@ -60,10 +60,11 @@ def small(tmp_path_factory) -> dict:
     return dict(data=str(root / "ubfc"), cache=str(root / "cache"))
 
 
-STATISTICAL_FIXTURES = {"synth_root", "null_root", "synth_cache"}   # about 30 s to build: the fast loop leaves them out
+HEAVY_FIXTURES = {"synth_root", "null_root", "synth_cache",   # the statistical datasets: about 30 s to build
+                  "rich_root", "people_root", "fast_cache", "spiky"}   # 8-20 s each: the fast loop leaves them out
 
 
 def pytest_collection_modifyitems(items):
-    "A test on the statistical datasets is `slow` (`make test` runs it, `make test-fast` does not)."
+    "A test on a heavy dataset is `slow` (`make test` runs it, `make test-fast` does not)."
     for item in items:
-        if STATISTICAL_FIXTURES & set(getattr(item, "fixturenames", ())): item.add_marker("slow")
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())): item.add_marker("slow")

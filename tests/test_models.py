@@ -123,10 +123,10 @@ def learning_task(name, seed=0, b=8, t=16, size=32):
     return batch
 
 
-SIMPLE = [("naive", {}), ("seqcnn_bvp", {}), ("physnet", dict(use_bvp=True)), ("landmarks", {})]
+SIMPLE = [("naive", {}), ("seqcnn_bvp", {}), pytest.param("physnet", dict(use_bvp=True), marks=pytest.mark.slow), ("landmarks", {})]
 
 
-@pytest.mark.parametrize("name,kw", SIMPLE, ids=[name + ("+bvp" if kw else "") for name, kw in SIMPLE])
+@pytest.mark.parametrize("name,kw", SIMPLE, ids=["naive", "seqcnn_bvp", "physnet+bvp", "landmarks"])
 def test_learns_a_simple_target(name, kw):
     "Trained on fresh batches, judged on a held-out one: memorising the training batches cannot pass."
     key = name + ("+bvp" if kw else "")
