@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +16,8 @@ from fastcore.docments import docments
 from . import __version__
 from .config import TrainConfig
 from .core import format_fraction, format_p
-from .data import DURATION_TOLERANCE_S, DataError, SplitError, kfold_subjects, save_split, scan, split_subjects, recordings_table
+from .data import (DURATION_TOLERANCE_S, DataError, DataGap, SplitError, kfold_subjects, recordings_table, save_split, scan,
+                        split_subjects, subject_number, subjects_table)
 from .preprocess import PreprocessConfig, preprocess_dataset
 from .synth import SynthConfig, generate
 
@@ -23,7 +25,7 @@ from .synth import SynthConfig, generate
 __all__ = ['COMMANDS', 'dataclass_arguments', 'dataclass_from_args', 'print_table', 'readable_summary', 'finite_count',
            'subcommand', 'add_workers', 'add_scheduler', 'cmd_synth', 'add_synth', 'cmd_info', 'add_info', 'cmd_split',
            'add_split', 'cmd_preprocess', 'add_preprocess', 'cmd_models', 'add_models', 'cmd_train', 'add_train',
-           'cmd_run', 'add_run', 'cmd_summary', 'add_summary', 'parser', 'main']
+           'cmd_run', 'add_run', 'cmd_summary', 'add_summary', 'parser', 'one_line_warning', 'main']
 
 # %% ../nbs/90_cli.ipynb #c005
 def dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -101,11 +103,14 @@ def add_synth(sub):
 
 # %% ../nbs/90_cli.ipynb #c021
 def cmd_info(args) -> int:
-    "Validate a dataset folder and print one line per recording and per problem."
+    "Validate a dataset folder: one line per recording, per gap and per problem, then one per subject (gender, group, anxiety)."
     recordings, problems = scan(args.root, tolerance_s=args.tolerance)
-    print_table(recordings_table(recordings, problems))
-    print(f"\n{len(recordings)} recording(s) ok, {len(problems)} problem(s)")
-    return 1 if problems else 0
+    print_table(recordings_table(recordings, problems).fillna(""))
+    subjects = sorted({r.subject for r in recordings}, key=subject_number)
+    if subjects: print(); print_table(subjects_table(args.root, subjects).fillna(""))
+    gaps = sum(isinstance(p, DataGap) for p in problems)
+    print(f"\n{len(recordings)} recording(s) ok, {gaps} gap(s), {len(problems) - gaps} problem(s)")
+    return 1 if len(problems) > gaps else 0
 
 def add_info(sub):
     info = subcommand(sub, "info", cmd_info)
@@ -252,11 +257,18 @@ def parser() -> argparse.ArgumentParser:
     for add in COMMANDS: add(sub)
     return p
 
+def one_line_warning(message, category, filename, lineno, file=None, line=None):
+    "A warning as the command line shows it: one line, `edanb: warning: ...` (the file it names is in the message)."
+    print(f"edanb: warning: {message}", file=sys.stderr)
+
 def main(argv: list[str] | None = None) -> int:
     "Run the `edanb` command line; return its exit code."
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
-    try: return args.run(args)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            return args.run(args)
     except (DataError, SplitError, FileExistsError, FileNotFoundError, ValueError, ConnectionError) as e:
         print(f"edanb {args.command}: error: {e}", file=sys.stderr)
         return 1

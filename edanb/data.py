@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -16,11 +16,13 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOLERANCE_S', 'EDA_RANGE_US', 'MAX_EDA_SLOPE_US_S',
-           'UBFC_SPLIT', 'PARTS', 'DataError', 'read_signal', 'VideoInfo', 'probe_video', 'subject_number',
-           'recording_paths', 'Recording', 'eda_quality', 'load_recording', 'subject_folders', 'scan', 'discover',
-           'recordings_table', 'SplitError', 'split_counts', 'check_split', 'split_subjects', 'kfold_subjects',
-           'save_split', 'load_split', 'is_synthetic', 'current_couplings', 'synthetic_couplings']
+__all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOLERANCE_S', 'GENDERS', 'GROUPS', 'ANXIETY_SCALES',
+           'EDA_RANGE_US', 'MAX_EDA_SLOPE_US_S', 'UBFC_SPLIT', 'PARTS', 'DataError', 'read_signal', 'VideoInfo',
+           'probe_video', 'subject_number', 'recording_paths', 'Recording', 'MetadataWarning', 'metadata_paths',
+           'read_info_file', 'read_anxiety_file', 'subject_metadata', 'eda_quality', 'load_recording',
+           'subject_folders', 'DataGap', 'scan', 'discover', 'recordings_table', 'subjects_table', 'SplitError',
+           'split_counts', 'check_split', 'split_subjects', 'kfold_subjects', 'save_split', 'load_split',
+           'is_synthetic', 'current_couplings', 'synthetic_couplings']
 
 # %% ../nbs/00_data.ipynb #c005
 TASKS = ("T1", "T2", "T3")
@@ -114,6 +116,8 @@ class Recording:
     bvp_len: int
     info: Path | None = None
     eda_flagged: int = 0   # EDA samples that a skin cannot produce (`eda_quality`): artefacts of the sensor
+    gender: str | None = None  # from info_s{N}.txt (`subject_metadata`), when it says
+    group: str | None = None   # test | ctrl (the ctrl group did milder T2 and T3), when info_s{N}.txt says
 
     @property
     def name(self) -> str: return f"{self.subject}_{self.task}"
@@ -129,6 +133,56 @@ class Recording:
         return min(self.video_seconds, self.eda_seconds, self.bvp_seconds)
     def read_eda(self) -> np.ndarray: return read_signal(self.eda)
     def read_bvp(self) -> np.ndarray: return read_signal(self.bvp)
+
+# %% ../nbs/00_data.ipynb #c045
+GENDERS, GROUPS = ("m", "f"), ("test", "ctrl")
+ANXIETY_SCALES = ("cognitive", "somatic", "confidence")   # the rows of selfReportedAnx_s{N}.csv; its columns: before, after
+
+class MetadataWarning(UserWarning):
+    "A subject's metadata file is missing or malformed; its recordings are used all the same."
+
+def metadata_paths(root: str | Path, subject: str) -> dict[str, Path]:
+    "Where UBFC-Phys keeps a subject's information and self-reported anxiety."
+    folder = Path(root) / subject
+    return dict(info=folder / f"info_{subject}.txt", anxiety=folder / f"selfReportedAnx_{subject}.csv")
+
+def read_info_file(path: str | Path) -> dict[str, str]:
+    "Gender, group, date and start time from an `info_s{N}.txt`; raise `DataError` naming the file if it is not one."
+    path = Path(path)
+    try: lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError: raise DataError(path, "file is missing") from None
+    except UnicodeDecodeError: raise DataError(path, "is not a text file") from None
+    if len(lines) < 3: raise DataError(path, f"has {len(lines)} line(s); expected 5: id, gender, group, date, start time")
+    gender, group = lines[1].lower(), lines[2].lower()
+    if gender not in GENDERS: raise DataError(path, f"line 2: gender {lines[1][:20]!r} is not one of {GENDERS}")
+    if group not in GROUPS: raise DataError(path, f"line 3: group {lines[2][:20]!r} is not one of {GROUPS}")
+    return dict(gender=gender, group=group, date=lines[3] if len(lines) > 3 else None, start=lines[4] if len(lines) > 4 else None)
+
+def read_anxiety_file(path: str | Path) -> dict[str, float]:
+    "The six self-reported scores of a `selfReportedAnx_s{N}.csv` (`cognitive_before`, ..., `confidence_after`); `DataError` naming the file if malformed."
+    path = Path(path)
+    try: rows = [[f.strip() for f in line.split(",")] for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError: raise DataError(path, "file is missing") from None
+    except UnicodeDecodeError: raise DataError(path, "is not a text file") from None
+    numeric = lambda row: len(row) == 2 and all(re.fullmatch(r"[-+]?\d+(\.\d*)?", f) for f in row)
+    if rows and not numeric(rows[0]) and len(rows) == 4: rows = rows[1:]   # a header line
+    if len(rows) != 3 or not all(map(numeric, rows)):
+        raise DataError(path, f"expected 3 rows of 2 numbers (cognitive, somatic, confidence; before, after), got {rows[:4]}")
+    return {f"{scale}_{when}": float(value) for scale, row in zip(ANXIETY_SCALES, rows) for when, value in zip(("before", "after"), row)}
+
+# %% ../nbs/00_data.ipynb #c048
+def subject_metadata(root: str | Path,   # dataset folder
+                     subject: str,       # e.g. 's1'
+                     warn: bool = True,  # one `MetadataWarning` per missing or malformed file (False: silently None)
+                    ) -> dict:
+    "A subject's gender, group, date, start time and six anxiety scores; None for what its files do not give."
+    paths, found = metadata_paths(root, subject), dict(gender=None, group=None, date=None, start=None)
+    found |= {f"{scale}_{when}": None for scale in ANXIETY_SCALES for when in ("before", "after")}
+    for kind, read in (("info", read_info_file), ("anxiety", read_anxiety_file)):
+        try: found |= read(paths[kind])
+        except DataError as e:
+            if warn: warnings.warn(MetadataWarning(str(e)), stacklevel=2)
+    return found
 
 # %% ../nbs/00_data.ipynb #c035
 EDA_RANGE_US = (0.05, 60.0)  # what skin conductance can be (µS): below, the electrodes lost contact (Kleckner et al. 2018)
@@ -183,20 +237,27 @@ def subject_folders(root: str | Path) -> list[Path]:
     if not folders: raise DataError(root, "no subject folders (s1, s2, ...) found")
     return sorted(folders, key=lambda p: subject_number(p.name))
 
+class DataGap(DataError):
+    "A recording whose video is missing while its EDA and BVP are there (UBFC-Phys's s40 T3): listed, not a failure; the subject's other recordings are used."
+
+def _is_gap(paths: dict[str, Path]) -> bool: return not paths["video"].exists() and paths["eda"].exists() and paths["bvp"].exists()
+
 def scan(root: str | Path,                         # dataset folder
          tasks: Sequence[str] = TASKS,              # tasks to look for
          subjects: Sequence[str] | None = None,     # only these subjects (default: all)
          tolerance_s: float = DURATION_TOLERANCE_S, # allowed disagreement of durations
         ) -> tuple[list[Recording], list[DataError]]:
-    "Validate every recording under `root`: the good ones and the problems, each naming its file."
+    "Validate every recording under `root`: the good ones (with their subject's gender and group) and the problems and gaps, each naming its file."
     recordings, problems = [], []
     for folder in subject_folders(root):
         if subjects is not None and folder.name not in subjects: continue
-        found = 0
+        about, found = subject_metadata(root, folder.name), 0
         for task in tasks:
-            if not any(p.exists() for p in recording_paths(root, folder.name, task).values()): continue
+            paths = recording_paths(root, folder.name, task)
+            if not any(p.exists() for p in paths.values()): continue
             found += 1
-            try: recordings.append(load_recording(root, folder.name, task, tolerance_s))
+            if _is_gap(paths): problems.append(DataGap(paths["video"], "gap: the video is missing (its EDA and BVP are there); the subject's other recordings are used")); continue
+            try: recordings.append(replace(load_recording(root, folder.name, task, tolerance_s), gender=about["gender"], group=about["group"]))
             except DataError as e: problems.append(e)
         if not found: problems.append(DataError(folder, f"no recordings of tasks {', '.join(tasks)}"))
     return recordings, problems
@@ -208,9 +269,10 @@ def discover(root: str | Path,                              # dataset folder
     "Validated recordings of a UBFC-Phys-format dataset."
     if on_error not in ("raise", "skip"): raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     recordings, problems = scan(root, **kwargs)
-    if problems and on_error == "raise":
-        error = problems[0]
-        if len(problems) > 1: error.add_note(f"{len(problems) - 1} more problem(s); `edanb info {root}` lists them all")
+    failures = [p for p in problems if not isinstance(p, DataGap)]
+    if failures and on_error == "raise":
+        error = failures[0]
+        if len(failures) > 1: error.add_note(f"{len(failures) - 1} more problem(s); `edanb info {root}` lists them all")
         raise error
     for problem in problems: warnings.warn(f"skipped: {problem}", stacklevel=2)
     return recordings
@@ -220,10 +282,15 @@ def recordings_table(recordings: Sequence[Recording], problems: Sequence[DataErr
     "One row per recording (and per problem), ready to print."
     rows = [dict(recording=r.name, subject=r.subject, task=r.task, frames=r.n_frames, fps=round(r.fps, 3),
                  size=f"{r.width}x{r.height}", video_s=round(r.video_seconds, 2), eda_s=round(r.eda_seconds, 2),
-                 bvp_s=round(r.bvp_seconds, 2), eda_flagged=r.eda_flagged, problem="") for r in recordings]
+                 bvp_s=round(r.bvp_seconds, 2), eda_flagged=r.eda_flagged, gender=r.gender, group=r.group, problem="")
+            for r in recordings]
     rows += [dict(recording=p.path.name, problem=str(p)) for p in problems]
     return pd.DataFrame(rows, columns=["recording", "subject", "task", "frames", "fps", "size",
-                                       "video_s", "eda_s", "bvp_s", "eda_flagged", "problem"])
+                                       "video_s", "eda_s", "bvp_s", "eda_flagged", "gender", "group", "problem"])
+
+def subjects_table(root: str | Path, subjects: Sequence[str]) -> pd.DataFrame:
+    "One row per subject: gender, group, session date and start, and the six anxiety scores (empty where its files do not say)."
+    return pd.DataFrame([dict(subject=s, **subject_metadata(root, s, warn=False)) for s in subjects])
 
 # %% ../nbs/00_data.ipynb #c020
 UBFC_SPLIT = (35, 10, 11)  # train / val / test subjects of the original study (56 subjects)

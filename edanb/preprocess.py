@@ -18,7 +18,7 @@ import scipy.ndimage
 import scipy.signal
 
 from .core import parallel_map, progress_bar, write_atomic
-from .data import BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, Recording, eda_quality, load_recording, scan
+from .data import BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Recording, eda_quality, load_recording, scan
 
 # %% auto #0
 __all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'sample_count', 'frame_indices', 'resample', 'bandpass',
@@ -383,7 +383,7 @@ def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
     slow = [r for r in recordings if config.frame_hz > r.fps + 1e-9]
     if slow: raise ValueError(f"--frame-hz {config.frame_hz:g} is above the video frame rate of {len(slow)} recording(s) "
                               f"({slow[0].video}: {slow[0].fps:g} fps)")
-    rows = [dict(recording=p.path.name, status="failed", error=str(p)) for p in problems]
+    rows = [dict(recording=p.path.name, status="gap" if isinstance(p, DataGap) else "failed", error=str(p)) for p in problems]
     jobs = [(r, str(cache), config, progress and workers <= 1 and not scheduler) for r in recordings]
     from edanb import preprocess  # spawned workers import the function by name
     lost = lambda job, e: dict(recording=job[0].name, status="failed", error=f"{type(e).__name__}: {e}")  # e.g. its worker died

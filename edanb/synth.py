@@ -16,23 +16,25 @@ import pandas as pd
 from skimage.transform import PiecewiseAffineTransform, SimilarityTransform, warp
 
 from .core import parallel_map, pearson, progress_bar, write_atomic
-from .data import BVP_HZ, EDA_HZ, TASKS, VIDEO_FPS, current_couplings, eda_quality, recording_paths, subject_number
+from .data import (BVP_HZ, EDA_HZ, GENDERS, GROUPS, TASKS, VIDEO_FPS, current_couplings, eda_quality, metadata_paths,
+                        recording_paths, subject_number)
 
 # %% auto #0
-__all__ = ['STREAMS', 'TASK_AROUSAL', 'WORLDS', 'BURST_KERNEL', 'NON_RESPONDER_GAIN', 'PATCH_ROWS', 'PATCH_COLS', 'FACE_BOX',
-           'MOUTH', 'JPEG_QUALITY', 'HAIR_RGB', 'MAX_LANDMARK_SHIFT', 'TALKING_TASKS', 'EXPRESSION_MAX', 'CUE_COLUMNS',
-           'ORACLE_LAGS_S', 'stream', 'Subject', 'make_subject', 'ou_process', 'lowpass', 'scr_kernel', 'pulse_wave',
-           'Physiology', 'rest_drift', 'simulate_physiology', 'enrich_physiology', 'face_lead_s', 'subject_latency',
-           'is_responder', 'recorded_eda', 'face_patch', 'Identity', 'astronaut_identity', 'landmarks_68',
+__all__ = ['STREAMS', 'TASK_AROUSAL', 'WORLDS', 'BURST_KERNEL', 'NON_RESPONDER_GAIN', 'CTRL_TASK_GAIN', 'PATCH_ROWS',
+           'PATCH_COLS', 'FACE_BOX', 'MOUTH', 'JPEG_QUALITY', 'HAIR_RGB', 'MAX_LANDMARK_SHIFT', 'TALKING_TASKS',
+           'EXPRESSION_MAX', 'CUE_COLUMNS', 'ORACLE_LAGS_S', 'stream', 'Subject', 'make_subject', 'ou_process',
+           'lowpass', 'scr_kernel', 'pulse_wave', 'Physiology', 'rest_drift', 'simulate_physiology',
+           'enrich_physiology', 'face_lead_s', 'subject_latency', 'is_responder', 'recorded_eda', 'subject_group',
+           'task_subject', 'subject_files', 'face_patch', 'Identity', 'astronaut_identity', 'landmarks_68',
            'astronaut_landmarks', 'lfw_landmarks', 'identity_geometry', 'warp_to', 'identity', 'background', 'Nuisance',
            'simulate_nuisance', 'Behaviour', 'simulate_behaviour', 'looks_away', 'Cues', 'cues_from_physiology',
            'affine', 'face_box', 'FaceRenderer', 'write_recording', 'recording_world', 'write_signals',
-           'pearson_or_zero', 'lagged_cues', 'oracle_cues', 'oracle_scores', 'SynthConfig', 'generate', 'summary',
-           'face_distances', 'identity_margin']
+           'pearson_or_zero', 'lagged_cues', 'oracle_cues', 'oracle_scores', 'SynthConfig', 'write_subjects',
+           'generate', 'summary', 'face_distances', 'identity_margin']
 
 # %% ../nbs/01_synth.ipynb #c006
 STREAMS = {"subject": 0, "physiology": 1, "nuisance": 2, "appearance": 3, "pulse": 4, "behaviour": 5, "cues": 6, "latency": 7,
-           "artefact": 8, "identity": 9}
+           "artefact": 8, "identity": 9, "group": 10, "metadata": 11}
 
 def stream(seed: int, subject: int, task: int, purpose: str) -> np.random.Generator:
     "An independent random generator for one (seed, subject, task, purpose); task 0 means subject-level."
@@ -193,6 +195,31 @@ def recorded_eda(eda: np.ndarray,           # the true EDA on the E4's clock (µ
         start, length = rng.integers(0, n), int(rng.uniform(1, 3) * hz)
         out[start:start + length] = rng.uniform(0, 0.02); touched[start:start + length] = True
     return np.maximum(out, 0.0), touched
+
+# %% ../nbs/01_synth.ipynb #c049
+CTRL_TASK_GAIN = 0.5   # rich world: how far T2 and T3 raise a ctrl subject's arousal above rest, against a test subject's
+
+def subject_group(seed: int, number: int) -> str:
+    "'test' or 'ctrl': one of each pair (s1-s2, s3-s4, ...) by a seeded coin, so that half of the subjects are in each."
+    first_is_test = stream(seed, (number + 1) // 2, 0, "group").random() < 0.5
+    return "test" if (number % 2 == 1) == first_is_test else "ctrl"
+
+def task_subject(subject: Subject, task: str, group: str) -> Subject:
+    "The subject as a task finds it: a ctrl subject's T2 and T3 raise its arousal `CTRL_TASK_GAIN` times as far."
+    return replace(subject, reactivity=subject.reactivity * CTRL_TASK_GAIN) if group == "ctrl" and task != "T1" else subject
+
+# %% ../nbs/01_synth.ipynb #c051
+def subject_files(subject: Subject, seed: int, number: int) -> dict[str, str]:
+    "The text of a subject's `info_s{N}.txt` and `selfReportedAnx_s{N}.csv`, in UBFC-Phys's formats; anxiety rises with what the tasks did."
+    rng, group = stream(seed, number, 0, "metadata"), subject_group(seed, number)
+    gender, day, minute = rng.choice(GENDERS), int(rng.integers(0, 90)), int(rng.integers(8 * 60, 17 * 60))
+    date = (np.datetime64("2019-01-07") + np.timedelta64(day, "D")).astype(str).replace("-", "_")
+    strain = subject.reactivity * (1.0 if group == "test" else CTRL_TASK_GAIN)      # 0.35 .. 1.2
+    before = rng.integers(10, 25, 3)
+    change = np.round(np.array([6, 6, -3]) * (strain - 0.4) + rng.normal(0, 1.5, 3))  # anxiety up, confidence down
+    after = np.clip(before + change, 9, 36).astype(int)
+    return dict(info=f"{subject.name}\n{gender}\n{group}\n{date}\n{minute // 60:02d}:{minute % 60:02d}:00\n",
+                anxiety="".join(f"{b},{a}\n" for b, a in zip(before, after)))
 
 # %% ../nbs/01_synth.ipynb #c016
 PATCH_ROWS, PATCH_COLS = slice(20, 200), slice(130, 310)  # head of skimage's astronaut, one face only
@@ -481,6 +508,7 @@ def recording_world(subject: Subject, seed: int, number: int, task: str, seconds
     if world not in WORLDS: raise ValueError(f"world {world!r}: choose from {WORLDS}")
     if not 0 <= latency_range[0] <= latency_range[1]: raise ValueError(f"latency range {latency_range} s: need 0 <= min <= max")
     k = TASKS.index(task) + 1
+    if world == "rich": subject = task_subject(subject, task, subject_group(seed, number))
     phys = simulate_physiology(subject, task, seconds, stream(seed, number, k, "physiology"), pulse_coupling,
                                stream(seed, number, k, "pulse"))
     if world == "simple": return phys, Behaviour(np.zeros(n_frames), 1.0)
@@ -612,6 +640,17 @@ def _write_params(out: Path, config: SynthConfig, complete: bool):
     _params_path(out).write_text(json.dumps(dict(generator="edanb.synth", complete=complete, config=asdict(config)),
                                             indent=2) + "\n")
 
+def write_subjects(out: Path, config: SynthConfig):
+    "Each subject's metadata files (UBFC-Phys's formats), and `ground_truth/subjects.csv`: group, reactivity, latency, responder."
+    rows = []
+    for n in range(1, config.subjects + 1):
+        subject = make_subject(config.seed, n)
+        for kind, text in subject_files(subject, config.seed, n).items(): metadata_paths(out, subject.name)[kind].write_text(text)
+        rows.append(dict(subject=subject.name, group=subject_group(config.seed, n), reactivity=subject.reactivity,
+                         latency_s=subject_latency(config.seed, n, config.latency_min_s, config.latency_max_s),
+                         responder=is_responder(config.seed, n, config.non_responders), world=config.world))
+    pd.DataFrame(rows).to_csv(out / "ground_truth" / "subjects.csv", index=False, float_format="%.6g")
+
 def generate(out: str | Path,             # folder to write (created)
              config: SynthConfig | None = None,  # dataset parameters
              workers: int = 2,            # parallel processes
@@ -634,8 +673,7 @@ def generate(out: str | Path,             # folder to write (created)
     from edanb import synth  # spawned workers import the function by name, not a notebook's copy of it
     for _ in progress_bar(parallel_map(synth.write_recording, jobs, workers), progress, total=len(jobs),
                           desc=f"synth {out.name}"): pass
-    for n in range(1, config.subjects + 1):
-        (out / f"s{n}" / f"info_s{n}.txt").write_text(f"synthetic subject s{n}\n{json.dumps(asdict(make_subject(config.seed, n)))}\n")
+    write_subjects(out, config)
     (out / "ground_truth" / "oracle.json").write_text(json.dumps(oracle_scores(out), indent=2) + "\n")
     _write_params(out, config, complete=True)
     return summary(out)

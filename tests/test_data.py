@@ -40,9 +40,20 @@ def test_missing_file(dataset):
     expect_problem(dataset, p, "file is missing")
 
 
-def test_missing_video(dataset):
+def test_a_missing_video_is_a_gap_listed_once_not_a_failure(dataset):
+    "As UBFC-Phys's vid_s40_T3.avi: the recording's EDA and BVP are there, its video is not."
     p = paths(dataset)["video"]; p.unlink()
-    expect_problem(dataset, p, "file is missing")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kept = discover(dataset)
+    assert len(kept) == 5 and "s1_T2" not in [r.name for r in kept] and "s1_T1" in [r.name for r in kept]
+    assert [str(w.message) for w in caught if str(p) in str(w.message)] == [f"skipped: {p}: gap: the video is missing "
+                                                                          "(its EDA and BVP are there); the subject's other recordings are used"]
+
+
+def test_a_missing_video_and_signal_is_a_problem(dataset):
+    video, eda = paths(dataset)["video"], paths(dataset)["eda"]; video.unlink(); eda.unlink()
+    expect_problem(dataset, eda, "file is missing")
 
 
 def test_empty_csv(dataset):
@@ -157,8 +168,8 @@ def edanb(*args) -> subprocess.CompletedProcess:
 
 def test_cli_info_ok_and_with_problems(dataset):
     ok = edanb("info", dataset)
-    assert ok.returncode == 0 and "6 recording(s) ok, 0 problem(s)" in ok.stdout and "s2_T3" in ok.stdout
+    assert ok.returncode == 0 and "6 recording(s) ok, 0 gap(s), 0 problem(s)" in ok.stdout and "s2_T3" in ok.stdout
     bad = paths(dataset)["video"]; bad.write_bytes(b"")
     result = edanb("info", dataset)
-    assert result.returncode == 1 and "5 recording(s) ok, 1 problem(s)" in result.stdout
+    assert result.returncode == 1 and "5 recording(s) ok, 0 gap(s), 1 problem(s)" in result.stdout
     assert str(bad) in result.stdout

@@ -78,7 +78,7 @@ def test_cli_synth_info_split(tmp_path):
     result = run([str(BIN / "edanb"), "synth", str(data), "--subjects", "3", "--seconds", "2", "--size", "64",
                   "--quiet"], tmp_path)
     assert "9 recording(s)" in result.stdout and "oracle ceiling r =" in result.stdout
-    assert "9 recording(s) ok, 0 problem(s)" in run([str(BIN / "edanb"), "info", str(data)], tmp_path).stdout
+    assert "9 recording(s) ok, 0 gap(s), 0 problem(s)" in run([str(BIN / "edanb"), "info", str(data)], tmp_path).stdout
     run([str(BIN / "edanb"), "split", str(data), "--out", str(tmp_path / "split.json")], tmp_path)
     import json
     split = json.loads((tmp_path / "split.json").read_text())

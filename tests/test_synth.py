@@ -23,7 +23,7 @@ def test_file_names(synth_root):
     assert sorted(p.name for p in synth_root.iterdir()) == ["ground_truth"] + sorted(f"s{n}" for n in range(1, SUBJECTS + 1))
     for n in range(1, SUBJECTS + 1):
         expected = {f"{kind}_s{n}_{t}.{ext}" for t in TASKS for kind, ext in (("vid", "avi"), ("bvp", "csv"), ("eda", "csv"))}
-        assert {p.name for p in (synth_root / f"s{n}").iterdir()} == expected | {f"info_s{n}.txt"}
+        assert {p.name for p in (synth_root / f"s{n}").iterdir()} == expected | {f"info_s{n}.txt", f"selfReportedAnx_s{n}.csv"}
     truth = {p.name for p in (synth_root / "ground_truth").iterdir()}
     assert {"oracle.json", "params.json", "s1_T1_signals.csv", f"s{SUBJECTS}_T3_face_boxes.csv"} <= truth
 
