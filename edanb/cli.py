@@ -126,7 +126,8 @@ def cmd_split(args) -> int:
     for p in problems: print(f"skipped: {p}", file=sys.stderr)
     subjects = sorted({r.subject for r in recordings})
     if args.kfold:
-        for i, fold in enumerate(kfold_subjects(subjects, args.kfold, args.seed)):
+        strata = {r.subject: r.group for r in recordings}   # test/ctrl: every fold gets its share of each
+        for i, fold in enumerate(kfold_subjects(subjects, args.kfold, args.seed, strata)):
             path = save_split(fold, Path(args.out) / f"fold{i}.json", seed=args.seed, fold=i, k=args.kfold)
             print(f"{path}: {', '.join(f'{p} {len(fold[p])}' for p in fold)}")
     else:
@@ -147,11 +148,13 @@ def add_split(sub):
 def cmd_preprocess(args) -> int:
     "Sample every recording to the EDA clock, crop faces and cache them; exit 1 if any recording failed (--quiet: those only)."
     table = preprocess_dataset(args.root, args.out, dataclass_from_args(PreprocessConfig, args), workers=args.workers,
-                               progress=not args.quiet, scheduler=args.scheduler)
+                               progress=not args.quiet, scheduler=args.scheduler, exclude=args.exclude)
     failed = table.status == "failed"
     shown = table[failed] if args.quiet else table
     if len(shown): print_table(shown.fillna("")); print()
-    print(f"{len(table) - int(failed.sum())} recording(s) cached in {args.out}, {int(failed.sum())} failed")
+    counts = table.status.value_counts()
+    others = "".join(f", {counts[s]} {s}" for s in ("gap", "excluded") if s in counts)   # neither is a failure
+    print(f"{int(table.status.isin(['built', 'cached']).sum())} recording(s) cached in {args.out}, {int(failed.sum())} failed{others}")
     return 1 if failed.any() else 0
 
 def add_preprocess(sub):
@@ -161,6 +164,7 @@ def add_preprocess(sub):
     dataclass_arguments(prep, PreprocessConfig)
     add_workers(prep)
     add_scheduler(prep, "one task per recording")
+    prep.add_argument("--exclude", default="", metavar="FILE", help="leave out the recordings (s40_T3) and subjects (s56) this file names, one per line")
     prep.add_argument("--quiet", action="store_true", help="no progress bars; print the failed recordings and one line")
     return prep
 

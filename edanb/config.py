@@ -33,6 +33,7 @@ class DatasetConfig:
     landmarks: bool = False   # also return the 68 landmarks (the cache must be built with --landmarks)
     tasks: str = "T1,T2,T3"   # tasks to use, comma-separated
     eda_quality: str = "mask" # mask: implausible EDA samples (motion spikes, dropouts) are never trained on or scored | keep: used as recorded
+    exclude: str = ""         # a file of recordings (s40_T3) and subjects (s56) to leave out, one per line, # comments (empty: none)
 
     def task_list(self) -> list[str]:
         "The tasks as a list: 'T1, T2' -> ['T1', 'T2']."
@@ -94,7 +95,7 @@ class TrainConfig(DatasetConfig):
 
 # %% ../nbs/02a_config.ipynb #c014
 RENAMED = {"target": "eda_scaling", "frames": "frame_scaling"}   # old name -> field: run folders and grids written before
-ADDED = {"eda_quality": "keep"}   # field -> what a run saved before the field existed did
+ADDED = {"eda_quality": "keep", "exclude": ""}   # field -> what a run saved before the field existed did
 
 def current_names(config: dict) -> dict:
     "A saved run configuration (config.json, metrics.json) with fields of an older edanb under their current names, and fields added since as that run had them (`ADDED`)."

@@ -22,7 +22,7 @@ __all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOL
            'read_info_file', 'read_anxiety_file', 'subject_metadata', 'eda_quality', 'load_recording',
            'subject_folders', 'DataGap', 'scan', 'discover', 'recordings_table', 'subjects_table', 'SplitError',
            'split_counts', 'check_split', 'split_subjects', 'kfold_subjects', 'save_split', 'load_split',
-           'is_synthetic', 'current_couplings', 'synthetic_couplings']
+           'read_exclusions', 'is_excluded', 'is_synthetic', 'current_couplings', 'synthetic_couplings']
 
 # %% ../nbs/00_data.ipynb #c005
 TASKS = ("T1", "T2", "T3")
@@ -338,12 +338,17 @@ def split_subjects(subjects: Sequence[str],                   # subject names, e
 def kfold_subjects(subjects: Sequence[str],  # subject names
                    k: int = 5,               # number of folds (at least 3)
                    seed: int = 0,            # shuffling seed
+                   strata: dict[str, str | None] | None = None, # subject -> its group ('test'/'ctrl'): every fold gets its share of each
                   ) -> list[dict[str, list[str]]]:
-    "k subject-disjoint splits: fold i tests on group i, validates on group i+1, trains on the rest."
+    "k subject-disjoint splits: fold i tests on part i, validates on part i+1, trains on the rest; stratified by `strata` when it has two groups or more."
     subjects = _by_number(set(subjects))
     if not 3 <= k <= len(subjects): raise SplitError(f"k-fold needs 3 <= k <= {len(subjects)} subjects, got k={k}")
     order = np.random.default_rng(seed).permutation(len(subjects))
-    groups = [[subjects[i] for i in g] for g in np.array_split(order, k)]
+    if strata and len({strata.get(s) for s in subjects}) > 1:   # each group in its shuffled order, dealt round the folds in turn
+        order = sorted(order, key=lambda i: str(strata.get(subjects[i])))
+        parts = [order[i::k] for i in range(k)]
+    else: parts = np.array_split(order, k)
+    groups = [[subjects[i] for i in g] for g in parts]
     return [check_split(dict(test=groups[i], val=groups[(i + 1) % k],
                              train=[s for j, g in enumerate(groups) if j not in (i, (i + 1) % k) for s in g]))
             for i in range(k)]
@@ -363,6 +368,24 @@ def load_split(path: str | Path) -> dict[str, list[str]]:
     except FileNotFoundError: raise DataError(path, "split file is missing") from None
     except json.JSONDecodeError as e: raise DataError(path, f"split file is not valid JSON ({e})") from None
     return check_split(data, source=str(path))
+
+# %% ../nbs/00_data.ipynb #c051
+def read_exclusions(path: str | Path) -> frozenset[str]:
+    "The recordings (`s40_T3`) and subjects (`s56`) an exclusion file names; `DataError` naming the file and line for anything else."
+    path, names = Path(path), set()
+    try: lines = path.read_text().splitlines()
+    except FileNotFoundError: raise DataError(path, "exclusion file is missing") from None
+    except UnicodeDecodeError: raise DataError(path, "is not a text file") from None
+    for number, line in enumerate(lines, 1):
+        name = line.split("#", 1)[0].strip()
+        if not name: continue
+        if not re.fullmatch(r"s\d+(_T\d+)?", name): raise DataError(path, f"line {number}: {name[:40]!r} is neither a subject (s56) nor a recording (s40_T3)")
+        names.add(name)
+    return frozenset(names)
+
+def is_excluded(recording: str, exclusions: frozenset[str]) -> bool:
+    "Whether a recording (`s40_T3`) is left out, by its own name or its subject's."
+    return recording in exclusions or recording.split("_")[0] in exclusions
 
 # %% ../nbs/00_data.ipynb #c024
 def is_synthetic(root: str | Path) -> bool:

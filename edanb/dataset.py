@@ -17,14 +17,15 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .config import EDA_QUALITIES, EDA_SCALINGS, FRAME_SCALINGS, REST_TASK, DatasetConfig
-from .data import PARTS, TASKS, DataError, check_split, eda_quality, load_split, subject_number
+from .data import PARTS, TASKS, DataError, check_split, eda_quality, is_excluded, load_split, read_exclusions, subject_number
 from .preprocess import load_cached, read_meta
 
 # %% auto #0
 __all__ = ['EVAL_COVERAGE', 'OLD_NORMALISER_KEYS', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index',
            'baseline_recording', 'Normaliser', 'frame_difference', 'recording_mean_frame', 'eda_centre_and_scale',
            'fit_normaliser', 'entry_flags', 'bridge_flagged', 'training_eda', 'cached_eda', 'record_baseline',
-           'ClipAugment', 'augment_clip', 'ClipDataset', 'cached_recordings', 'split_recordings', 'make_datasets']
+           'ClipAugment', 'augment_clip', 'ClipDataset', 'cached_recordings', 'exclusions_of', 'usable_recordings',
+           'split_recordings', 'make_datasets']
 
 # %% ../nbs/03_dataset.ipynb #c006
 def clip_starts(n: int,                 # samples in the recording
@@ -381,19 +382,29 @@ def cached_recordings(cache: str | Path) -> pd.DataFrame:
     order = sorted(range(len(table)), key=lambda i: (subject_number(table.subject.iat[i]), table.task.iat[i]))
     return table.iloc[order].reset_index(drop=True)
 
+def exclusions_of(config: DatasetConfig) -> frozenset[str]:
+    "What a configuration's exclusion file (`exclude`) leaves out; nothing when it names none."
+    return read_exclusions(config.exclude) if config.exclude else frozenset()
+
+def usable_recordings(cache: str | Path, tasks: Sequence[str] = TASKS, exclude: frozenset[str] = frozenset()) -> pd.DataFrame:
+    "The complete cache entries of `tasks` that no exclusion names (`edanb.data.is_excluded`)."
+    table = cached_recordings(cache)
+    return table[table.task.isin(list(tasks)) & ~table.recording.map(lambda r: is_excluded(r, exclude)).astype(bool)].reset_index(drop=True)
+
 def split_recordings(cache: str | Path,            # cache folder
                      split: dict[str, Sequence[str]], # subject-disjoint split: train / val / test subject lists
                      tasks: Sequence[str] = TASKS, # tasks to use
+                     exclude: frozenset[str] = frozenset(), # recordings and subjects left out (`edanb.data.read_exclusions`)
                     ) -> dict[str, list[str]]:     # part -> recording names
-    "The cached recordings of each part of a split; raises if the split overlaps or a subject has no cache entry."
+    "The cached recordings of each part of a split; raises if the split overlaps or a subject has no cache entry left."
     split = check_split(split)
-    table = cached_recordings(cache)
-    table = table[table.task.isin(list(tasks))]
+    table = usable_recordings(cache, tasks, exclude)
     if table["size"].nunique() > 1 or table.target_hz.nunique() > 1:
         raise DataError(cache, f"entries were built with different sizes {sorted(table['size'].unique())} or "
                                f"clocks {sorted(table.target_hz.unique())}: use one preprocessing per cache folder")
     missing = sorted(set(s for part in PARTS for s in split[part]) - set(table.subject), key=subject_number)
-    if missing: raise DataError(cache, f"no cache entries for subjects {missing} of the split (tasks {list(tasks)})")
+    if missing: raise DataError(cache, f"no cache entries for subjects {missing} of the split (tasks {list(tasks)}"
+                                       f"{', less the exclusions' if exclude else ''})")
     return {part: table.recording[table.subject.isin(split[part])].tolist() for part in PARTS}
 
 def make_datasets(cache: str | Path,                       # cache folder written by `edanb preprocess`
@@ -403,7 +414,7 @@ def make_datasets(cache: str | Path,                       # cache folder writte
     "Train / val / test clip datasets and the normaliser fitted on the training recordings only."
     config = config or DatasetConfig()
     split = load_split(split) if isinstance(split, (str, Path)) else split
-    parts = split_recordings(cache, split, config.task_list())
+    parts = split_recordings(cache, split, config.task_list(), exclusions_of(config))
     def entry(name: str) -> dict:
         cached = load_cached(cache, name)
         return {**cached, "eda": training_eda(cached, config.eda_quality, Path(cache) / name)[0]}

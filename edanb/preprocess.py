@@ -18,7 +18,8 @@ import scipy.ndimage
 import scipy.signal
 
 from .core import parallel_map, progress_bar, write_atomic
-from .data import BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Recording, eda_quality, load_recording, scan
+from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Recording, eda_quality, is_excluded,
+                        load_recording, read_exclusions, scan)
 
 # %% auto #0
 __all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'sample_count', 'frame_indices', 'resample', 'bandpass',
@@ -372,6 +373,7 @@ def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
                        workers: int = 2,       # parallel processes
                        progress: bool = True,  # progress bars
                        scheduler: str | None = None, # a Dask distributed scheduler: one task per recording on its workers
+                       exclude: str | Path = "",     # an exclusion file (`edanb.data.read_exclusions`): its recordings and subjects are left out
                       ) -> pd.DataFrame:
     "Preprocess every recording under `root` into `cache`; one summary row per recording (failed ones included)."
     config, cache = config or PreprocessConfig(), Path(cache).resolve()
@@ -380,10 +382,13 @@ def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
     for pattern in (".*.tmp-*", ".*.old-*"):  # left by a killed run
         for stale in cache.glob(pattern): shutil.rmtree(stale, ignore_errors=True)
     recordings, problems = scan(root, tolerance_s=config.tolerance_s)
+    left_out = read_exclusions(exclude) if exclude else frozenset()
+    excluded = [dict(recording=r.name, status="excluded", error=f"named by {exclude}") for r in recordings if is_excluded(r.name, left_out)]
+    recordings = [r for r in recordings if not is_excluded(r.name, left_out)]
     slow = [r for r in recordings if config.frame_hz > r.fps + 1e-9]
     if slow: raise ValueError(f"--frame-hz {config.frame_hz:g} is above the video frame rate of {len(slow)} recording(s) "
                               f"({slow[0].video}: {slow[0].fps:g} fps)")
-    rows = [dict(recording=p.path.name, status="gap" if isinstance(p, DataGap) else "failed", error=str(p)) for p in problems]
+    rows = excluded + [dict(recording=p.path.name, status="gap" if isinstance(p, DataGap) else "failed", error=str(p)) for p in problems]
     jobs = [(r, str(cache), config, progress and workers <= 1 and not scheduler) for r in recordings]
     from edanb import preprocess  # spawned workers import the function by name
     lost = lambda job, e: dict(recording=job[0].name, status="failed", error=f"{type(e).__name__}: {e}")  # e.g. its worker died

@@ -22,28 +22,30 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .config import CENTRING, RUN_INDEPENDENT, DatasetConfig, TrainConfig, before_provenance, current_names
 from .core import progress_bar, provenance, remove_path, stale_reasons, write_atomic, write_json
-from .data import kfold_subjects, load_split, save_split, split_subjects, subject_number
-from .dataset import (ClipDataset, Normaliser, augment_clip, cached_recordings, frame_difference,
+from .data import DataError, kfold_subjects, load_split, save_split, split_subjects, subject_metadata, subject_number
+from .dataset import (ClipDataset, Normaliser, augment_clip, cached_recordings, exclusions_of, frame_difference, usable_recordings,
                            make_datasets, reflect_index)
 from .metrics import make_loss, metrics_table, predictions_table, reference_predictions, run_metrics
 from .models import MODELS, OnEdaClock, create_model
 
 # %% auto #0
-__all__ = ['RUN_OUTPUTS', 'make_splits', 'seed_everything', 'rng_state', 'set_rng_state', 'resolve_device', 'distributed',
-           'fold_device', 'end_distributed', 'to_device', 'autocast', 'predict', 'score', 'selection_value',
-           'clean_clips', 'clip_targets', 'ResidentClips', 'shuffled_order', 'ResidentBatches', 'make_optimiser',
-           'train_epoch', 'dataset_config', 'build_model', 'model_and_data', 'EarlyStopping', 'Training', 'Fold',
-           'start_fold', 'resume', 'epoch_loader', 'validate', 'run_epoch', 'save_epoch', 'epoch_line', 'test_fold',
-           'fit_fold', 'same_run', 'saved_config', 'stale_run', 'run_provenance', 'retire_run', 'open_run', 'fit']
+__all__ = ['USED_DATA', 'RUN_OUTPUTS', 'make_splits', 'seed_everything', 'rng_state', 'set_rng_state', 'resolve_device',
+           'distributed', 'fold_device', 'end_distributed', 'to_device', 'autocast', 'predict', 'score',
+           'selection_value', 'clean_clips', 'clip_targets', 'ResidentClips', 'shuffled_order', 'ResidentBatches',
+           'make_optimiser', 'train_epoch', 'dataset_config', 'build_model', 'model_and_data', 'EarlyStopping',
+           'Training', 'Fold', 'start_fold', 'resume', 'epoch_loader', 'validate', 'run_epoch', 'save_epoch',
+           'epoch_line', 'test_fold', 'fit_fold', 'same_run', 'saved_config', 'stale_run', 'run_provenance',
+           'retire_run', 'used_recordings', 'open_run', 'fit']
 
 # %% ../nbs/06_train.ipynb #c007
 def make_splits(config: TrainConfig) -> list[dict[str, list[str]]]:
-    "The split(s) of the run: a given file, one seeded study split, or k folds in which every subject is tested once."
+    "The split(s) of the run: a given file, one seeded study split, or k folds in which every subject is tested once (stratified by group)."
     if config.split: return [load_split(config.split)]
-    subjects = sorted(set(cached_recordings(config.cache).subject))
+    subjects = sorted(set(usable_recordings(config.cache, config.task_list(), exclusions_of(config)).subject))
     if not subjects: raise FileNotFoundError(f"{config.cache}: no cache entries (run `edanb preprocess`)")
     if not config.folds: return [split_subjects(subjects, seed=config.seed)]
-    folds = kfold_subjects(subjects, config.folds, config.seed)
+    strata = {s: subject_metadata(config.data, s, warn=False)["group"] for s in subjects}   # test/ctrl, where the dataset says
+    folds = kfold_subjects(subjects, config.folds, config.seed, strata)
     if not config.val_subjects: return folds
     out = []
     for fold in folds:  # validation subjects drawn from the fold's training part (test stays as it is)
@@ -444,9 +446,11 @@ def same_run(saved: dict, config: TrainConfig) -> bool:
     saved = current_names(saved)
     return all(saved.get(k) == v for k, v in asdict(config).items() if k not in RUN_INDEPENDENT)
 
+USED_DATA = ("recordings", "excluded")   # what config.json records beside the configuration (`used_recordings`)
+
 def saved_config(out: Path) -> dict:
     "A run folder's config.json under today's names (an older run's, too)."
-    saved = json.loads((out / "config.json").read_text())
+    saved = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k not in USED_DATA}   # the configuration alone
     return current_names(saved) if (out / "provenance.json").exists() else before_provenance(saved)
 
 # %% ../nbs/06_train.ipynb #c051
@@ -472,6 +476,13 @@ def retire_run(out: Path) -> Path:
     return stale
 
 # %% ../nbs/06_train.ipynb #c054
+def used_recordings(config: TrainConfig) -> dict:
+    "What config.json records of the data beside the configuration: the recordings the run may use (its tasks, less the exclusions), and the exclusions."
+    excluded = exclusions_of(config)
+    try: names = usable_recordings(config.cache, config.task_list(), excluded).recording.tolist()
+    except DataError: names = []   # no cache: training says so, naming it
+    return dict(recordings=names, excluded=sorted(excluded))
+
 def open_run(config: TrainConfig) -> dict | None:
     """Check the run folder before training: another configuration is an error; a run made by other code or data is
     moved aside and made again (kept with `reuse_stale`, and said so); a finished run's metrics are returned."""
@@ -488,7 +499,7 @@ def open_run(config: TrainConfig) -> dict | None:
         return json.loads((out / "metrics.json").read_text())
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", asdict(config))
+        write_json(out / "config.json", asdict(config) | used_recordings(config))
         if not (out / "provenance.json").exists(): write_json(out / "provenance.json", run_provenance(config))
     return None
 
