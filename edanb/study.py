@@ -10,7 +10,9 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,10 +28,11 @@ from .stress import stress_detection
 __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'LEVEL_KEEPING', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS',
            'run_config', 'crop_of', 'frames_of', 'current_provenance', 'staleness', 'finished_runs', 'baseline_test',
            'run_labels', 'collect_runs', 'load_fold', 'fold_model', 'transfer_predictions', 'study_row', 'study_table',
-           'config_without', 'seed_spread', 'per_subject', 'compare_runs', 'runs_differing_in', 'verdict', 'null_runs',
-           'beats', 'uses_pulse', 'answer_face', 'answer_pulse', 'answer_null_twins', 'task_levels', 'task_level_r',
-           'confound_verdict', 'answer_task_confound', 'answer_models', 'answer_physnet_bvp', 'answer_factor',
-           'study_answers', 'run_stress', 'summary_table', 'run_summary']
+           'config_without', 'seed_spread', 'per_subject', 'compare_runs', 'runs_differing_in', 'verdict', 'holm',
+           'Claim', 'write_claims', 'comparison_claim', 'null_runs', 'tested_p', 'beats', 'uses_pulse', 'answer_face',
+           'answer_pulse', 'answer_null_twins', 'task_levels', 'task_level_r', 'confound_verdict',
+           'answer_task_confound', 'answer_models', 'answer_physnet_bvp', 'answer_factor', 'study_answers',
+           'run_stress', 'summary_table', 'run_summary']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "frames", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
@@ -216,11 +219,40 @@ def runs_differing_in(table: pd.DataFrame,  # study_table(...)
                 pairs.append((g.run.iat[i], g.run.iat[j]))
     return pairs
 
-def verdict(c: dict) -> str:
+def verdict(c: dict,                        # compare_runs(...)
+            adjusted: float | None = None,  # its p adjusted for the family of tests it belongs to (`holm`): the wording follows it
+           ) -> str:
     "One sentence that says what a paired comparison shows (better = higher r, CCC; lower errors), and no more."
     head = (f"{c['run']} vs {c['other']}: {c['metric']} {c['mean']:.3f} vs {c['other_mean']:.3f}, {c['run']} better in "
             f"{c['better_in']} of {c['subjects']} subjects, Wilcoxon p {c['p']:.4f}")
-    return head + (": a difference." if c["p"] < 0.05 else ": no evidence of a difference at this sample size.")
+    p = c["p"] if adjusted is None else adjusted
+    if adjusted is not None: head += f" (Holm-adjusted {format_p(adjusted)})"
+    return head + (": a difference." if p < 0.05 else ": no evidence of a difference at this sample size.")
+
+# %% ../nbs/08_study.ipynb #c053
+def holm(p: Sequence[float]) -> np.ndarray:
+    "Holm-adjusted p-values (step-down, family-wise error), in the order given; NaN stays NaN and is not counted in the family."
+    p = np.asarray(p, np.float64)
+    adjusted, finite = np.full(len(p), np.nan), np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
+    return adjusted
+
+@dataclass
+class Claim:
+    "A sentence that rests on one paired test, written once the family's Holm-adjusted p is known (`write_claims`)."
+    p: float                       # the test's own p
+    write: Callable[[float], str]  # the adjusted p -> the sentence
+
+def write_claims(answers: list) -> list[str]:
+    "The answers as sentences: every `Claim`'s p adjusted over all the claims (`holm`), plain sentences as they are."
+    adjusted = iter(holm([a.p for a in answers if isinstance(a, Claim)]))
+    return [a.write(next(adjusted)) if isinstance(a, Claim) else a for a in answers]
+
+def comparison_claim(prefix: str, c: dict) -> Claim:
+    "A paired comparison of two runs (`compare_runs`) as a claim: `prefix` and its `verdict`."
+    return Claim(c["p"], lambda adjusted: prefix + verdict(c, adjusted))
 
 # %% ../nbs/08_study.ipynb #c014
 def null_runs(table: pd.DataFrame) -> set[str]:
@@ -228,15 +260,23 @@ def null_runs(table: pd.DataFrame) -> set[str]:
     return set(table.run[[synthetic_couplings(d) == dict(video=0.0, pulse=0.0) for d in table.data]])
 
 # %% ../nbs/08_study.ipynb #c039
-def beats(row: pd.Series, reference: str, metric: str = "r", tests: int = 1) -> tuple[bool, str] | None:
-    """Whether a run beats a reference in its paired test (p < 0.05 after a Bonferroni correction for `tests` runs
-    looked at, and better in most subjects), and the evidence; None without a test."""
+def tested_p(row: pd.Series, reference: str, metric: str = "r", tests: int = 1) -> float:
+    "A run's p against a reference, Bonferroni-corrected for `tests` runs looked at; NaN without a test."
     p, better = row.get(f"p_vs_{reference} ({metric})", np.nan), str(row.get(f"better than {reference} ({metric})", ""))
-    if "/" not in better or not np.isfinite(p): return None
-    (wins, n), corrected = (int(v) for v in better.split("/")), min(1.0, p * tests)
+    return min(1.0, p * tests) if "/" in better and np.isfinite(p) else np.nan
+
+def beats(row: pd.Series, reference: str, metric: str = "r", tests: int = 1,
+          adjusted: float | None = None,  # the corrected p adjusted over the summary's family (`holm`): the decision follows it
+         ) -> tuple[bool, str] | None:
+    """Whether a run beats a reference in its paired test (p < 0.05 after a Bonferroni correction for `tests` runs
+    looked at, and Holm's over the family when given; better in most subjects), and the evidence; None without a test."""
+    corrected = tested_p(row, reference, metric, tests)
+    if not np.isfinite(corrected): return None
+    p, (wins, n) = row[f"p_vs_{reference} ({metric})"], (int(v) for v in str(row[f"better than {reference} ({metric})"]).split("/"))
     evidence = f"better in {wins} of {n} subjects, Wilcoxon p {format_p(p)}"
     if tests > 1: evidence += f" ({format_p(corrected)} after Bonferroni over the {tests} face-only runs)"
-    return corrected < 0.05 and wins > n / 2, evidence
+    if adjusted is not None: evidence += f", Holm-adjusted {format_p(adjusted)}"
+    return (corrected if adjusted is None else adjusted) < 0.05 and wins > n / 2, evidence
 
 def uses_pulse(row: pd.Series) -> bool:
     "Whether a run's model reads BVP (seqcnn_bvp, or `use_bvp` true in its arguments)."
@@ -244,7 +284,7 @@ def uses_pulse(row: pd.Series) -> bool:
     return row.model == "seqcnn_bvp" or bool(json.loads(args).get("use_bvp", False))
 
 # %% ../nbs/08_study.ipynb #c042
-def answer_face(table: pd.DataFrame, null: set[str]) -> list[str]:
+def answer_face(table: pd.DataFrame, null: set[str]) -> list[str | Claim]:
     """Can EDA be predicted from the face? The best coupled run of a model that reads the face alone against the
     per-task elapsed-time line (the protocol alone), corrected for picking the best of several; then the task profile."""
     label = "**Can EDA be predicted from the face?**"
@@ -253,26 +293,32 @@ def answer_face(table: pd.DataFrame, null: set[str]) -> list[str]:
     if "p_vs_elapsed_task (r)" in face: face = face[face["p_vs_elapsed_task (r)"].notna()]   # runs made before that test: left out
     if not len(face): return [f"{label} Not answered: no run of a face-only model on coupled data with an r."]
     top, runs = face.iloc[0], len(face)
-    line, profile = beats(top, "elapsed_task", tests=runs), beats(top, "task_profile", tests=runs)
-    if line is None: return [f"{label} Not answered: {top.run} has no test against the per-task elapsed-time line (a run made before it existed)."]
-    out = [f"{label} The best face-only run, {top.run}, tracks EDA within recordings with r {top.r}; against one "
-           f"elapsed-time line per task (what the protocol alone gives) it is {line[1]}, so " +
-           ("it reads more than the time since the task started." if line[0] else
-            "these runs do not show that it reads more than the time since the task started.")]
-    if profile is not None:
-        out.append(f"Against each task's mean training trajectory (a stronger protocol-only reference) it is {profile[1]}" +
-                   (": it reads more than that too." if profile[0] else ": these runs do not show that it reads more than that."))
+    if beats(top, "elapsed_task", tests=runs) is None:
+        return [f"{label} Not answered: {top.run} has no test against the per-task elapsed-time line (a run made before it existed)."]
+    def line(adjusted: float) -> str:
+        won, evidence = beats(top, "elapsed_task", tests=runs, adjusted=adjusted)
+        return (f"{label} The best face-only run, {top.run}, tracks EDA within recordings with r {top.r}; against one "
+                f"elapsed-time line per task (what the protocol alone gives) it is {evidence}, so " +
+                ("it reads more than the time since the task started." if won else
+                 "these runs do not show that it reads more than the time since the task started."))
+    def profile(adjusted: float) -> str:
+        won, evidence = beats(top, "task_profile", tests=runs, adjusted=adjusted)
+        return (f"Against each task's mean training trajectory (a stronger protocol-only reference) it is {evidence}" +
+                (": it reads more than that too." if won else ": these runs do not show that it reads more than that."))
+    out = [Claim(tested_p(top, "elapsed_task", tests=runs), line)]
+    if beats(top, "task_profile", tests=runs) is not None: out.append(Claim(tested_p(top, "task_profile", tests=runs), profile))
     return out
 
-def answer_pulse(table: pd.DataFrame, null: set[str]) -> list[str]:
+def answer_pulse(table: pd.DataFrame, null: set[str]) -> list[str | Claim]:
     "Does a BVP model read more than the pulse alone? Each coupled BVP run against the BVP-only reference of its own folds."
     label, out = "**Does the face add to the pulse?**", []
     for _, row in table[~table.run.isin(null)].iterrows():
-        test = beats(row, "bvp_only") if uses_pulse(row) else None
-        if test is None: continue
-        out.append(f"{label} {row.run} (r {row.r}) against a linear map from heart rate alone: {test[1]}, so " +
-                   ("it reads more than that map of the pulse." if test[0] else
-                    "these runs do not show that it reads more than that map of the pulse."))
+        if not uses_pulse(row) or beats(row, "bvp_only") is None: continue
+        def sentence(adjusted: float, row=row) -> str:
+            won, evidence = beats(row, "bvp_only", adjusted=adjusted)
+            return (f"{label} {row.run} (r {row.r}) against a linear map from heart rate alone: {evidence}, so " +
+                    ("it reads more than that map of the pulse." if won else "these runs do not show that it reads more than that map of the pulse."))
+        out.append(Claim(tested_p(row, "bvp_only"), sentence))
     return out or [f"{label} Not answered: no run of a BVP model with a BVP-only reference."]
 
 def answer_null_twins(results: Path, table: pd.DataFrame, runs: pd.DataFrame, null: set[str]) -> list[str]:
@@ -281,7 +327,7 @@ def answer_null_twins(results: Path, table: pd.DataFrame, runs: pd.DataFrame, nu
     for x, y in runs_differing_in(table.dropna(subset=["r_mean"]), "data"):
         if (x in null) == (y in null): continue
         run, twin = (y, x) if x in null else (x, y)
-        out.append("Against the null data (same generator, no input coupled to EDA): " + verdict(compare_runs(results, run, twin)))
+        out.append(comparison_claim("Against the null data (same generator, no input coupled to EDA): ", compare_runs(results, run, twin)))
         row = runs[(runs.run == twin) & (runs.model == runs.trained) & (runs.metric == "r")].iloc[0]
         out.append(f"On the null data itself {twin} has r {format_interval(row['mean'], row.ci_low, row.ci_high)}: " +
                    ("not estimable." if not np.isfinite(row["mean"]) else "its interval contains 0, as it should."
@@ -337,7 +383,7 @@ def answer_models(results: Path, runs: pd.DataFrame, a: str, b: str, label: str)
     model = runs.set_index("run").model
     pairs = [(x, y) for x, y in runs_differing_in(runs, "model") if {model[x], model[y]} == {a, b}]
     if not pairs: return [f"**{label}** Not answered: no pair of runs of {a} and {b} that differ in nothing else."]
-    return [f"**{label}** " + verdict(compare_runs(results, *((x, y) if model[x] == a else (y, x)))) for x, y in pairs]
+    return [comparison_claim(f"**{label}** ", compare_runs(results, *((x, y) if model[x] == a else (y, x)))) for x, y in pairs]
 
 def answer_physnet_bvp(results: Path, runs: pd.DataFrame) -> list[str]:
     "PhysNet with BVP against PhysNet without, in runs that differ in the model's arguments alone."
@@ -345,13 +391,13 @@ def answer_physnet_bvp(results: Path, runs: pd.DataFrame) -> list[str]:
     pairs = [(x, y) for x, y in runs_differing_in(runs, "model_args") if by_run.model[x] == "physnet"]
     if not pairs: return [f"{label} Not answered: no PhysNet runs with and without BVP that differ in nothing else."]
     order = lambda x, y: (x, y) if "bvp" in str(by_run.model_args[x]) else (y, x)
-    return [f"{label} " + verdict(compare_runs(results, *order(x, y))) for x, y in pairs]
+    return [comparison_claim(f"{label} ", compare_runs(results, *order(x, y))) for x, y in pairs]
 
 def answer_factor(results: Path, runs: pd.DataFrame, key: str, label: str) -> list[str]:
     "Every pair of runs that differ in `key` alone."
     pairs = runs_differing_in(runs, key)
     if not pairs: return [f"**{label}** Not answered: no pair of runs that differ only in {key}."]
-    return [f"**{label}** " + verdict(compare_runs(results, x, y)) for x, y in pairs]
+    return [comparison_claim(f"**{label}** ", compare_runs(results, x, y)) for x, y in pairs]
 
 # %% ../nbs/08_study.ipynb #c016
 MODEL_QUESTIONS = (("seqcnn_bvp", "seqcnn", "Does BVP help (SeqCNN)?"),
@@ -365,7 +411,7 @@ def study_answers(results: str | Path,    # results folder of `edanb run`
                   table: pd.DataFrame,    # study_table(runs)
                   runs: pd.DataFrame,     # collect_runs(results)
                  ) -> list[str]:          # one Markdown sentence (or two) per question and pair of runs
-    "The study's questions, each answered by the runs that decide it, or marked as not answered."
+    "The study's questions, each answered by the runs that decide it (every test's p Holm-adjusted over all of them), or marked as not answered."
     results, null = Path(results), null_runs(table)
     others = table[~table.run.isin(null)]
     out = answer_face(table, null) + answer_pulse(table, null) + answer_null_twins(results, table, runs, null)
@@ -374,7 +420,7 @@ def study_answers(results: str | Path,    # results folder of `edanb run`
     out += answer_physnet_bvp(results, others)
     out += answer_models(results, others, "seqcnn", "landmarks", "Do frames carry more than the landmarks?")
     for key, label in FACTOR_QUESTIONS: out += answer_factor(results, others, key, label)
-    return out
+    return write_claims(out)
 
 # %% ../nbs/08_study.ipynb #c021
 def run_stress(results: Path, run: str) -> pd.DataFrame:
