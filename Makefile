@@ -23,11 +23,14 @@ $(STAMP): requirements.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-demo: venv  ## the whole study on synthetic data: generate, preprocess, run experiments/demo.yaml, summarise (reruns reuse all)
+demo: venv  ## the whole study on synthetic data: generate, preprocess (three caches), run experiments/demo.yaml and demo-questions.yaml, summarise (reruns reuse all)
 	@start=$$(date +%s); set -e; \
 	$(BIN)/edanb synth $(DEMO)/ubfc-synth --size 128 --quiet; \
 	$(BIN)/edanb preprocess $(DEMO)/ubfc-synth --out $(DEMO)/cache --size 32 --landmarks --quiet | tail -n 1; \
+	$(BIN)/edanb preprocess $(DEMO)/ubfc-synth --out $(DEMO)/cache-none --size 32 --crop none --quiet | tail -n 1; \
+	$(BIN)/edanb preprocess $(DEMO)/ubfc-synth --out $(DEMO)/cache-none-8fps --size 32 --crop none --frame-hz 8 --quiet | tail -n 1; \
 	status=0; $(BIN)/edanb run experiments/demo.yaml --results $(DEMO)/results --jobs $(JOBS) --quiet || status=$$?; \
+	$(BIN)/edanb run experiments/demo-questions.yaml --results $(DEMO)/results --jobs $(JOBS) --quiet || status=$$?; \
 	$(BIN)/edanb summary $(DEMO)/results; \
 	echo "rendered: $(DEMO)/results/*/train.ipynb (one per run), $(DEMO)/results/summary.html"; \
 	echo "make demo: $$(( $$(date +%s) - start )) s"; exit $$status
