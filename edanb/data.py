@@ -22,7 +22,7 @@ __all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOL
            'read_info_file', 'read_anxiety_file', 'subject_metadata', 'eda_quality', 'load_recording',
            'subject_folders', 'DataGap', 'scan', 'discover', 'recordings_table', 'subjects_table', 'SplitError',
            'split_counts', 'check_split', 'split_subjects', 'kfold_subjects', 'save_split', 'load_split',
-           'read_exclusions', 'is_excluded', 'is_synthetic', 'current_couplings', 'synthetic_couplings']
+           'read_exclusions', 'recording_of', 'is_excluded', 'is_synthetic', 'current_couplings', 'synthetic_couplings']
 
 # %% ../nbs/00_data.ipynb #c005
 TASKS = ("T1", "T2", "T3")
@@ -382,6 +382,11 @@ def read_exclusions(path: str | Path) -> frozenset[str]:
         if not re.fullmatch(r"s\d+(_T\d+)?", name): raise DataError(path, f"line {number}: {name[:40]!r} is neither a subject (s56) nor a recording (s40_T3)")
         names.add(name)
     return frozenset(names)
+
+def recording_of(path: str | Path) -> str | None:
+    "The recording a file belongs to (`s40/vid_s40_T3.avi` -> 's40_T3'), its subject for a subject folder ('s40'), else None."
+    found = re.search(r"(s\d+)_(T\d+)", Path(path).name)
+    return f"{found.group(1)}_{found.group(2)}" if found else (Path(path).name if re.fullmatch(r"s\d+", Path(path).name) else None)
 
 def is_excluded(recording: str, exclusions: frozenset[str]) -> bool:
     "Whether a recording (`s40_T3`) is left out, by its own name or its subject's."

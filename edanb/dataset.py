@@ -25,7 +25,7 @@ __all__ = ['EVAL_COVERAGE', 'OLD_NORMALISER_KEYS', 'MIRROR_68', 'clip_starts', '
            'baseline_recording', 'Normaliser', 'frame_difference', 'recording_mean_frame', 'eda_centre_and_scale',
            'fit_normaliser', 'entry_flags', 'bridge_flagged', 'training_eda', 'cached_eda', 'record_baseline',
            'ClipAugment', 'augment_clip', 'ClipDataset', 'cached_recordings', 'exclusions_of', 'usable_recordings',
-           'split_recordings', 'make_datasets']
+           'split_recordings', 'check_baselines_kept', 'make_datasets']
 
 # %% ../nbs/03_dataset.ipynb #c006
 def clip_starts(n: int,                 # samples in the recording
@@ -407,6 +407,15 @@ def split_recordings(cache: str | Path,            # cache folder
                                        f"{', less the exclusions' if exclude else ''})")
     return {part: table.recording[table.subject.isin(split[part])].tolist() for part in PARTS}
 
+def check_baselines_kept(parts: dict[str, list[str]], config: DatasetConfig):
+    "Refuse a split whose EDA scaling centres a recording on one the exclusions leave out ('subject' scaling: the rest recording)."
+    excluded = exclusions_of(config)
+    for name in (n for names in parts.values() for n in names):
+        base = baseline_recording(config.eda_scaling, name)
+        if base is not None and is_excluded(base, excluded):
+            raise DataError(config.exclude, f"excludes {base}, but {config.eda_scaling} scaling centres {name} on it: "
+                                            f"exclude the subject ({name.split('_')[0]}) too, or use another --eda-scaling")
+
 def make_datasets(cache: str | Path,                       # cache folder written by `edanb preprocess`
                   split: dict[str, Sequence[str]] | str | Path, # split dict, or a split file (`edanb split`)
                   config: DatasetConfig | None = None,
@@ -415,6 +424,7 @@ def make_datasets(cache: str | Path,                       # cache folder writte
     config = config or DatasetConfig()
     split = load_split(split) if isinstance(split, (str, Path)) else split
     parts = split_recordings(cache, split, config.task_list(), exclusions_of(config))
+    check_baselines_kept(parts, config)
     def entry(name: str) -> dict:
         cached = load_cached(cache, name)
         return {**cached, "eda": training_eda(cached, config.eda_quality, Path(cache) / name)[0]}

@@ -35,7 +35,7 @@ __all__ = ['USED_DATA', 'RUN_OUTPUTS', 'make_splits', 'seed_everything', 'rng_st
            'make_optimiser', 'train_epoch', 'dataset_config', 'build_model', 'model_and_data', 'EarlyStopping',
            'Training', 'Fold', 'start_fold', 'resume', 'epoch_loader', 'validate', 'run_epoch', 'save_epoch',
            'epoch_line', 'test_fold', 'fit_fold', 'same_run', 'saved_config', 'stale_run', 'run_provenance',
-           'retire_run', 'used_recordings', 'open_run', 'fit']
+           'retire_run', 'used_recordings', 'saved_exclusions', 'open_run', 'fit']
 
 # %% ../nbs/06_train.ipynb #c007
 def make_splits(config: TrainConfig) -> list[dict[str, list[str]]]:
@@ -483,12 +483,19 @@ def used_recordings(config: TrainConfig) -> dict:
     except DataError: names = []   # no cache: training says so, naming it
     return dict(recordings=names, excluded=sorted(excluded))
 
+def saved_exclusions(out: Path) -> list[str] | None:
+    "What a run folder's config.json says its run left out (None: a run saved before exclusions were recorded)."
+    return json.loads((out / "config.json").read_text()).get("excluded")
+
 def open_run(config: TrainConfig) -> dict | None:
     """Check the run folder before training: another configuration is an error; a run made by other code or data is
     moved aside and made again (kept with `reuse_stale`, and said so); a finished run's metrics are returned."""
     (rank, world), out = distributed(), Path(config.out)
     if (out / "config.json").exists() and not same_run(saved_config(out), config):
         raise ValueError(f"{out}: holds a run with another configuration (see its config.json); choose another --out")
+    if (out / "config.json").exists() and saved_exclusions(out) not in (None, sorted(exclusions_of(config))):
+        raise ValueError(f"{out}: holds a run that left out {saved_exclusions(out)}, not {sorted(exclusions_of(config))} "
+                         f"(its config.json; the file {config.exclude or '(none)'} changed?): choose another --out")
     stale = stale_run(out, config) if rank == 0 else []
     if stale:
         kept = "kept (reuse_stale)" if config.reuse_stale else f"made again (the old one is in {retire_run(out)})"

@@ -169,3 +169,23 @@ def test_the_simple_world_has_groups_on_paper_only(tmp_path):
     from edanb.synth import simulate_physiology, stream
     plain = simulate_physiology(make_subject(0, ctrl), "T3", 20, stream(0, ctrl, 3, "physiology"), 1.0, stream(0, ctrl, 3, "pulse"))
     assert np.array_equal(simple.eda_us, plain.eda_us)
+
+
+def test_an_exclusion_is_kept_everywhere_a_run_looks(grouped, tmp_path):
+    "Subject scaling may not centre on an excluded rest recording; a run is tied to what it left out; a broken excluded recording is no failure."
+    cache, exclude = tmp_path / "cache", tmp_path / "exclude.txt"
+    broken = tmp_path / "ubfc"; shutil.copytree(grouped, broken)
+    recording_paths(broken, "s3", "T2")["bvp"].unlink()                        # broken: the reason to exclude it
+    exclude.write_text("s3_T2\ns400   # a typo\n")
+    prep = edanb("preprocess", broken, "--out", cache, "--crop", "none", "--size", "16", "--workers", "1", "--exclude", exclude)
+    assert prep.returncode == 0 and prep.stdout.endswith("0 failed, 1 excluded\n"), prep.stdout
+    assert prep.stderr.strip() == f"edanb: warning: {exclude}: names ['s400'], which this dataset does not have"
+    exclude.write_text("s2_T1\n")
+    base = ["train", "--data", grouped, "--cache", cache, "--model", "naive", "--folds", "3", "--no-progress", "--exclude", exclude]
+    subject = edanb(*base, "--out", tmp_path / "subject", "--eda-scaling", "subject")
+    assert subject.returncode == 1 and subject.stderr.count("\n") == 1
+    assert f"{exclude}: excludes s2_T1, but subject scaling centres s2_T2 on it: exclude the subject (s2) too" in subject.stderr
+    assert edanb(*base, "--out", tmp_path / "run").returncode == 0
+    exclude.write_text("s2\n")                                                   # the file changed after the run
+    again = edanb(*base, "--out", tmp_path / "run")
+    assert again.returncode == 1 and "holds a run that left out ['s2_T1'], not ['s2']" in again.stderr
