@@ -61,7 +61,7 @@ def small(tmp_path_factory) -> dict:
 
 
 HEAVY_FIXTURES = {"synth_root", "null_root", "synth_cache",   # the statistical datasets: about 30 s to build
-                  "rich_root", "people_root", "fast_cache", "spiky"}   # 8-20 s each: the fast loop leaves them out
+                  "rich_root", "people_root", "fast_cache", "spiky", "grouped"}   # 8-20 s each: the fast loop leaves them out
 
 
 def pytest_collection_modifyitems(items):
