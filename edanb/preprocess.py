@@ -384,12 +384,13 @@ def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
         for stale in cache.glob(pattern): shutil.rmtree(stale, ignore_errors=True)
     recordings, problems = scan(root, tolerance_s=config.tolerance_s)
     left_out = read_exclusions(exclude) if exclude else frozenset()
-    names = [r.name for r in recordings] + [recording_of(p.path) for p in problems]
-    unknown = sorted(left_out - {n for n in names if n} - {n.split("_")[0] for n in names if n})
+    problem_names = [recording_of(p.path) or "" for p in problems]   # "": a problem that belongs to no recording
+    names = [r.name for r in recordings] + problem_names
+    unknown = sorted(left_out - set(names) - {n.split("_")[0] for n in names})
     if unknown: warnings.warn(f"{exclude}: names {unknown}, which this dataset does not have", stacklevel=2)
     excluded = [dict(recording=n, status="excluded", error=f"named by {exclude}") for n in names if n and is_excluded(n, left_out)]
     recordings = [r for r in recordings if not is_excluded(r.name, left_out)]
-    problems = [p for p in problems if not (recording_of(p.path) and is_excluded(recording_of(p.path), left_out))]
+    problems = [p for p, n in zip(problems, problem_names) if not (n and is_excluded(n, left_out))]
     slow = [r for r in recordings if config.frame_hz > r.fps + 1e-9]
     if slow: raise ValueError(f"--frame-hz {config.frame_hz:g} is above the video frame rate of {len(slow)} recording(s) "
                               f"({slow[0].video}: {slow[0].fps:g} fps)")

@@ -293,7 +293,8 @@ def answer_face(table: pd.DataFrame, null: set[str]) -> list[str | Claim]:
     if "p_vs_elapsed_task (r)" in face: face = face[face["p_vs_elapsed_task (r)"].notna()]   # runs made before that test: left out
     if not len(face): return [f"{label} Not answered: no run of a face-only model on coupled data with an r."]
     top, runs = face.iloc[0], len(face)
-    if beats(top, "elapsed_task", tests=runs) is None:
+    line_p, profile_p = tested_p(top, "elapsed_task", tests=runs), tested_p(top, "task_profile", tests=runs)
+    if not np.isfinite(line_p):
         return [f"{label} Not answered: {top.run} has no test against the per-task elapsed-time line (a run made before it existed)."]
     def line(adjusted: float) -> str:
         won, evidence = beats(top, "elapsed_task", tests=runs, adjusted=adjusted)
@@ -305,20 +306,19 @@ def answer_face(table: pd.DataFrame, null: set[str]) -> list[str | Claim]:
         won, evidence = beats(top, "task_profile", tests=runs, adjusted=adjusted)
         return (f"Against each task's mean training trajectory (a stronger protocol-only reference) it is {evidence}" +
                 (": it reads more than that too." if won else ": these runs do not show that it reads more than that."))
-    out = [Claim(tested_p(top, "elapsed_task", tests=runs), line)]
-    if beats(top, "task_profile", tests=runs) is not None: out.append(Claim(tested_p(top, "task_profile", tests=runs), profile))
-    return out
+    return [Claim(line_p, line)] + ([Claim(profile_p, profile)] if np.isfinite(profile_p) else [])
 
 def answer_pulse(table: pd.DataFrame, null: set[str]) -> list[str | Claim]:
     "Does a BVP model read more than the pulse alone? Each coupled BVP run against the BVP-only reference of its own folds."
     label, out = "**Does the face add to the pulse?**", []
     for _, row in table[~table.run.isin(null)].iterrows():
-        if not uses_pulse(row) or beats(row, "bvp_only") is None: continue
+        p = tested_p(row, "bvp_only") if uses_pulse(row) else np.nan
+        if not np.isfinite(p): continue
         def sentence(adjusted: float, row=row) -> str:
             won, evidence = beats(row, "bvp_only", adjusted=adjusted)
             return (f"{label} {row.run} (r {row.r}) against a linear map from heart rate alone: {evidence}, so " +
                     ("it reads more than that map of the pulse." if won else "these runs do not show that it reads more than that map of the pulse."))
-        out.append(Claim(tested_p(row, "bvp_only"), sentence))
+        out.append(Claim(p, sentence))
     return out or [f"{label} Not answered: no run of a BVP model with a BVP-only reference."]
 
 def answer_null_twins(results: Path, table: pd.DataFrame, runs: pd.DataFrame, null: set[str]) -> list[str]:

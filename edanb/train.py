@@ -484,8 +484,8 @@ def used_recordings(config: TrainConfig) -> dict:
     return dict(recordings=names, excluded=sorted(excluded))
 
 def saved_exclusions(out: Path) -> list[str] | None:
-    "What a run folder's config.json says its run left out (None: a run saved before exclusions were recorded)."
-    return json.loads((out / "config.json").read_text()).get("excluded")
+    "What a run folder's config.json says its run left out (None: no run there, or one saved before exclusions were recorded)."
+    return json.loads((out / "config.json").read_text()).get("excluded") if (out / "config.json").exists() else None
 
 def open_run(config: TrainConfig) -> dict | None:
     """Check the run folder before training: another configuration is an error; a run made by other code or data is
@@ -493,8 +493,9 @@ def open_run(config: TrainConfig) -> dict | None:
     (rank, world), out = distributed(), Path(config.out)
     if (out / "config.json").exists() and not same_run(saved_config(out), config):
         raise ValueError(f"{out}: holds a run with another configuration (see its config.json); choose another --out")
-    if (out / "config.json").exists() and saved_exclusions(out) not in (None, sorted(exclusions_of(config))):
-        raise ValueError(f"{out}: holds a run that left out {saved_exclusions(out)}, not {sorted(exclusions_of(config))} "
+    saved, left_out = saved_exclusions(out), sorted(exclusions_of(config))
+    if saved not in (None, left_out):
+        raise ValueError(f"{out}: holds a run that left out {saved}, not {left_out} "
                          f"(its config.json; the file {config.exclude or '(none)'} changed?): choose another --out")
     stale = stale_run(out, config) if rank == 0 else []
     if stale:
