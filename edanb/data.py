@@ -9,7 +9,7 @@ import re
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import cv2
 import numpy as np
@@ -20,9 +20,10 @@ __all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOL
            'EDA_RANGE_US', 'MAX_EDA_SLOPE_US_S', 'UBFC_SPLIT', 'PARTS', 'DataError', 'read_signal', 'VideoInfo',
            'probe_video', 'subject_number', 'recording_paths', 'Recording', 'MetadataWarning', 'metadata_paths',
            'read_info_file', 'read_anxiety_file', 'subject_metadata', 'eda_quality', 'load_recording',
-           'subject_folders', 'DataGap', 'scan', 'discover', 'recordings_table', 'subjects_table', 'SplitError',
-           'split_counts', 'check_split', 'split_subjects', 'kfold_subjects', 'save_split', 'load_split',
-           'read_exclusions', 'recording_of', 'is_excluded', 'is_synthetic', 'current_couplings', 'synthetic_couplings']
+           'subject_folders', 'DataGap', 'scan', 'discover', 'recordings_table', 'subjects_table', 'subject_groups',
+           'group_order', 'SplitError', 'split_counts', 'check_split', 'split_subjects', 'kfold_subjects', 'save_split',
+           'load_split', 'read_exclusions', 'recording_of', 'is_excluded', 'is_synthetic', 'current_couplings',
+           'synthetic_couplings']
 
 # %% ../nbs/00_data.ipynb #c005
 TASKS = ("T1", "T2", "T3")
@@ -291,6 +292,16 @@ def recordings_table(recordings: Sequence[Recording], problems: Sequence[DataErr
 def subjects_table(root: str | Path, subjects: Sequence[str]) -> pd.DataFrame:
     "One row per subject: gender, group, session date and start, and the six anxiety scores (empty where its files do not say)."
     return pd.DataFrame([dict(subject=s, **subject_metadata(root, s, warn=False)) for s in subjects])
+
+def subject_groups(root: str | Path, subjects: Sequence[str]) -> dict[str, str]:
+    "Each subject's group (test/ctrl) as its info file says; subjects whose file is missing or malformed are left out."
+    groups = {s: subject_metadata(root, s, warn=False)["group"] for s in subjects}
+    return {s: g for s, g in groups.items() if g}
+
+def group_order(groups: Iterable[str | None]) -> list[str]:
+    "The distinct groups, UBFC-Phys's first in its order (test, ctrl), then any other name sorted; None left out."
+    present = set(filter(None, groups))
+    return [g for g in GROUPS if g in present] + sorted(present - set(GROUPS))
 
 # %% ../nbs/00_data.ipynb #c020
 UBFC_SPLIT = (35, 10, 11)  # train / val / test subjects of the original study (56 subjects)

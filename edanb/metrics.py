@@ -16,20 +16,21 @@ import torch
 import torch.nn.functional as F
 
 from .core import format_interval, pearson
-from .data import is_synthetic
+from .data import group_order, is_synthetic, subject_groups
 from .dataset import Normaliser, baseline_recording, clip_starts, evaluation_stride, reflect_index
 from .preprocess import load_cached
 from .synth import CUE_COLUMNS, lagged_cues, lowpass
 
 # %% auto #0
 __all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'LABEL_CENTRED_US', 'METRICS', 'LOWER_IS_BETTER', 'MAX_LAG_S', 'MIN_OVERLAP',
-           'MIN_SAMPLES', 'HR_TIME_CONSTANTS', 'BASELINE_TESTS', 'pearson_per_clip', 'ccc_per_clip', 'mse_loss',
-           'npc_loss', 'ccc_loss', 'make_loss', 'stitch', 'series_table', 'stitch_shapes', 'clip_correlations',
-           'predictions_table', 'series_predictions', 'lagged_r', 'ccc', 'series_metrics', 'metrics_table',
-           'bootstrap_ci', 'summarise', 'compare_to_baseline', 'scaled_like_targets', 'linear_reference',
-           'cue_features', 'oracle_predictions', 'oracle_fraction', 'elapsed_time_series', 'task_of',
-           'elapsed_time_per_task', 'mean_profile', 'task_profile', 'heart_rate_features', 'has_heart_rate',
-           'reference_series', 'reference_predictions', 'ceiling_table', 'baseline_tests', 'run_metrics', 'headline']
+           'MIN_SAMPLES', 'HR_TIME_CONSTANTS', 'BASELINE_TESTS', 'GROUP_METRICS', 'pearson_per_clip', 'ccc_per_clip',
+           'mse_loss', 'npc_loss', 'ccc_loss', 'make_loss', 'stitch', 'series_table', 'stitch_shapes',
+           'clip_correlations', 'predictions_table', 'series_predictions', 'lagged_r', 'ccc', 'series_metrics',
+           'metrics_table', 'bootstrap_ci', 'summarise', 'compare_to_baseline', 'scaled_like_targets',
+           'linear_reference', 'cue_features', 'oracle_predictions', 'oracle_fraction', 'elapsed_time_series',
+           'task_of', 'elapsed_time_per_task', 'mean_profile', 'task_profile', 'heart_rate_features', 'has_heart_rate',
+           'reference_series', 'reference_predictions', 'oracle_ceiling', 'ceiling_table', 'baseline_tests',
+           'run_metrics', 'group_summary', 'headline']
 
 # %% ../nbs/05_metrics.ipynb #c006
 VAR_EPS = 1e-5    # relative: each clip's variances get VAR_EPS x the variance of its *target* added ...
@@ -488,12 +489,17 @@ def reference_predictions(datasets: dict,          # a fold's train / val / test
 def _records(table: pd.DataFrame) -> list[dict]:
     return json.loads(table.to_json(orient="records", double_precision=15))
 
-def ceiling_table(subjects: pd.DataFrame, data: str | Path) -> pd.DataFrame | None:
-    "Each model's mean per-subject r as a fraction of the synthetic dataset's per-recording ceiling (`oracle.json`, same subjects)."
+def oracle_ceiling(data: str | Path) -> pd.Series | None:
+    "The synthetic dataset's per-recording ceiling r (`ground_truth/oracle.json`), averaged per subject; None where there is none."
     path = Path(data) / "ground_truth" / "oracle.json"
     if not path.is_file(): return None
     per_recording = pd.Series({k: v["r"] for k, v in json.loads(path.read_text())["recordings"].items()})
-    ceiling = per_recording.groupby(per_recording.index.str.split("_").str[0]).mean()
+    return per_recording.groupby(per_recording.index.str.split("_").str[0]).mean()
+
+def ceiling_table(subjects: pd.DataFrame, data: str | Path) -> pd.DataFrame | None:
+    "Each model's mean per-subject r as a fraction of the synthetic dataset's per-recording ceiling (`oracle.json`, same subjects)."
+    ceiling = oracle_ceiling(data)
+    if ceiling is None: return None
     wide = subjects.pivot(index="subject", columns="model", values="r")
     ceiling = ceiling.reindex(wide.index)
     if not ceiling.mean() > 0: return None   # the null control (coupling 0): no ceiling to be a fraction of
@@ -532,7 +538,26 @@ def run_metrics(samples: pd.DataFrame,  # pooled test predictions of a run (pred
     if "oracle" in models: out["oracle_fraction"] = _records(oracle_fraction(subjects))
     ceiling = ceiling_table(subjects, data) if data else None
     if ceiling is not None: out["ceiling_fraction"] = _records(ceiling)
+    groups = subject_groups(data, sorted(set(samples.subject))) if data else {}
+    if groups: out |= dict(groups=groups, by_group=_records(group_summary(subjects, groups, data, n_boot)))
     return out
+
+GROUP_METRICS = ("r", "r_lag", "clip_r", "ccc", "mse")
+
+def group_summary(subjects: pd.DataFrame,  # metrics_table(..., 'subject') with a 'model' column
+                  groups: dict[str, str],  # subject -> group (test/ctrl)
+                  data: str | Path = "",   # the dataset folder: its oracle.json ceiling joins as model 'oracle.json'
+                  n_boot: int = 2000,
+                 ) -> pd.DataFrame:        # one row per (group, model, metric): mean over the group's subjects, 95% interval
+    "Every model's per-subject metrics summarised within each group, and on synthetic data the ceiling r of the same subjects."
+    ceiling = oracle_ceiling(data) if data else None
+    if ceiling is not None:
+        ceiling = ceiling.reindex(subjects.subject.unique())
+        subjects = pd.concat([subjects, pd.DataFrame(dict(model="oracle.json", subject=ceiling.index, r=ceiling.values))])
+    of = subjects.subject.map(groups)
+    parts = [summarise(subjects[of == g], GROUP_METRICS, n_boot).assign(group=g) for g in group_order(groups.values())]
+    table = pd.concat(parts, ignore_index=True)
+    return table[table.subjects > 0][["group", "model", "metric", "mean", "ci_low", "ci_high", "subjects"]].reset_index(drop=True)
 
 # %% ../nbs/05_metrics.ipynb #c055
 def headline(metrics: dict,                                   # from `fit` or metrics.json

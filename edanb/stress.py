@@ -9,8 +9,8 @@ import pandas as pd
 from scipy.signal import find_peaks
 
 # %% auto #0
-__all__ = ['STRESS_TASKS', 'level_free_features', 'recording_features', 'rest_vs_stress', 'balanced_accuracy', 'permutation_p',
-           'bootstrap_balanced_accuracy', 'stress_detection']
+__all__ = ['STRESS_TASKS', 'level_free_features', 'recording_features', 'rest_vs_stress', 'balanced_accuracy', 'permutation_ps',
+           'permutation_p', 'bootstrap_balanced_accuracy', 'group_masks', 'stress_detection', 'pooled_stress']
 
 # %% ../nbs/05b_stress.ipynb #c005
 STRESS_TASKS = ("T2", "T3")
@@ -39,21 +39,31 @@ def recording_features(samples: pd.DataFrame,  # predictions.parquet of a run
     return pd.DataFrame(rows)
 
 # %% ../nbs/05b_stress.ipynb #c008
-def _loso_centroid(x: np.ndarray,        # (recordings, features)
-                   subjects: np.ndarray, # (recordings,) subject of each
-                   stress: np.ndarray,   # (recordings,) bool labels
-                  ) -> np.ndarray:       # predicted labels, each from a classifier fitted without its subject
-    "Leave-one-subject-out nearest class centroid in features standardised on the fitting subjects."
-    predicted = np.zeros(len(x), bool)
+def _loso_fits(x: np.ndarray,        # (recordings, features)
+               subjects: np.ndarray, # (recordings,) subject of each
+               labels: np.ndarray,   # (labellings, recordings) bool: stress labels, one row per labelling (e.g. a permutation)
+              ) -> np.ndarray:       # (labellings, recordings) predicted labels, each from a classifier fitted without its subject
+    """Leave-one-subject-out nearest class centroid in features standardised on the fitting subjects, for many
+    labellings of the same recordings at once (the standardisation does not depend on the labels)."""
+    labels = np.atleast_2d(labels)
+    predicted = np.zeros(labels.shape, bool)
     for subject in np.unique(subjects):
         test, train = subjects == subject, subjects != subject
         mu, sd = x[train].mean(0), x[train].std(0)
         z = (x - mu) / np.where(sd > 0, sd, 1.0)
-        if len(np.unique(stress[train])) < 2: predicted[test] = stress[train].mean() >= 0.5; continue
-        rest_c, stress_c = z[train & ~stress].mean(0), z[train & stress].mean(0)
-        d_rest, d_stress = np.linalg.norm(z[test] - rest_c, axis=1), np.linalg.norm(z[test] - stress_c, axis=1)
-        predicted[test] = d_stress < d_rest   # ties (e.g. a constant prediction) go to rest
+        stress_in, rest_in = labels & train, ~labels & train                 # (labellings, recordings)
+        n_stress, n_rest = stress_in.sum(1), rest_in.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stress_c, rest_c = (stress_in @ z) / n_stress[:, None], (rest_in @ z) / n_rest[:, None]
+        d_rest = np.linalg.norm(z[test][None] - rest_c[:, None], axis=2)      # (labellings, test recordings)
+        d_stress = np.linalg.norm(z[test][None] - stress_c[:, None], axis=2)
+        one_class = (n_stress == 0) | (n_rest == 0)                          # the fitting subjects hold one class only
+        predicted[:, test] = np.where(one_class[:, None], (n_stress >= n_rest)[:, None], d_stress < d_rest)  # ties go to rest
     return predicted
+
+def _loso_centroid(x: np.ndarray, subjects: np.ndarray, stress: np.ndarray) -> np.ndarray:
+    "Leave-one-subject-out nearest class centroid: the predicted label of each recording (`_loso_fits` of one labelling)."
+    return _loso_fits(x, subjects, stress[None])[0]
 
 def rest_vs_stress(features: pd.DataFrame,   # recording_features of one model
                    columns: tuple = ("sd", "slope", "peak_rate"),
@@ -68,8 +78,39 @@ def balanced_accuracy(labels: pd.DataFrame) -> float:
     return float(np.mean(recalls)) if len(recalls) == 2 else np.nan
 
 # %% ../nbs/05b_stress.ipynb #c011
-def _balanced(predicted: np.ndarray, stress: np.ndarray) -> float:
-    return float(np.mean([(predicted[stress == k] == k).mean() for k in (False, True)]))
+def _balanced_rows(predicted: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    "Balanced accuracy of each labelling (rows of `predicted` and `labels`) over the recordings in `mask`."
+    hit, recalls = predicted == labels, []
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for k in (False, True): recalls.append((hit & (labels == k) & mask).sum(1) / ((labels == k) & mask).sum(1))
+    return (recalls[0] + recalls[1]) / 2
+
+def _within_subject_shuffles(stress: np.ndarray, subjects: np.ndarray, n_perm: int, seed: int) -> np.ndarray:
+    "`n_perm` labellings, each shuffling the labels within every subject (which of its recordings is the rest one)."
+    rng, groups = np.random.default_rng(seed), [np.flatnonzero(subjects == s) for s in np.unique(subjects)]
+    shuffled = np.repeat(stress[None], n_perm, 0)
+    for row in shuffled:
+        for g in groups: row[g] = stress[rng.permutation(g)]
+    return shuffled
+
+def permutation_ps(features: pd.DataFrame,     # recording_features of one model
+                   masks: dict[str, np.ndarray], # name -> (recordings,) bool: the recordings each balanced accuracy is over
+                   n_perm: int = 1000, seed: int = 0,
+                   columns: tuple = ("sd", "slope", "peak_rate"),
+                  ) -> dict[str, float]:
+    """P-value against chance of the balanced accuracy over each mask's recordings (e.g. all, a group's): the task labels
+    are shuffled within each subject and the whole leave-one-subject-out fit is redone; each shuffle serves every mask."""
+    x, subjects = features[list(columns)].to_numpy(np.float64), features.subject.to_numpy()
+    stress = features.stress.to_numpy(bool)
+    observed = _loso_fits(x, subjects, stress[None])
+    shuffled = _within_subject_shuffles(stress, subjects, n_perm, seed)
+    fitted = _loso_fits(x, subjects, shuffled)
+    ps = {}
+    for name, mask in masks.items():
+        score = _balanced_rows(observed, stress[None], mask)[0]
+        ps[name] = float((1 + np.sum(_balanced_rows(fitted, shuffled, mask) >= score - 1e-12)) / (1 + n_perm)) \
+            if np.isfinite(score) else np.nan
+    return ps
 
 def permutation_p(features: pd.DataFrame,  # recording_features of one model
                   n_perm: int = 1000, seed: int = 0,
@@ -77,16 +118,7 @@ def permutation_p(features: pd.DataFrame,  # recording_features of one model
                  ) -> float:
     """P-value of the balanced accuracy against chance: the task labels are shuffled within each subject (which of its
     recordings is the rest one) and the whole leave-one-subject-out fit is redone each time."""
-    x, subjects = features[list(columns)].to_numpy(np.float64), features.subject.to_numpy()
-    stress = features.stress.to_numpy(bool)
-    observed = _balanced(_loso_centroid(x, subjects, stress), stress)
-    rng, groups = np.random.default_rng(seed), [np.flatnonzero(subjects == s) for s in np.unique(subjects)]
-    hits = 0
-    for _ in range(n_perm):
-        shuffled = stress.copy()
-        for g in groups: shuffled[g] = stress[rng.permutation(g)]
-        hits += _balanced(_loso_centroid(x, subjects, shuffled), shuffled) >= observed - 1e-12
-    return (1 + hits) / (1 + n_perm)
+    return permutation_ps(features, {"all": np.ones(len(features), bool)}, n_perm, seed, columns)["all"]
 
 def bootstrap_balanced_accuracy(labels: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% interval of the balanced accuracy, resampling subjects with the classifier held fixed: descriptive only (it
@@ -100,18 +132,36 @@ def bootstrap_balanced_accuracy(labels: pd.DataFrame, n_boot: int = 2000, seed: 
     low, high = np.nanpercentile(recall.mean(1), [2.5, 97.5]) if hits.shape[1] == 2 else (np.nan, np.nan)
     return float(low), float(high)
 
+def group_masks(features: pd.DataFrame,               # recording_features (a 'subject' column)
+                groups: dict[str, str | None] | None,  # subject -> group (test/ctrl), as the dataset's metadata says; None: none
+               ) -> dict[str, np.ndarray]:             # 'all', then each group present, -> its recordings
+    "Which recordings each balanced accuracy is over: all of them, and each group's (subjects without a group are in 'all' only)."
+    of = features.subject.map(groups or {}).to_numpy()
+    present = [g for g in dict.fromkeys(sorted(filter(None, (groups or {}).values()), key=lambda g: (g != "test", g))) if (of == g).any()]
+    return {"all": np.ones(len(features), bool)} | {g: of == g for g in present}
+
 def stress_detection(samples: pd.DataFrame, # predictions.parquet of a run (every model it holds)
                      n_boot: int = 2000, n_perm: int = 1000, seed: int = 0,
-                    ) -> pd.DataFrame:      # per model: balanced accuracy, descriptive CI, permutation p
-    "Rest-vs-stress balanced accuracy of every model of a run, and of the same classifier on the true EDA ('true EDA')."
+                     groups: dict[str, str | None] | None = None, # subject -> group (test/ctrl): adds a row per group and model
+                    ) -> pd.DataFrame:      # per model and group ('all' first): balanced accuracy, descriptive CI, permutation p
+    """Rest-vs-stress balanced accuracy of every model of a run, and of the same classifier on the true EDA ('true EDA'),
+    over all test recordings and over each group's. One classifier per model, fitted leaving each subject out on all the
+    others (both groups): a group's accuracy is that classifier's on the group's recordings."""
     first = samples[samples.model == samples.model.iat[0]]
     sets = {m: recording_features(samples[samples.model == m]) for m in dict.fromkeys(samples.model)}
     sets["true EDA"] = recording_features(first, "target").assign(model="true EDA")
     rows = []
     for model, features in sets.items():
-        labels = rest_vs_stress(features)
-        low, high = bootstrap_balanced_accuracy(labels, n_boot, seed)
-        rows.append(dict(model=model, balanced_accuracy=balanced_accuracy(labels), ci_low=low, ci_high=high,
-                         p_permutation=permutation_p(features, n_perm, seed), recordings=len(labels),
-                         subjects=labels.subject.nunique()))
+        labels, masks = rest_vs_stress(features), group_masks(features, groups)
+        ps = permutation_ps(features, masks, n_perm, seed)
+        for group, mask in masks.items():
+            low, high = bootstrap_balanced_accuracy(labels[mask], n_boot, seed)
+            rows.append(dict(model=model, group=group, balanced_accuracy=balanced_accuracy(labels[mask]), ci_low=low,
+                             ci_high=high, p_permutation=ps[group], recordings=int(mask.sum()),
+                             subjects=labels[mask].subject.nunique()))
     return pd.DataFrame(rows)
+
+def pooled_stress(table: pd.DataFrame) -> pd.DataFrame:
+    "The rows of a `stress_detection` table over all recordings (a table saved before groups had no 'group' column: all of it)."
+    return table[table.group == "all"].drop(columns="group") if "group" in table else table
+

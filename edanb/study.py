@@ -22,7 +22,7 @@ from .core import format_interval, format_p, pearson, provenance, stale_reasons
 from .data import load_split, synthetic_couplings
 from .experiment import EXPERIMENTS, notebook_error
 from .metrics import compare_to_baseline
-from .stress import stress_detection
+from .stress import pooled_stress, stress_detection
 
 # %% auto #0
 __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'LEVEL_KEEPING', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS',
@@ -32,7 +32,7 @@ __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'LEVEL_KE
            'Claim', 'write_claims', 'comparison_claim', 'null_runs', 'tested_p', 'beats', 'uses_pulse', 'answer_face',
            'answer_pulse', 'answer_null_twins', 'task_levels', 'task_level_r', 'confound_verdict',
            'answer_task_confound', 'answer_models', 'answer_physnet_bvp', 'answer_factor', 'study_answers',
-           'run_stress', 'summary_table', 'run_summary']
+           'run_groups', 'run_stress', 'summary_table', 'group_rows', 'group_table', 'group_answer', 'run_summary']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "frames", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
@@ -423,21 +423,68 @@ def study_answers(results: str | Path,    # results folder of `edanb run`
     return write_claims(out)
 
 # %% ../nbs/08_study.ipynb #c021
+def run_groups(results: Path, run: str) -> dict[str, str]:
+    "Each test subject's group as the run's metrics.json records it (empty: data without groups, or a run made before them)."
+    return json.loads((results / run / "metrics.json").read_text()).get("groups", {})
+
 def run_stress(results: Path, run: str) -> pd.DataFrame:
-    "Rest-vs-stress detection of every model of a run (kept in the run's folder once computed)."
+    "Rest-vs-stress detection of every model of a run, over all recordings and per group (kept in the run's folder once computed)."
     kept = results / run / "stress_detection.csv"
     if kept.exists(): return pd.read_csv(kept)
-    return stress_detection(pd.read_parquet(results / run / "predictions.parquet"))
+    return stress_detection(pd.read_parquet(results / run / "predictions.parquet"), groups=run_groups(results, run))
 
 def summary_table(results: str | Path) -> pd.DataFrame:
     "The study's table with the rest-vs-stress accuracy of each run's model; also written as `summary.csv`."
     results = Path(results)
     table = study_table(collect_runs(results))
-    stress = [run_stress(results, run).set_index("model").loc[model] for run, model in zip(table.run, table.model)]
+    stress = [pooled_stress(run_stress(results, run)).set_index("model").loc[model] for run, model in zip(table.run, table.model)]
     table["rest_vs_stress"] = [format_interval(s["balanced_accuracy"], s["ci_low"], s["ci_high"], digits=2) for s in stress]
     table["rest_vs_stress p"] = [s.get("p_permutation", np.nan) for s in stress]
     table.to_csv(results / "summary.csv", index=False)
     return table
+
+def _interval_of(row: pd.Series | None, mean: str = "mean", digits: int = 3) -> str:
+    return "n/a" if row is None else format_interval(row[mean], row.ci_low, row.ci_high, digits=digits)
+
+def group_rows(results: Path, run: str, model: str) -> list[dict]:
+    """One run's figures within each group (test, ctrl): its model's per-subject r and rest-vs-stress accuracy, beside the
+    ceilings of the same subjects (the classifier on the true EDA; on synthetic data the oracle.json r)."""
+    metrics = json.loads((results / run / "metrics.json").read_text())
+    by, members = pd.DataFrame(metrics.get("by_group", [])), pd.Series(metrics.get("groups", {}), dtype=object)
+    if by.empty: return []
+    r, stress = by[by.metric == "r"].set_index(["group", "model"]), run_stress(results, run)
+    stress = stress[stress.group != "all"].set_index(["group", "model"]) if "group" in stress else pd.DataFrame()
+    find = lambda table, key: table.loc[key] if key in table.index else None
+    rows = []
+    for group in dict.fromkeys(by.group):
+        own, ba = find(r, (group, model)), find(stress, (group, model))
+        rows.append(dict(run=run, model=model, group=group, subjects=int((members == group).sum()),
+                         r=_interval_of(own), rest_vs_stress=_interval_of(ba, "balanced_accuracy", 2),
+                         **{"rest_vs_stress p": ba.p_permutation if ba is not None else np.nan,
+                            "true EDA rest_vs_stress": _interval_of(find(stress, (group, "true EDA")), "balanced_accuracy", 2),
+                            "oracle.json r": _interval_of(find(r, (group, "oracle.json")))}))
+    return rows
+
+def group_table(results: str | Path,   # results folder of `edanb run`
+                table: pd.DataFrame,   # summary_table(results): the runs, best first
+               ) -> pd.DataFrame:      # one row per (run, group); empty where the runs' data name no group
+    "The study's table within each group (UBFC-Phys: test, and ctrl with milder tasks); also written as `summary_groups.csv`."
+    results = Path(results)
+    rows = [row for run, model in zip(table.run, table.model) for row in group_rows(results, run, model)]
+    out = pd.DataFrame(rows, columns=["run", "model", "group", "subjects", "r", "rest_vs_stress", "rest_vs_stress p",
+                                      "true EDA rest_vs_stress", "oracle.json r"])
+    out.to_csv(results / "summary_groups.csv", index=False)
+    return out
+
+def group_answer(groups: pd.DataFrame) -> str:   # group_table(...)
+    "One Markdown sentence: the ceilings and the best run's figures in each group, or why there are none."
+    if groups.empty: return "**By group**: not answered: the runs' data name no group (UBFC-Phys: `info_sN.txt`, line 3)."
+    best = groups[groups.run == groups.run.iat[0]].set_index("group")
+    ceilings = "; ".join(f"{g} ({row.subjects} subjects) {row['true EDA rest_vs_stress']}" for g, row in best.iterrows())
+    figures = "; ".join(f"{g}: r {row.r}, rest vs stress {row.rest_vs_stress}" for g, row in best.iterrows())
+    return (f"**By group**: on the true EDA, the rest-vs-stress classifier scores {ceilings} (the ceiling; UBFC-Phys's ctrl "
+            f"group does milder speech and arithmetic tasks). The best run, {best.run.iat[0]} ({best.model.iat[0]}), scores "
+            f"{figures}. Descriptive only: the groups hold different subjects, so no paired test compares them.")
 
 def run_summary(results: str | Path,               # results folder of `edanb run`
                 notebook: str | Path | None = None, # default experiments/summary.ipynb

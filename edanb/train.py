@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .config import CENTRING, RUN_INDEPENDENT, DatasetConfig, TrainConfig, before_provenance, current_names
 from .core import progress_bar, provenance, remove_path, stale_reasons, write_atomic, write_json
-from .data import DataError, kfold_subjects, load_split, save_split, split_subjects, subject_metadata, subject_number
+from .data import DataError, kfold_subjects, load_split, save_split, split_subjects, subject_groups, subject_number
 from .dataset import (ClipDataset, Normaliser, augment_clip, cached_recordings, exclusions_of, frame_difference, usable_recordings,
                            make_datasets, reflect_index)
 from .metrics import make_loss, metrics_table, predictions_table, reference_predictions, run_metrics
@@ -44,8 +44,7 @@ def make_splits(config: TrainConfig) -> list[dict[str, list[str]]]:
     subjects = sorted(set(usable_recordings(config.cache, config.task_list(), exclusions_of(config)).subject))
     if not subjects: raise FileNotFoundError(f"{config.cache}: no cache entries (run `edanb preprocess`)")
     if not config.folds: return [split_subjects(subjects, seed=config.seed)]
-    strata = {s: subject_metadata(config.data, s, warn=False)["group"] for s in subjects}   # test/ctrl, where the dataset says
-    folds = kfold_subjects(subjects, config.folds, config.seed, strata)
+    folds = kfold_subjects(subjects, config.folds, config.seed, subject_groups(config.data, subjects))   # stratified by test/ctrl, where the dataset says
     if not config.val_subjects: return folds
     out = []
     for fold in folds:  # validation subjects drawn from the fold's training part (test stays as it is)
@@ -446,7 +445,7 @@ def same_run(saved: dict, config: TrainConfig) -> bool:
     saved = current_names(saved)
     return all(saved.get(k) == v for k, v in asdict(config).items() if k not in RUN_INDEPENDENT)
 
-USED_DATA = ("recordings", "excluded")   # what config.json records beside the configuration (`used_recordings`)
+USED_DATA = ("recordings", "excluded", "groups")   # what config.json records beside the configuration (`used_recordings`)
 
 def saved_config(out: Path) -> dict:
     "A run folder's config.json under today's names (an older run's, too)."
@@ -477,11 +476,13 @@ def retire_run(out: Path) -> Path:
 
 # %% ../nbs/06_train.ipynb #c054
 def used_recordings(config: TrainConfig) -> dict:
-    "What config.json records of the data beside the configuration: the recordings the run may use (its tasks, less the exclusions), and the exclusions."
+    """What config.json records of the data beside the configuration: the recordings the run may use (its tasks, less
+    the exclusions), the exclusions, and each subject's group as the dataset's metadata gave it (the folds' strata)."""
     excluded = exclusions_of(config)
     try: names = usable_recordings(config.cache, config.task_list(), excluded).recording.tolist()
     except DataError: names = []   # no cache: training says so, naming it
-    return dict(recordings=names, excluded=sorted(excluded))
+    subjects = sorted({n.split("_")[0] for n in names}, key=subject_number)
+    return dict(recordings=names, excluded=sorted(excluded), groups=subject_groups(config.data, subjects))
 
 def saved_exclusions(out: Path) -> list[str] | None:
     "What a run folder's config.json says its run left out (None: no run there, or one saved before exclusions were recorded)."

@@ -189,3 +189,29 @@ def test_an_exclusion_is_kept_everywhere_a_run_looks(grouped, tmp_path):
     exclude.write_text("s2\n")                                                   # the file changed after the run
     again = edanb(*base, "--out", tmp_path / "run")
     assert again.returncode == 1 and "holds a run that left out ['s2_T1'], not ['s2']" in again.stderr
+
+
+# --- results by group ---
+
+def test_a_run_scores_each_group_and_the_summary_shows_them(grouped, tmp_path):
+    "metrics.json and config.json record the groups; r and rest vs stress come per group, beside the true-EDA ceiling."
+    from edanb.study import group_answer, group_table, summary_table
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    assert edanb("preprocess", grouped, "--out", cache, "--crop", "none", "--size", "16", "--workers", "1", "--quiet").returncode == 0
+    train = edanb("train", "--data", grouped, "--cache", cache, "--out", results / "naive", "--model", "naive", "--folds", "3",
+                  "--no-progress")
+    assert train.returncode == 0, train.stderr
+    groups = {f"s{n}": subject_group(0, n) for n in range(1, 7)}
+    metrics = json.loads((results / "naive" / "metrics.json").read_text())
+    assert json.loads((results / "naive" / "config.json").read_text())["groups"] == groups == metrics["groups"]
+    r = pd.DataFrame(metrics["by_group"]).query("metric == 'r'").set_index(["group", "model"])
+    assert list(dict.fromkeys(r.index.get_level_values(0))) == ["test", "ctrl"]
+    assert (r.loc[[("test", "elapsed_task"), ("ctrl", "elapsed_task"), ("ctrl", "oracle.json")], "subjects"] == 3).all()
+    per_subject = pd.DataFrame(metrics["per_subject"]).query("model == 'elapsed_task'").set_index("subject").r
+    ctrl = [s for s, g in groups.items() if g == "ctrl"]
+    assert np.isclose(r.loc[("ctrl", "elapsed_task"), "mean"], per_subject[ctrl].mean())
+    table = group_table(results, summary_table(results))
+    assert list(table.group) == ["test", "ctrl"] and list(table.subjects) == [3, 3]
+    assert table.rest_vs_stress.str.startswith("0.50").all()                # naive, a constant: chance in each group
+    assert not (table["true EDA rest_vs_stress"] == "n/a").any() and (results / "summary_groups.csv").exists()
+    assert "scores test (3 subjects) " in group_answer(table) and "; ctrl (3 subjects) " in group_answer(table)
