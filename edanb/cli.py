@@ -16,7 +16,7 @@ from fastcore.docments import docments
 from . import __version__
 from .config import TrainConfig
 from .core import format_fraction, format_p
-from .data import (DURATION_TOLERANCE_S, DataError, DataGap, SplitError, kfold_subjects, recordings_table, save_split, scan,
+from .data import (DURATION_TOLERANCE_S, DataError, DataGap, SplitError, exclude_recordings, kfold_subjects, recordings_table, save_split, scan,
                         split_subjects, subject_number, subjects_table)
 from .preprocess import PreprocessConfig, preprocess_dataset
 from .synth import SynthConfig, generate
@@ -122,9 +122,10 @@ def add_info(sub):
 # %% ../nbs/90_cli.ipynb #c024
 def cmd_split(args) -> int:
     "Write a subject-disjoint split (or k of them) of the valid recordings' subjects as JSON."
-    recordings, problems = scan(args.root)
+    recordings, problems, left_out = exclude_recordings(*scan(args.root), args.exclude)
     for p in problems: print(f"skipped: {p}", file=sys.stderr)
-    subjects = sorted({r.subject for r in recordings})
+    if left_out: print(f"left out {len(left_out)} recording(s) named by {args.exclude}")
+    subjects = sorted({r.subject for r in recordings})   # a subject with any recording left stays
     if args.kfold:
         strata = {r.subject: r.group for r in recordings}   # test/ctrl: every fold gets its share of each
         for i, fold in enumerate(kfold_subjects(subjects, args.kfold, args.seed, strata)):
@@ -142,6 +143,7 @@ def add_split(sub):
     split.add_argument("--out", required=True, help="JSON file to write (a folder of fold*.json with --kfold)")
     split.add_argument("--seed", type=int, default=0, help="shuffling seed (default: %(default)s)")
     split.add_argument("--kfold", type=int, default=0, help="write k folds by subject instead of one split")
+    split.add_argument("--exclude", default="", metavar="FILE", help="leave out the recordings (s40_T3) and subjects (s56) this file names, one per line")
     return split
 
 # %% ../nbs/90_cli.ipynb #c027

@@ -22,8 +22,8 @@ __all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOL
            'read_info_file', 'read_anxiety_file', 'subject_metadata', 'eda_quality', 'load_recording',
            'subject_folders', 'DataGap', 'scan', 'discover', 'recordings_table', 'subjects_table', 'subject_groups',
            'group_order', 'SplitError', 'split_counts', 'check_split', 'split_subjects', 'kfold_subjects', 'save_split',
-           'load_split', 'read_exclusions', 'recording_of', 'is_excluded', 'is_synthetic', 'current_couplings',
-           'synthetic_couplings']
+           'load_split', 'read_exclusions', 'recording_of', 'is_excluded', 'exclude_recordings', 'is_synthetic',
+           'current_couplings', 'synthetic_couplings']
 
 # %% ../nbs/00_data.ipynb #c005
 TASKS = ("T1", "T2", "T3")
@@ -402,6 +402,20 @@ def recording_of(path: str | Path) -> str | None:
 def is_excluded(recording: str, exclusions: frozenset[str]) -> bool:
     "Whether a recording (`s40_T3`) is left out, by its own name or its subject's."
     return recording in exclusions or recording.split("_")[0] in exclusions
+
+def exclude_recordings(recordings: Sequence[Recording],  # from `scan`
+                       problems: Sequence[DataError],    # from `scan`
+                       exclude: str | Path = "",         # an exclusion file (`read_exclusions`); empty: none
+                      ) -> tuple[list[Recording], list[DataError], list[str]]: # kept recordings, kept problems, names left out
+    "Leave out what an exclusion file names (a problem too: a broken recording may be the reason); names the dataset lacks get one warning."
+    left_out = read_exclusions(exclude) if exclude else frozenset()
+    problem_names = [recording_of(p.path) or "" for p in problems]   # "": a problem that belongs to no recording
+    names = [r.name for r in recordings] + problem_names
+    unknown = sorted(left_out - set(names) - {n.split("_")[0] for n in names})
+    if unknown: warnings.warn(f"{exclude}: names {unknown}, which this dataset does not have", stacklevel=3)
+    return ([r for r in recordings if not is_excluded(r.name, left_out)],
+            [p for p, n in zip(problems, problem_names) if not (n and is_excluded(n, left_out))],
+            [n for n in names if n and is_excluded(n, left_out)])
 
 # %% ../nbs/00_data.ipynb #c024
 def is_synthetic(root: str | Path) -> bool:

@@ -13,8 +13,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from .config import EDA_QUALITIES, EDA_SCALINGS, FRAME_SCALINGS, REST_TASK, DatasetConfig
 from .data import PARTS, TASKS, DataError, check_split, eda_quality, is_excluded, load_split, read_exclusions, subject_number
@@ -249,6 +247,7 @@ class ClipAugment:
                  distortion: float = 0.2,       # perspective distortion scale
                  jitter: float = 0.2,           # brightness, contrast and saturation jitter
                  hue: float = 0.02):            # hue jitter
+        from torchvision.transforms import v2   # imported here: torchvision takes ~2 s to import, and only augmentation needs it
         self.p, self.flip = p, flip
         self.transform = v2.Compose([v2.RandomRotation(degrees), v2.RandomPerspective(distortion, p=1.0),
                                      v2.ColorJitter(jitter, jitter, jitter, hue)])
@@ -257,6 +256,8 @@ class ClipAugment:
                  landmarks: torch.Tensor | None = None, # (T, 68, 2), x and y as fractions of the crop, or None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.p <= 0 or torch.rand(()) >= self.p: return frames, landmarks
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
         h, w = frames.shape[-2:]
         video = tv_tensors.Video(frames)
         points = None if landmarks is None else landmarks * torch.tensor([w, h], dtype=landmarks.dtype)

@@ -5,7 +5,6 @@
 # %% ../nbs/02_preprocess.ipynb #c003
 from __future__ import annotations
 import json
-import warnings
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -19,8 +18,8 @@ import scipy.ndimage
 import scipy.signal
 
 from .core import parallel_map, progress_bar, write_atomic
-from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Recording, eda_quality, is_excluded,
-                        load_recording, read_exclusions, recording_of, scan)
+from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Recording, eda_quality, exclude_recordings,
+                        load_recording, scan)
 
 # %% auto #0
 __all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'sample_count', 'frame_indices', 'resample', 'bandpass',
@@ -383,14 +382,8 @@ def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
     for pattern in (".*.tmp-*", ".*.old-*"):  # left by a killed run
         for stale in cache.glob(pattern): shutil.rmtree(stale, ignore_errors=True)
     recordings, problems = scan(root, tolerance_s=config.tolerance_s)
-    left_out = read_exclusions(exclude) if exclude else frozenset()
-    problem_names = [recording_of(p.path) or "" for p in problems]   # "": a problem that belongs to no recording
-    names = [r.name for r in recordings] + problem_names
-    unknown = sorted(left_out - set(names) - {n.split("_")[0] for n in names})
-    if unknown: warnings.warn(f"{exclude}: names {unknown}, which this dataset does not have", stacklevel=2)
-    excluded = [dict(recording=n, status="excluded", error=f"named by {exclude}") for n in names if n and is_excluded(n, left_out)]
-    recordings = [r for r in recordings if not is_excluded(r.name, left_out)]
-    problems = [p for p, n in zip(problems, problem_names) if not (n and is_excluded(n, left_out))]
+    recordings, problems, left_out = exclude_recordings(recordings, problems, exclude)
+    excluded = [dict(recording=n, status="excluded", error=f"named by {exclude}") for n in left_out]
     slow = [r for r in recordings if config.frame_hz > r.fps + 1e-9]
     if slow: raise ValueError(f"--frame-hz {config.frame_hz:g} is above the video frame rate of {len(slow)} recording(s) "
                               f"({slow[0].video}: {slow[0].fps:g} fps)")

@@ -132,6 +132,16 @@ def test_an_exclusion_file_leaves_out_recordings_and_subjects_and_the_run_record
     assert not {"s2_T3", "s5_T1"} & tested and "s2_T1" in tested
 
 
+def test_split_leaves_out_the_excluded_subjects(grouped, tmp_path):
+    "A subject the file names is in no fold; one with a recording left still is; a name the dataset lacks is one warning."
+    exclude = tmp_path / "exclude.txt"; exclude.write_text("s5\ns2_T3\ns99\n")
+    result = edanb("split", grouped, "--out", tmp_path / "folds", "--kfold", "3", "--exclude", exclude)
+    assert result.returncode == 0 and "left out 4 recording(s) named by" in result.stdout, result.stdout + result.stderr
+    assert result.stderr.strip() == f"edanb: warning: {exclude}: names ['s99'], which this dataset does not have"
+    tested = [s for fold in sorted((tmp_path / "folds").glob("fold*.json")) for s in json.loads(fold.read_text())["test"]]
+    assert sorted(tested) == ["s1", "s2", "s3", "s4", "s6"]
+
+
 def test_a_bad_exclusion_file_is_one_line_naming_it(grouped, tmp_path):
     exclude = tmp_path / "exclude.txt"; exclude.write_text("s2_T3\nvid_s3_T1.avi\n")
     result = edanb("preprocess", grouped, "--out", tmp_path / "cache", "--crop", "none", "--workers", "1", "--exclude", exclude)
