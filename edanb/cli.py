@@ -15,7 +15,7 @@ from fastcore.docments import docments
 
 from . import __version__
 from .config import TrainConfig
-from .core import format_fraction, format_p
+from .core import Diverged, format_fraction, format_p
 from .data import (DURATION_TOLERANCE_S, DataError, DataGap, SplitError, exclude_recordings, kfold_subjects, recordings_table, save_split, scan,
                         split_subjects, subject_number, subjects_table)
 from .preprocess import PreprocessConfig, preprocess_dataset
@@ -156,7 +156,7 @@ def cmd_preprocess(args) -> int:
     if len(shown): print_table(shown.fillna("")); print()
     counts = table.status.value_counts()
     others = "".join(f", {counts[s]} {s}" for s in ("gap", "excluded") if s in counts)   # neither is a failure
-    print(f"{int(table.status.isin(['built', 'cached']).sum())} recording(s) cached in {args.out}, {int(failed.sum())} failed{others}")
+    print(f"{int(table.status.isin(['built', 'rebuilt', 'cached']).sum())} recording(s) cached in {args.out}, {int(failed.sum())} failed{others}")
     return 1 if failed.any() else 0
 
 def add_preprocess(sub):
@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning
             return args.run(args)
-    except (DataError, SplitError, FileExistsError, FileNotFoundError, ValueError, ConnectionError) as e:
+    except (DataError, SplitError, FileExistsError, FileNotFoundError, ValueError, ConnectionError, Diverged) as e:
         print(f"edanb {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # Ctrl-C: what finished is kept (runs resume, grids skip done cells)
+        print(f"edanb {args.command}: interrupted", file=sys.stderr)
+        return 130

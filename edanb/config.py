@@ -4,12 +4,15 @@
 
 # %% ../nbs/02a_config.ipynb #c002
 from __future__ import annotations
+import dataclasses
+import inspect
 import json
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['EDA_SCALINGS', 'REST_TASK', 'CENTRING', 'FRAME_SCALINGS', 'EDA_QUALITIES', 'RENAMED', 'ADDED', 'RUN_INDEPENDENT',
-           'DatasetConfig', 'TrainConfig', 'current_names', 'before_provenance', 'comparable']
+__all__ = ['EDA_SCALINGS', 'REST_TASK', 'CENTRING', 'FRAME_SCALINGS', 'EDA_QUALITIES', 'LEAST', 'RENAMED', 'ADDED',
+           'RUN_INDEPENDENT', 'DatasetConfig', 'coerce_numbers', 'check_limits', 'check_model_args', 'TrainConfig',
+           'current_names', 'before_provenance', 'comparable']
 
 # %% ../nbs/02a_config.ipynb #c005
 EDA_SCALINGS = ("recording", "subject", "zscore", "minmax")
@@ -40,6 +43,33 @@ class DatasetConfig:
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
 # %% ../nbs/02a_config.ipynb #c010
+LEAST = dict(window=1, stride=1, batch_size=1, epochs=1, patience=1, folds=0, val_subjects=0, workers=0, grad_clip=0.0,
+             weight_decay=0.0)   # field -> the least value that means something
+
+def coerce_numbers(config) -> None:
+    "Numbers given as text in their field's type: papermill reads its parameters file as YAML, where `1e+20` is a string."
+    for field in dataclasses.fields(config):
+        value, kind = getattr(config, field.name), type(field.default)
+        if kind in (int, float) and isinstance(value, str):
+            try: setattr(config, field.name, kind(value))
+            except ValueError: raise ValueError(f"{field.name} {value!r}: expected {kind.__name__}") from None
+
+def check_limits(config) -> None:
+    "A `ValueError` naming the field for a number out of its range (`LEAST`; lr above 0; augment_p within [0, 1]; folds 0 or 3+)."
+    for name, least in LEAST.items():
+        if getattr(config, name) < least: raise ValueError(f"{name} {getattr(config, name)!r}: must be at least {least}")
+    if not config.lr > 0: raise ValueError(f"lr {config.lr!r}: must be above 0")
+    if not 0 <= config.augment_p <= 1: raise ValueError(f"augment_p {config.augment_p!r}: must be within [0, 1]")
+    if config.folds in (1, 2): raise ValueError(f"folds {config.folds}: 0 (one split) or at least 3")
+
+def check_model_args(model: str, overrides: dict) -> None:
+    "A `ValueError` for a `model_args` key that the model's constructor does not take, listing the ones it does."
+    from edanb.models import MODELS
+    parameters = inspect.signature(MODELS[model]).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()): return
+    unknown = sorted(set(overrides) - set(parameters))
+    if unknown: raise ValueError(f"model_args {unknown}: not arguments of {model} (it takes {sorted(parameters)})")
+
 @dataclass
 class TrainConfig(DatasetConfig):
     "One experiment: data, split, model, optimisation, evaluation. Every field is a papermill parameter and a CLI option."
@@ -84,7 +114,8 @@ class TrainConfig(DatasetConfig):
                              "predict: choose r, clip_r or loss")
         from edanb.models import MODELS   # torch, only when a configuration is made (reading a grid needs none)
         if self.model not in MODELS: raise ValueError(f"unknown model {self.model!r}: registered models are {sorted(MODELS)}")
-        self.overrides()  # a bad JSON string fails here, not after the data is loaded
+        check_model_args(self.model, self.overrides())  # a bad JSON string or argument fails here, not after the data is loaded
+        coerce_numbers(self); check_limits(self)
 
     def overrides(self) -> dict:
         "The model's argument overrides (`model_args`) as a dict."

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['PROVENANCE_CHECKED', 'NOT_IN_RESULTS', 'SIGNAL_ARRAYS', 'temporary_path', 'remove_path', 'replace_path',
            'write_atomic', 'write_json', 'cores', 'dask_client', 'finished', 'in_order', 'parallel_map', 'finite',
-           'format_interval', 'format_p', 'format_fraction', 'pearson', 'interactive', 'progress_bar', 'digest',
-           'package_folder', 'module_fingerprints', 'code_fingerprint', 'git_commit', 'version_of', 'entry_fingerprint',
-           'cache_fingerprint', 'provenance', 'stale_reasons']
+           'format_interval', 'format_p', 'format_fraction', 'pearson', 'interactive', 'progress_bar', 'Diverged',
+           'digest', 'package_folder', 'module_fingerprints', 'code_fingerprint', 'git_commit', 'version_of',
+           'entry_fingerprint', 'cache_fingerprint', 'provenance', 'stale_reasons']
 
 # %% ../nbs/00a_core.ipynb #c005
 def temporary_path(path: Path) -> Path:
@@ -165,6 +165,10 @@ def progress_bar(iterable=None,      # what to iterate over (or None, for a bar 
     "`tqdm.auto.tqdm`, drawn only when asked for and in a terminal or a notebook."
     return tqdm(iterable, disable=not (show and interactive()), **kwargs)
 
+# %% ../nbs/00a_core.ipynb #c033
+class Diverged(RuntimeError):
+    "A fold's training diverged: a loss that is not finite, or past `edanb.train.LOSS_BOUND`."
+
 # %% ../nbs/00a_core.ipynb #c024
 PROVENANCE_CHECKED = ("code", "torch", "cache_key", "dataset")   # what makes two runs' numbers comparable
 
@@ -209,7 +213,8 @@ def entry_fingerprint(folder: Path) -> str:
     "A hash of one cache entry's arrays: the signals whole, and 16 frames spread over the recording (reading all would take long)."
     parts = [(folder / f"{n}.npy").read_bytes() for n in SIGNAL_ARRAYS if (folder / f"{n}.npy").is_file()]
     if (folder / "frames.npy").is_file():
-        frames = np.load(folder / "frames.npy", mmap_mode="r")
+        try: frames = np.load(folder / "frames.npy", mmap_mode="r")
+        except (ValueError, OSError) as e: return digest(*parts, f"unreadable frames: {e}")   # damaged: loading it says which
         parts += [str(frames.shape).encode(), np.ascontiguousarray(frames[np.linspace(0, len(frames) - 1, 16).astype(int)]).tobytes()
                   if len(frames) else b""]
     return digest(*parts)

@@ -23,7 +23,7 @@ __all__ = ['EVAL_COVERAGE', 'OLD_NORMALISER_KEYS', 'MIRROR_68', 'clip_starts', '
            'baseline_recording', 'Normaliser', 'frame_difference', 'recording_mean_frame', 'eda_centre_and_scale',
            'fit_normaliser', 'entry_flags', 'bridge_flagged', 'training_eda', 'cached_eda', 'record_baseline',
            'ClipAugment', 'augment_clip', 'ClipDataset', 'cached_recordings', 'exclusions_of', 'usable_recordings',
-           'split_recordings', 'check_baselines_kept', 'make_datasets']
+           'split_recordings', 'check_baselines_kept', 'check_window', 'make_datasets']
 
 # %% ../nbs/03_dataset.ipynb #c006
 def clip_starts(n: int,                 # samples in the recording
@@ -375,10 +375,11 @@ def cached_recordings(cache: str | Path) -> pd.DataFrame:
     if not cache.is_dir(): raise DataError(cache, "no such cache folder (run `edanb preprocess`)")
     rows = []
     for folder in cache.iterdir():
-        meta = None if folder.name.startswith(".") or not folder.is_dir() else read_meta(folder)
-        if meta is not None:
-            rows.append(dict(recording=meta["recording"], subject=meta["subject"], task=meta["task"],
-                             samples=meta["samples"], size=meta["key"]["config"]["size"], target_hz=meta["target_hz"]))
+        if folder.name.startswith(".") or not folder.is_dir(): continue   # a build in progress, or left by a killed one
+        meta = read_meta(folder)
+        if meta is None: raise DataError(folder, "cache entry without a readable meta.json (damaged): run `edanb preprocess` to rebuild it")
+        rows.append(dict(recording=meta["recording"], subject=meta["subject"], task=meta["task"],
+                         samples=meta["samples"], size=meta["key"]["config"]["size"], target_hz=meta["target_hz"]))
     table = pd.DataFrame(rows, columns=["recording", "subject", "task", "samples", "size", "target_hz"])
     order = sorted(range(len(table)), key=lambda i: (subject_number(table.subject.iat[i]), table.task.iat[i]))
     return table.iloc[order].reset_index(drop=True)
@@ -417,6 +418,13 @@ def check_baselines_kept(parts: dict[str, list[str]], config: DatasetConfig):
             raise DataError(config.exclude, f"excludes {base}, but {config.eda_scaling} scaling centres {name} on it: "
                                             f"exclude the subject ({name.split('_')[0]}) too, or use another --eda-scaling")
 
+def check_window(cache: str | Path, parts: dict[str, list[str]], window: int):
+    "A clip may not be longer than a recording of the split: no training clip would fit, and evaluation clips would be padding."
+    samples = cached_recordings(cache).set_index("recording").samples
+    used = samples[[n for names in parts.values() for n in names]]
+    if len(used) and window > used.min():
+        raise ValueError(f"window {window}: longer than recording {used.idxmin()} ({used.min()} samples in {cache}): choose a shorter --window")
+
 def make_datasets(cache: str | Path,                       # cache folder written by `edanb preprocess`
                   split: dict[str, Sequence[str]] | str | Path, # split dict, or a split file (`edanb split`)
                   config: DatasetConfig | None = None,
@@ -426,6 +434,7 @@ def make_datasets(cache: str | Path,                       # cache folder writte
     split = load_split(split) if isinstance(split, (str, Path)) else split
     parts = split_recordings(cache, split, config.task_list(), exclusions_of(config))
     check_baselines_kept(parts, config)
+    check_window(cache, parts, config.window)
     def entry(name: str) -> dict:
         cached = load_cached(cache, name)
         return {**cached, "eda": training_eda(cached, config.eda_quality, Path(cache) / name)[0]}

@@ -26,9 +26,10 @@ from .core import cores, dask_client, parallel_map, progress_bar, provenance, st
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'WORKER_CELLS', 'GridError', 'train_defaults', 'typed_value', 'typed_block',
-           'Cell', 'slug', 'expand', 'named_cells', 'parse_overrides', 'grid_cells', 'load_grid', 'notebook_error',
-           'stale_cell', 'cell_status', 'run_cell', 'terminate_cells', 'worker_threads', 'run_cell_on_worker',
-           'stop_dask_cells', 'failed_cell', 'sigterm_as_interrupt', 'cell_jobs', 'run_cells', 'run_grid']
+           'Cell', 'slug', 'expand', 'named_cells', 'parse_overrides', 'grid_cells', 'UniqueKeyLoader', 'load_grid',
+           'notebook_error', 'stale_cell', 'cell_status', 'run_cell', 'terminate_cells', 'worker_threads',
+           'run_cell_on_worker', 'stop_dask_cells', 'failed_cell', 'sigterm_as_interrupt', 'cell_jobs', 'run_cells',
+           'run_grid']
 
 # %% ../nbs/07_experiment.ipynb #c005
 EXPERIMENTS = Path(importlib.util.find_spec("edanb").origin).resolve().parent.parent / "experiments"
@@ -46,6 +47,10 @@ def train_defaults() -> dict:
 def typed_value(key: str, value, default, source) -> object:
     "A parameter given as text (`--set`, or YAML's `1e-3`, which PyYAML reads as a string) in its field's type."
     kind = type(default)
+    if kind in (int, float) and not isinstance(value, str):   # YAML gave a number (or something else) for a number field
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+            raise GridError(source, f"{key}: expected {kind.__name__}, got {value!r}")
+        return int(value) if kind is int else value
     if not isinstance(value, str) or kind is str: return value
     if kind is bool and value.strip().lower() in ("true", "false"): return value.strip().lower() == "true"
     if kind is not bool:
@@ -115,7 +120,19 @@ def grid_cells(grid: dict,               # parsed grid file: {'base': {...}, 'gr
     base = typed_block(grid.get("base") or {}, defaults, source)
     blocks = [typed_block(b, defaults, source) for b in blocks]
     params = expand(base, blocks, typed_block(overrides or {}, defaults, "--set"))
+    if not params: raise GridError(source, "its 'grid' holds no cell")
     return named_cells(params, list(dict.fromkeys(k for block in blocks for k in block)), defaults, source)
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    "PyYAML's safe loader, refusing a key repeated in one mapping (PyYAML keeps the last one, and a grid cell is lost)."
+
+def _unique_mapping(loader: UniqueKeyLoader, node, deep: bool = False) -> dict:
+    keys = [loader.construct_object(key, deep=deep) for key, _ in node.value]
+    repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+    if repeated: raise yaml.constructor.ConstructorError(None, None, f"key {repeated[0]!r} repeated in one mapping", node.start_mark)
+    return loader.construct_mapping(node, deep)
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 def load_grid(path: str | Path,              # grid file (YAML)
               overrides: dict | None = None, # parameters set in every cell, over the file's own
@@ -123,8 +140,8 @@ def load_grid(path: str | Path,              # grid file (YAML)
     "Read a YAML grid file into its cells."
     path = Path(path)
     if not path.is_file(): raise GridError(path, "no such grid file")
-    try: grid = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e: raise GridError(path, f"not YAML ({e})") from None
+    try: grid = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+    except yaml.YAMLError as e: raise GridError(path, f"not YAML ({' '.join(str(e).split())})") from None   # one line
     return grid_cells(grid, path, overrides)
 
 # %% ../nbs/07_experiment.ipynb #c011

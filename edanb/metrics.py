@@ -489,16 +489,19 @@ def reference_predictions(datasets: dict,          # a fold's train / val / test
 def _records(table: pd.DataFrame) -> list[dict]:
     return json.loads(table.to_json(orient="records", double_precision=15))
 
-def oracle_ceiling(data: str | Path) -> pd.Series | None:
+def oracle_ceiling(data: str | Path,                  # the dataset folder
+                   recordings: Sequence[str] | None = None, # only these recordings (a run's: its tasks, less its exclusions)
+                  ) -> pd.Series | None:
     "The synthetic dataset's per-recording ceiling r (`ground_truth/oracle.json`), averaged per subject; None where there is none."
     path = Path(data) / "ground_truth" / "oracle.json"
     if not path.is_file(): return None
     per_recording = pd.Series({k: v["r"] for k, v in json.loads(path.read_text())["recordings"].items()})
+    if recordings is not None: per_recording = per_recording[per_recording.index.isin(list(recordings))]
     return per_recording.groupby(per_recording.index.str.split("_").str[0]).mean()
 
-def ceiling_table(subjects: pd.DataFrame, data: str | Path) -> pd.DataFrame | None:
-    "Each model's mean per-subject r as a fraction of the synthetic dataset's per-recording ceiling (`oracle.json`, same subjects)."
-    ceiling = oracle_ceiling(data)
+def ceiling_table(subjects: pd.DataFrame, data: str | Path, recordings: Sequence[str] | None = None) -> pd.DataFrame | None:
+    "Each model's mean per-subject r as a fraction of the synthetic dataset's per-recording ceiling (`oracle.json`, same subjects and recordings)."
+    ceiling = oracle_ceiling(data, recordings)
     if ceiling is None: return None
     wide = subjects.pivot(index="subject", columns="model", values="r")
     ceiling = ceiling.reindex(wide.index)
@@ -536,10 +539,12 @@ def run_metrics(samples: pd.DataFrame,  # pooled test predictions of a run (pred
                                           n_boot=n_boot)),
                tests=_records(pd.concat(tests, ignore_index=True)) if tests else [])
     if "oracle" in models: out["oracle_fraction"] = _records(oracle_fraction(subjects))
-    ceiling = ceiling_table(subjects, data) if data else None
+    recordings = sorted(set(samples.recording))
+    ceiling = ceiling_table(subjects, data, recordings) if data else None
     if ceiling is not None: out["ceiling_fraction"] = _records(ceiling)
-    groups = subject_groups(data, sorted(set(samples.subject))) if data else {}
-    if groups: out |= dict(groups=groups, by_group=_records(group_summary(subjects, groups, data, n_boot)))
+    known = subject_groups(data, sorted(set(samples.subject))) if data else {}
+    groups = {s: known.get(s, "unknown") for s in sorted(set(samples.subject))} if known else {}   # no subject left out unsaid
+    if groups: out |= dict(groups=groups, by_group=_records(group_summary(subjects, groups, data, n_boot, recordings)))
     return out
 
 GROUP_METRICS = ("r", "r_lag", "clip_r", "ccc", "mse")
@@ -548,9 +553,10 @@ def group_summary(subjects: pd.DataFrame,  # metrics_table(..., 'subject') with 
                   groups: dict[str, str],  # subject -> group (test/ctrl)
                   data: str | Path = "",   # the dataset folder: its oracle.json ceiling joins as model 'oracle.json'
                   n_boot: int = 2000,
+                  recordings: Sequence[str] | None = None, # the run's recordings, to which the ceiling is restricted
                  ) -> pd.DataFrame:        # one row per (group, model, metric): mean over the group's subjects, 95% interval
-    "Every model's per-subject metrics summarised within each group, and on synthetic data the ceiling r of the same subjects."
-    ceiling = oracle_ceiling(data) if data else None
+    "Every model's per-subject metrics summarised within each group, and on synthetic data the ceiling r of the same subjects and recordings."
+    ceiling = oracle_ceiling(data, recordings) if data else None
     if ceiling is not None:
         ceiling = ceiling.reindex(subjects.subject.unique())
         subjects = pd.concat([subjects, pd.DataFrame(dict(model="oracle.json", subject=ceiling.index, r=ceiling.values))])

@@ -22,10 +22,11 @@ from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Rec
                         load_recording, scan)
 
 # %% auto #0
-__all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'sample_count', 'frame_indices', 'resample', 'bandpass',
-           'pulse_frequency', 'heart_rate', 'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'detect_face',
-           'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'source_stamp', 'cache_key',
-           'read_meta', 'write_entry', 'preprocess_recording', 'load_cached', 'preprocess_job', 'preprocess_dataset']
+__all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'ARRAY_KINDS', 'sample_count', 'frame_indices', 'resample',
+           'bandpass', 'pulse_frequency', 'heart_rate', 'FrameReader', 'PreprocessConfig', 'quiet_face_recognition',
+           'detect_face', 'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'source_stamp',
+           'cache_key', 'read_meta', 'write_entry', 'preprocess_recording', 'array_header', 'array_problem',
+           'entry_problems', 'load_cached', 'preprocess_job', 'preprocess_dataset']
 
 # %% ../nbs/02_preprocess.ipynb #c006
 def sample_count(rec: Recording, target_hz: float = EDA_HZ) -> int:
@@ -336,20 +337,52 @@ def preprocess_recording(rec: Recording,            # a validated recording (`ed
     config = config or PreprocessConfig()
     final, key = Path(cache) / rec.name, cache_key(rec, config)
     meta = read_meta(final)
-    if meta is not None and meta["key"] == key: return {**meta, "status": "cached"}
+    damage = entry_problems(final, meta) if meta is not None and meta["key"] == key else []
+    if meta is not None and meta["key"] == key and not damage: return {**meta, "status": "cached"}
     n = sample_count(rec, config.target_hz)
     if n == 0: raise DataError(rec.video, "no sample of the EDA clock falls inside the video")
     if config.frame_hz > rec.fps + 1e-9: raise DataError(rec.video, f"--frame-hz {config.frame_hz:g} is above the video's frame rate ({rec.fps:g} fps)")
     built = {}
     write_atomic(final, lambda folder: built.update(write_entry(folder, rec, config, n, key, progress)))
-    return {**built, "status": "built"}
+    return {**built, "status": "rebuilt", "damage": "; ".join(damage)} if damage else {**built, "status": "built"}
 
 # %% ../nbs/02_preprocess.ipynb #c025
+ARRAY_KINDS = {"frames": ("uint8", "frames"), "eda": ("float32", "samples"), "eda_flagged": ("bool", "samples"),
+               "bvp": ("float32", "samples"), "hr": ("float32", "samples"), "t": ("float64", "samples"),
+               "frame_index": ("integer", "frames"), "boxes": ("int32", "frames"), "landmarks": ("float32", "frames")}
+# name -> (dtype, rows: one per EDA-clock sample or one per cached frame); landmarks only in a --landmarks cache
+
+def array_header(path: Path) -> tuple[tuple, np.dtype, int]:
+    "Shape, dtype and full file size in bytes of a `.npy` file, from its header alone."
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        return shape, dtype, f.tell() + int(np.prod(shape)) * dtype.itemsize
+
+def array_problem(path: Path, dtype: str, rows: int) -> str | None:
+    "What is wrong with one cached array (missing, unreadable, another dtype or length, truncated); None when it is sound."
+    if not path.is_file(): return f"{path.name} is missing"
+    try: shape, found, size = array_header(path)
+    except (ValueError, OSError, EOFError) as e: return f"{path.name} is not a NumPy array ({e})"
+    if not (np.issubdtype(found, np.integer) if dtype == "integer" else found == np.dtype(dtype)): return f"{path.name} holds {found}, not {dtype}"
+    if not shape or shape[0] != rows: return f"{path.name} has shape {shape}, not {rows} rows"
+    if path.stat().st_size < size: return f"{path.name} is truncated ({path.stat().st_size} of {size} bytes)"
+    return None
+
+def entry_problems(folder: Path, meta: dict) -> list[str]:
+    "What is wrong with a cache entry's arrays against its meta.json (`ARRAY_KINDS`); empty when the entry is sound."
+    rows = {"samples": meta["samples"], "frames": meta["samples"] * meta.get("frames_per_sample", 1)}
+    names = [n for n in ARRAY_KINDS if n != "landmarks" or meta["key"]["config"].get("landmarks")]
+    return [p for n in names if (p := array_problem(folder / f"{n}.npy", ARRAY_KINDS[n][0], rows[ARRAY_KINDS[n][1]]))]
+
 def load_cached(cache: str | Path, name: str) -> dict:
-    "A cache entry as arrays (frames memory-mapped, nothing else large) plus its `meta`."
+    "A cache entry as arrays (frames memory-mapped, nothing else large) plus its `meta`; a damaged entry is a `DataError` naming it."
     folder = Path(cache) / name
     meta = read_meta(folder)
-    if meta is None: raise DataError(folder, "no complete cache entry (run `edanb preprocess`)")
+    if meta is None: raise DataError(folder, "no complete cache entry: meta.json is missing or unreadable (run `edanb preprocess` to rebuild it)")
+    damage = entry_problems(folder, meta)
+    if damage: raise DataError(folder, f"damaged cache entry ({'; '.join(damage)}): run `edanb preprocess` with --out {Path(cache)} to rebuild it")
     arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r" if n == "frames" else None)
               for n in ARRAYS if (folder / f"{n}.npy").exists()}
     return {**arrays, "meta": meta}
@@ -361,7 +394,7 @@ def preprocess_job(rec: Recording, cache: str, config: PreprocessConfig, progres
     try:
         meta = preprocess_recording(rec, cache, config, progress)
         row = dict(recording=rec.name, status=meta["status"], samples=meta["samples"], face_rate=meta["face_rate"],
-                   fallback=meta["fallback"], error="")
+                   fallback=meta["fallback"], error=f"damaged ({meta['damage']}): rebuilt" if meta.get("damage") else "")
     except Exception as e:  # reported per recording; the run goes on
         row = dict(recording=rec.name, status="failed", error=str(e) if isinstance(e, DataError)
                    else f"{type(e).__name__}: {e}")

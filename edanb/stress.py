@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from scipy.signal import find_peaks
 
+from .data import group_order
+
 # %% auto #0
 __all__ = ['STRESS_TASKS', 'level_free_features', 'recording_features', 'rest_vs_stress', 'balanced_accuracy', 'permutation_ps',
            'permutation_p', 'bootstrap_balanced_accuracy', 'group_masks', 'stress_detection', 'pooled_stress']
@@ -53,8 +55,9 @@ def _loso_fits(x: np.ndarray,        # (recordings, features)
         z = (x - mu) / np.where(sd > 0, sd, 1.0)
         stress_in, rest_in = labels & train, ~labels & train                 # (labellings, recordings)
         n_stress, n_rest = stress_in.sum(1), rest_in.sum(1)
+        fitting = np.where(train[:, None], z, 0.0)   # the held-out rows out of the sums, NaN or inf included (0 * nan is nan)
         with np.errstate(invalid="ignore", divide="ignore"):
-            stress_c, rest_c = (stress_in @ z) / n_stress[:, None], (rest_in @ z) / n_rest[:, None]
+            stress_c, rest_c = (stress_in @ fitting) / n_stress[:, None], (rest_in @ fitting) / n_rest[:, None]
         d_rest = np.linalg.norm(z[test][None] - rest_c[:, None], axis=2)      # (labellings, test recordings)
         d_stress = np.linalg.norm(z[test][None] - stress_c[:, None], axis=2)
         one_class = (n_stress == 0) | (n_rest == 0)                          # the fitting subjects hold one class only
@@ -137,8 +140,7 @@ def group_masks(features: pd.DataFrame,               # recording_features (a 's
                ) -> dict[str, np.ndarray]:             # 'all', then each group present, -> its recordings
     "Which recordings each balanced accuracy is over: all of them, and each group's (subjects without a group are in 'all' only)."
     of = features.subject.map(groups or {}).to_numpy()
-    present = [g for g in dict.fromkeys(sorted(filter(None, (groups or {}).values()), key=lambda g: (g != "test", g))) if (of == g).any()]
-    return {"all": np.ones(len(features), bool)} | {g: of == g for g in present}
+    return {"all": np.ones(len(features), bool)} | {g: of == g for g in group_order((groups or {}).values()) if (of == g).any()}
 
 def stress_detection(samples: pd.DataFrame, # predictions.parquet of a run (every model it holds)
                      n_boot: int = 2000, n_perm: int = 1000, seed: int = 0,

@@ -429,9 +429,11 @@ def run_groups(results: Path, run: str) -> dict[str, str]:
 
 def run_stress(results: Path, run: str) -> pd.DataFrame:
     "Rest-vs-stress detection of every model of a run, over all recordings and per group (kept in the run's folder once computed)."
-    kept = results / run / "stress_detection.csv"
-    if kept.exists(): return pd.read_csv(kept)
-    return stress_detection(pd.read_parquet(results / run / "predictions.parquet"), groups=run_groups(results, run))
+    kept, groups = results / run / "stress_detection.csv", run_groups(results, run)
+    if kept.exists():
+        table = pd.read_csv(kept)
+        if "group" in table or not groups: return table   # else: saved before groups were scored: made again below
+    return stress_detection(pd.read_parquet(results / run / "predictions.parquet"), groups=groups)
 
 def summary_table(results: str | Path) -> pd.DataFrame:
     "The study's table with the rest-vs-stress accuracy of each run's model; also written as `summary.csv`."
@@ -447,8 +449,9 @@ def _interval_of(row: pd.Series | None, mean: str = "mean", digits: int = 3) -> 
     return "n/a" if row is None else format_interval(row[mean], row.ci_low, row.ci_high, digits=digits)
 
 def group_rows(results: Path, run: str, model: str) -> list[dict]:
-    """One run's figures within each group (test, ctrl): its model's per-subject r and rest-vs-stress accuracy, beside the
-    ceilings of the same subjects (the classifier on the true EDA; on synthetic data the oracle.json r)."""
+    """One run's figures within each group (test, ctrl; 'unknown': subjects whose metadata names none): its model's
+    per-subject r and rest-vs-stress accuracy, beside references for the same subjects: the classifier on the true EDA
+    (not a bound: a model that reads the pulse may score above it) and, on synthetic data, the oracle.json r (a ceiling)."""
     metrics = json.loads((results / run / "metrics.json").read_text())
     by, members = pd.DataFrame(metrics.get("by_group", [])), pd.Series(metrics.get("groups", {}), dtype=object)
     if by.empty: return []
@@ -476,15 +479,18 @@ def group_table(results: str | Path,   # results folder of `edanb run`
     out.to_csv(results / "summary_groups.csv", index=False)
     return out
 
-def group_answer(groups: pd.DataFrame) -> str:   # group_table(...)
-    "One Markdown sentence: the ceilings and the best run's figures in each group, or why there are none."
+def group_answer(groups: pd.DataFrame,   # group_table(...)
+                 best: str,              # the run the study's table puts first (`summary_table(...).run.iat[0]`)
+                ) -> str:
+    "One Markdown sentence: the true-EDA reference and the best run's figures in each group, or why there are none."
     if groups.empty: return "**By group**: not answered: the runs' data name no group (UBFC-Phys: `info_sN.txt`, line 3)."
-    best = groups[groups.run == groups.run.iat[0]].set_index("group")
-    ceilings = "; ".join(f"{g} ({row.subjects} subjects) {row['true EDA rest_vs_stress']}" for g, row in best.iterrows())
-    figures = "; ".join(f"{g}: r {row.r}, rest vs stress {row.rest_vs_stress}" for g, row in best.iterrows())
-    return (f"**By group**: on the true EDA, the rest-vs-stress classifier scores {ceilings} (the ceiling; UBFC-Phys's ctrl "
-            f"group does milder speech and arithmetic tasks). The best run, {best.run.iat[0]} ({best.model.iat[0]}), scores "
-            f"{figures}. Descriptive only: the groups hold different subjects, so no paired test compares them.")
+    if best not in set(groups.run): return f"**By group**: not answered for the best run, {best}: it was made before groups were scored (make it again)."
+    rows = groups[groups.run == best].set_index("group")
+    reference = "; ".join(f"{g} ({row.subjects} subjects) {row['true EDA rest_vs_stress']}" for g, row in rows.iterrows())
+    figures = "; ".join(f"{g}: r {row.r}, rest vs stress {row.rest_vs_stress}" for g, row in rows.iterrows())
+    return (f"**By group**: on the true EDA, the rest-vs-stress classifier scores {reference} (UBFC-Phys's ctrl group does "
+            f"milder speech and arithmetic tasks). The best run, {best} ({rows.model.iat[0]}), scores {figures}. Descriptive "
+            "only: the groups hold different subjects, so no paired test compares them.")
 
 def run_summary(results: str | Path,               # results folder of `edanb run`
                 notebook: str | Path | None = None, # default experiments/summary.ipynb

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .config import CENTRING, RUN_INDEPENDENT, DatasetConfig, TrainConfig, before_provenance, current_names
-from .core import progress_bar, provenance, remove_path, stale_reasons, write_atomic, write_json
+from .core import Diverged, progress_bar, provenance, remove_path, stale_reasons, write_atomic, write_json
 from .data import DataError, kfold_subjects, load_split, save_split, split_subjects, subject_groups, subject_number
 from .dataset import (ClipDataset, Normaliser, augment_clip, cached_recordings, exclusions_of, frame_difference, usable_recordings,
                            make_datasets, reflect_index)
@@ -29,13 +29,13 @@ from .metrics import make_loss, metrics_table, predictions_table, reference_pred
 from .models import MODELS, OnEdaClock, create_model
 
 # %% auto #0
-__all__ = ['USED_DATA', 'RUN_OUTPUTS', 'make_splits', 'seed_everything', 'rng_state', 'set_rng_state', 'resolve_device',
-           'distributed', 'fold_device', 'end_distributed', 'to_device', 'autocast', 'predict', 'score',
-           'selection_value', 'clean_clips', 'clip_targets', 'ResidentClips', 'shuffled_order', 'ResidentBatches',
-           'make_optimiser', 'train_epoch', 'dataset_config', 'build_model', 'model_and_data', 'EarlyStopping',
-           'Training', 'Fold', 'start_fold', 'resume', 'epoch_loader', 'validate', 'run_epoch', 'save_epoch',
-           'epoch_line', 'test_fold', 'fit_fold', 'same_run', 'saved_config', 'stale_run', 'run_provenance',
-           'retire_run', 'used_recordings', 'saved_exclusions', 'open_run', 'fit']
+__all__ = ['LOSS_BOUND', 'USED_DATA', 'RUN_OUTPUTS', 'make_splits', 'seed_everything', 'rng_state', 'set_rng_state',
+           'resolve_device', 'distributed', 'fold_device', 'end_distributed', 'to_device', 'autocast', 'predict',
+           'score', 'selection_value', 'clean_clips', 'clip_targets', 'ResidentClips', 'shuffled_order',
+           'ResidentBatches', 'make_optimiser', 'train_epoch', 'dataset_config', 'build_model', 'model_and_data',
+           'EarlyStopping', 'Training', 'Fold', 'start_fold', 'resume', 'epoch_loader', 'validate', 'check_divergence',
+           'run_epoch', 'save_epoch', 'epoch_line', 'test_fold', 'fit_fold', 'same_run', 'saved_config', 'stale_run',
+           'run_provenance', 'retire_run', 'used_recordings', 'saved_exclusions', 'open_run', 'fit']
 
 # %% ../nbs/06_train.ipynb #c007
 def make_splits(config: TrainConfig) -> list[dict[str, list[str]]]:
@@ -73,7 +73,11 @@ def set_rng_state(state: dict):
 # %% ../nbs/06_train.ipynb #c057
 def resolve_device(name: str) -> torch.device:
     if name == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try: device = torch.device(name)
+    except RuntimeError as e: raise ValueError(f"device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA GPU is available here: use --device cpu (or auto)")
+    return device
 
 def distributed() -> tuple[int, int]:
     "(rank, world size): under `torchrun` the process group is started on first call; (0, 1) otherwise."
@@ -379,19 +383,34 @@ def validate(fold: Fold) -> tuple[dict, float]:
     clean = torch.from_numpy(clean_clips(val))        # the loss, like every metric, reads no flagged EDA sample
     if not clean.any(): clean[:] = True
     row = dict(val_loss=float(fold.training.loss_fn(torch.from_numpy(preds)[clean], fold.val_targets[clean])))
+    if not np.isfinite(preds).all(): return row | {f"val_{m}": float("nan") for m in ("r", "clip_r", "ccc", "mse")}, -np.inf  # diverged
     recordings = metrics_table(score(val, preds, fold.normaliser, fold.config))   # per validation recording
     row |= {f"val_{m}": float(recordings[m].mean()) for m in ("r", "clip_r", "ccc", "mse")}
     return row, selection_value(recordings, row["val_loss"], fold.config.select)
+
+LOSS_BOUND = 1e6   # a loss on scaled EDA past this has diverged (a working run's losses are near 1 or below)
+
+def check_divergence(row: dict, fold: Fold):
+    "Raise `Diverged`, naming the fold's folder and the epoch, when its training or validation loss is not finite or past `LOSS_BOUND`."
+    bad = {k: row[k] for k in ("train_loss", "val_loss") if k in row and not abs(row[k]) <= LOSS_BOUND}   # NaN fails the comparison
+    flag = torch.tensor(float(bool(bad)))
+    if distributed()[1] > 1: dist.all_reduce(flag, op=dist.ReduceOp.MAX)   # every process stops together
+    if not flag: return
+    what = ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in bad.items()) or "on another process"
+    raise Diverged(f"{fold.folder}: training diverged in epoch {row['epoch']} ({what}): lower --lr (now {fold.config.lr:g}) "
+                   f"or clip the gradients (--grad-clip, now {fold.config.grad_clip:g})")
 
 def run_epoch(fold: Fold, stopping: EarlyStopping) -> tuple[dict, bool]:
     "Train one epoch, validate, step the scheduler and early stopping: the epoch's row of history.csv, and if it is the best."
     epoch, start, training = stopping.epoch, time.perf_counter(), fold.training
     row = dict(epoch=epoch, **train_epoch(training.net, epoch_loader(fold, epoch), training.optimiser, training.loss_fn,
                                           fold.config, fold.device, training.scaler, f"fold {fold.number} epoch {epoch}"))
+    check_divergence(row, fold)   # the training loss, before validating weights it may have ruined
     if distributed()[1] > 1:  # every rank evaluates with rank 0's BatchNorm statistics
         for buffer in training.model.buffers(): dist.broadcast(buffer, 0)
     metrics, value = validate(fold)
     row |= metrics | dict(lr=training.optimiser.param_groups[0]["lr"], seconds=time.perf_counter() - start)
+    check_divergence(row, fold)   # before the epoch can be saved, or marked best
     training.step_scheduler(value, fold.config.scheduler)
     return row, stopping.update(value, fold.config.patience)
 
@@ -519,10 +538,14 @@ def fit(config: TrainConfig,                                      # the experime
     finished, out, rank = open_run(config), Path(config.out), distributed()[0]
     if finished is not None: return finished
     parts = []
+    if rank == 0: (out / "diverged.json").unlink(missing_ok=True)   # a record of an earlier attempt
     for fold, split in enumerate(make_splits(config)):
         done = out / f"fold{fold}" / "predictions.parquet"
         if done.exists(): parts.append(pd.read_parquet(done)); continue   # a finished fold of an interrupted run
-        samples = fit_fold(config, split, out / f"fold{fold}", fold, on_epoch)
+        try: samples = fit_fold(config, split, out / f"fold{fold}", fold, on_epoch)
+        except Diverged as e:   # the run folder says so; no metrics are written
+            if rank == 0: write_json(out / "diverged.json", dict(fold=fold, reason=str(e)))
+            raise
         if rank == 0: write_atomic(done, lambda p: samples.to_parquet(p, index=False))
         parts.append(samples)
     samples = pd.concat(parts, ignore_index=True)

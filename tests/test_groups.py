@@ -220,8 +220,10 @@ def test_a_run_scores_each_group_and_the_summary_shows_them(grouped, tmp_path):
     per_subject = pd.DataFrame(metrics["per_subject"]).query("model == 'elapsed_task'").set_index("subject").r
     ctrl = [s for s, g in groups.items() if g == "ctrl"]
     assert np.isclose(r.loc[("ctrl", "elapsed_task"), "mean"], per_subject[ctrl].mean())
-    table = group_table(results, summary_table(results))
+    summary = summary_table(results)
+    table = group_table(results, summary)
     assert list(table.group) == ["test", "ctrl"] and list(table.subjects) == [3, 3]
     assert table.rest_vs_stress.str.startswith("0.50").all()                # naive, a constant: chance in each group
     assert not (table["true EDA rest_vs_stress"] == "n/a").any() and (results / "summary_groups.csv").exists()
-    assert "scores test (3 subjects) " in group_answer(table) and "; ctrl (3 subjects) " in group_answer(table)
+    answer = group_answer(table, summary.run.iat[0])
+    assert "scores test (3 subjects) " in answer and "; ctrl (3 subjects) " in answer, answer

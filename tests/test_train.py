@@ -152,7 +152,10 @@ def test_train_command_fails_at_once_with_one_clear_line(small, tmp_path, capsys
 
 def test_train_command_names_a_cache_without_the_model_inputs(small, tmp_path, capsys):
     cache = Path(shutil.copytree(small["cache"], tmp_path / "cache"))
-    for path in cache.glob("*/landmarks.npy"): path.unlink()
+    for path in cache.glob("*/landmarks.npy"):   # a cache built without --landmarks
+        path.unlink()
+        meta = json.loads((path.parent / "meta.json").read_text()); meta["key"]["config"]["landmarks"] = False
+        (path.parent / "meta.json").write_text(json.dumps(meta))
     assert main(["train", "--data", small["data"], "--cache", str(cache), "--out", str(tmp_path / "run"),
                  "--model", "landmarks", "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

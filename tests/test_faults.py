@@ -1,0 +1,135 @@
+"Faults a hostile but fair user meets: a damaged cache, training that diverges. Each is one line that names the culprit, and no wrong result."
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from edanb.cli import main
+from edanb.experiment import run_grid
+
+
+# --- a damaged cache: refused by training, rebuilt by preprocess ---
+
+def _drop(path: Path): path.unlink()
+def _truncate(path: Path): path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+def _as(dtype):
+    def change(path: Path):
+        array = np.load(path)
+        np.save(path, (array / 255.0).astype(dtype) if array.dtype == np.uint8 else array.astype(dtype))
+    return change
+
+DAMAGES = {   # id -> (file in the entry, what is done to it, words the message must hold)
+    "meta missing": ("meta.json", _drop, "meta.json"),
+    "meta truncated": ("meta.json", _truncate, "meta.json"),
+    "array missing": ("hr.npy", _drop, "hr.npy is missing"),
+    "array truncated": ("frames.npy", _truncate, "frames.npy is truncated"),
+    "frames as float64": ("frames.npy", _as(np.float64), "frames.npy holds float64, not uint8"),
+    "eda as int16": ("eda.npy", _as(np.int16), "eda.npy holds int16, not float32"),
+}
+
+
+@pytest.fixture
+def damaged(small, tmp_path, request) -> dict:
+    "A copy of the small cache with one entry damaged as `DAMAGES[request.param]` says."
+    cache = Path(shutil.copytree(small["cache"], tmp_path / "cache"))
+    name, damage, words = DAMAGES[request.param]
+    damage(cache / "s2_T2" / name)
+    return dict(data=small["data"], cache=cache, entry=cache / "s2_T2", words=words)
+
+
+@pytest.mark.parametrize("damaged", list(DAMAGES), indirect=True)
+def test_training_refuses_a_damaged_entry_in_one_line_naming_it(damaged, tmp_path, capsys):
+    code = main(["train", "--data", damaged["data"], "--cache", str(damaged["cache"]), "--out", str(tmp_path / "run"),
+                 "--model", "naive", "--folds", "3", "--window", "16", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert str(damaged["entry"]) in err[0] and damaged["words"] in err[0] and "edanb preprocess" in err[0], err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("damaged", list(DAMAGES), indirect=True)
+def test_preprocess_rebuilds_a_damaged_entry_and_training_then_works(damaged, tmp_path, capsys):
+    args = ["preprocess", damaged["data"], "--out", str(damaged["cache"]), "--size", "32", "--landmarks", "--workers", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.strip().startswith("s2_T2"))
+    assert " built " in row or (" rebuilt " in row and damaged["words"] in row), row
+    assert all(" cached " in line for line in out.splitlines() if line.strip().startswith(("s1_T1", "s3_T2")))
+    assert main(["train", "--data", damaged["data"], "--cache", str(damaged["cache"]), "--out", str(tmp_path / "run"),
+                 "--model", "naive", "--folds", "3", "--window", "16", "--no-progress"]) == 0
+
+
+# --- training that diverges ---
+
+@pytest.mark.parametrize("lr", [1e20, 1e6])   # the loss becomes NaN / explodes past any working run's
+def test_a_diverging_run_stops_in_one_line_and_writes_no_metrics(small, tmp_path, capsys, lr):
+    "No epoch after the divergence is saved or marked best; the run folder says why; no metrics as if the run were fine."
+    out = tmp_path / "run"
+    code = main(["train", "--data", small["data"], "--cache", small["cache"], "--out", str(out), "--model", "landmarks",
+                 "--lr", str(lr), "--grad-clip", "0", "--epochs", "3", "--folds", "3", "--window", "16", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and f"{out / 'fold0'}: training diverged in epoch 0 (" in err[0], err
+    assert "lower --lr" in err[0] and "--grad-clip, now 0" in err[0]
+    assert not (out / "metrics.json").exists() and not (out / "predictions.parquet").exists()
+    assert not (out / "fold0" / "best.pt").exists() and not (out / "fold0" / "history.csv").exists()
+    assert json.loads((out / "diverged.json").read_text()) == dict(fold=0, reason=err[0].split("error: ", 1)[1])
+
+
+def test_a_diverging_cell_fails_with_its_reason_and_the_grid_goes_on(small, tmp_path):
+    base = {**small, "model": "landmarks", "folds": 3, "epochs": 1, "window": 16, "stride": 4, "batch_size": 8, "grad_clip": 0.0}
+    grid = tmp_path / "grid.yaml"; grid.write_text(yaml.safe_dump(dict(base=base, grid=dict(lr=[3e-3, 1e20]))))
+    table = run_grid(grid, tmp_path / "results", jobs=2, progress=False).set_index("cell")
+    diverged = table[table.status == "failed"]
+    assert list(table.status.sort_values()) == ["done", "failed"] and len(diverged) == 1
+    assert diverged.reason.iat[0].startswith("Diverged: ") and "training diverged in epoch 0" in diverged.reason.iat[0]
+    assert not (tmp_path / "results" / diverged.index[0] / "metrics.json").exists()
+
+
+# --- every user error one line, no traceback ---
+
+TRAIN_ERRORS = [   # options after `edanb train --data --cache --out`, the words of its one line
+    (["--model", "seqcnn", "--model-args", '{"nosuch": 1}'], "model_args ['nosuch']: not arguments of seqcnn"),
+    (["--epochs", "0"], "epochs 0: must be at least 1"),
+    (["--val-subjects", "-1"], "val_subjects -1: must be at least 0"),
+    (["--lr", "0"], "lr 0.0: must be above 0"),
+    (["--folds", "2"], "folds 2: 0 (one split) or at least 3"),
+    (["--device", "tpu"], "device 'tpu'"),
+    (["--window", "100000"], "window 100000"),
+]
+
+
+@pytest.mark.parametrize("options,words", TRAIN_ERRORS)
+def test_a_bad_training_option_is_one_line_naming_it(small, tmp_path, capsys, options, words):
+    code = main(["train", "--data", small["data"], "--cache", small["cache"], "--out", str(tmp_path / "run"),
+                 "--folds", "3", "--no-progress", *options])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and words in err[0], err
+
+
+def test_a_gpu_that_is_not_there_is_one_line(small, tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available(): pytest.skip("this machine has a GPU")
+    code = main(["train", "--data", small["data"], "--cache", small["cache"], "--out", str(tmp_path / "run"),
+                 "--folds", "3", "--no-progress", "--device", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "no CUDA GPU is available here" in err[0], err
+
+
+GRID_ERRORS = {   # grid file text -> the words of its one line
+    "base: {epochs: 1}\ngrid: []\n": "holds no cell",
+    "grid:\n  model: [seqcnn]\n  model: [naive]\n": "key 'model' repeated",
+    "grid:\n  epochs: [1.5]\n": "epochs: expected int, got 1.5",
+    "grid:\n  augment_p: [true]\n": "augment_p: expected float, got True",
+}
+
+
+@pytest.mark.parametrize("text", list(GRID_ERRORS))
+def test_a_bad_grid_file_is_one_line_naming_it(tmp_path, capsys, text):
+    grid = tmp_path / "grid.yaml"; grid.write_text(text)
+    code = main(["run", str(grid), "--results", str(tmp_path / "results")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and str(grid) in err[0] and GRID_ERRORS[text] in err[0], err
+    assert not (tmp_path / "results").exists()
