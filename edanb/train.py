@@ -35,7 +35,8 @@ __all__ = ['LOSS_BOUND', 'USED_DATA', 'RUN_OUTPUTS', 'make_splits', 'seed_everyt
            'ResidentBatches', 'make_optimiser', 'train_epoch', 'dataset_config', 'build_model', 'model_and_data',
            'EarlyStopping', 'Training', 'Fold', 'start_fold', 'resume', 'epoch_loader', 'validate', 'check_divergence',
            'run_epoch', 'save_epoch', 'epoch_line', 'test_fold', 'fit_fold', 'same_run', 'saved_config', 'stale_run',
-           'run_provenance', 'retire_run', 'used_recordings', 'saved_exclusions', 'open_run', 'fit']
+           'run_provenance', 'retire_run', 'used_recordings', 'saved_exclusions', 'never_trained', 'clear_attempt',
+           'run_conflict', 'open_run', 'fit']
 
 # %% ../nbs/06_train.ipynb #c007
 def make_splits(config: TrainConfig) -> list[dict[str, list[str]]]:
@@ -507,16 +508,32 @@ def saved_exclusions(out: Path) -> list[str] | None:
     "What a run folder's config.json says its run left out (None: no run there, or one saved before exclusions were recorded)."
     return json.loads((out / "config.json").read_text()).get("excluded") if (out / "config.json").exists() else None
 
-def open_run(config: TrainConfig) -> dict | None:
-    """Check the run folder before training: another configuration is an error; a run made by other code or data is
-    moved aside and made again (kept with `reuse_stale`, and said so); a finished run's metrics are returned."""
-    (rank, world), out = distributed(), Path(config.out)
+def never_trained(out: Path) -> bool:
+    "Whether a run folder holds only what an attempt wrote before its first epoch ended: no weights, predictions or metrics."
+    return not any(out.glob("fold*/last.pt")) and not any(out.glob("fold*/predictions.parquet")) and not (out / "metrics.json").exists()
+
+def clear_attempt(out: Path):
+    "Remove what an attempt that never trained wrote (config.json, provenance.json, diverged.json, its fold folders)."
+    for path in [out / "config.json", out / "provenance.json", out / "diverged.json", *out.glob("fold*")]: remove_path(path)
+
+def run_conflict(out: Path, config: TrainConfig) -> str:
+    "Why the run folder holds another run than `config` (another configuration, or other exclusions); empty when it does not."
     if (out / "config.json").exists() and not same_run(saved_config(out), config):
-        raise ValueError(f"{out}: holds a run with another configuration (see its config.json); choose another --out")
+        return f"{out}: holds a run with another configuration (see its config.json); choose another --out"
     saved, left_out = saved_exclusions(out), sorted(exclusions_of(config))
     if saved not in (None, left_out):
-        raise ValueError(f"{out}: holds a run that left out {saved}, not {left_out} "
-                         f"(its config.json; the file {config.exclude or '(none)'} changed?): choose another --out")
+        return (f"{out}: holds a run that left out {saved}, not {left_out} "
+                f"(its config.json; the file {config.exclude or '(none)'} changed?): choose another --out")
+    return ""
+
+def open_run(config: TrainConfig) -> dict | None:
+    """Check the run folder before training: another configuration is an error (an earlier attempt that never trained is
+    replaced); a run made by other code or data is moved aside and made again (kept with `reuse_stale`, and said so); a finished run's metrics are returned."""
+    (rank, world), out = distributed(), Path(config.out)
+    conflict = run_conflict(out, config)
+    if conflict and not never_trained(out): raise ValueError(conflict)
+    if conflict and rank == 0:   # a failed attempt (a bad option, a divergence in its first epoch) does not block the corrected command
+        print(f"{out}: replaces an earlier attempt that never trained (its config.json differed)"); clear_attempt(out)
     stale = stale_run(out, config) if rank == 0 else []
     if stale:
         kept = "kept (reuse_stale)" if config.reuse_stale else f"made again (the old one is in {retire_run(out)})"

@@ -133,3 +133,14 @@ def test_a_bad_grid_file_is_one_line_naming_it(tmp_path, capsys, text):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and str(grid) in err[0] and GRID_ERRORS[text] in err[0], err
     assert not (tmp_path / "results").exists()
+
+
+def test_a_failed_attempt_does_not_block_the_corrected_command(small, tmp_path, capsys):
+    "`--folds 99` fails after writing config.json; `--folds 3` at the same --out replaces that attempt, a trained run is never replaced."
+    base = ["train", "--data", small["data"], "--cache", small["cache"], "--out", str(tmp_path / "run"), "--model", "naive",
+            "--window", "16", "--no-progress"]
+    assert main(base + ["--folds", "99"]) == 1 and "k-fold needs" in capsys.readouterr().err
+    assert main(base + ["--folds", "3"]) == 0
+    assert "replaces an earlier attempt that never trained" in capsys.readouterr().out
+    assert (tmp_path / "run" / "metrics.json").exists()
+    assert main(base + ["--folds", "4"]) == 1 and "holds a run with another configuration" in capsys.readouterr().err
