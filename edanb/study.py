@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .config import TrainConfig, before_provenance, comparable, current_names
-from .core import format_interval, format_p, pearson, provenance, stale_reasons
+from .core import format_interval, format_p, pearson, provenance, stale_reasons, write_json
 from .data import load_split, synthetic_couplings
 from .experiment import EXPERIMENTS, notebook_error
 from .metrics import compare_to_baseline
@@ -32,7 +32,8 @@ __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'LEVEL_KE
            'Claim', 'write_claims', 'comparison_claim', 'null_runs', 'tested_p', 'beats', 'uses_pulse', 'answer_face',
            'answer_pulse', 'answer_null_twins', 'task_levels', 'task_level_r', 'confound_verdict',
            'answer_task_confound', 'answer_models', 'answer_physnet_bvp', 'answer_factor', 'study_answers',
-           'run_groups', 'run_stress', 'summary_table', 'group_rows', 'group_table', 'group_answer', 'run_summary']
+           'run_groups', 'run_stress', 'summary_table', 'group_rows', 'group_table', 'group_answer', 'unfinished_runs',
+           'summary_key', 'run_summary']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "frames", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
@@ -492,6 +493,22 @@ def group_answer(groups: pd.DataFrame,   # group_table(...)
             f"milder speech and arithmetic tasks). The best run, {best} ({rows.model.iat[0]}), scores {figures}. Descriptive "
             "only: the groups hold different subjects, so no paired test compares them.")
 
+def unfinished_runs(results: str | Path) -> pd.DataFrame:
+    "Run folders under `results` without metrics.json (moved-aside `.stale` ones apart), each with why: failed.json, diverged.json, or unfinished."
+    results, rows = Path(results), []
+    folders = {p.parent for name in ("params.json", "config.json") for p in results.rglob(name) if ".stale" not in p.parts}
+    for folder in sorted(f for f in folders if not (f / "metrics.json").exists()):
+        why = next((json.loads((folder / n).read_text()).get("reason", "") for n in ("failed.json", "diverged.json")
+                    if (folder / n).exists()), "") or "unfinished: no metrics.json (interrupted, or running now)"
+        rows.append(dict(run=folder.relative_to(results).as_posix(), reason=why))
+    return pd.DataFrame(rows, columns=["run", "reason"])
+
+def summary_key(results: Path, notebook: Path, runs: list[Path]) -> dict:
+    "What a rendered summary shows: the notebook, each finished run's metrics.json (its size and time), the unfinished runs and why."
+    stamp = lambda p: [p.stat().st_size, p.stat().st_mtime_ns]
+    return dict(notebook=stamp(notebook), runs={p.parent.relative_to(results).as_posix(): stamp(p) for p in runs},
+                unfinished=unfinished_runs(results).to_dict("records"))
+
 def run_summary(results: str | Path,               # results folder of `edanb run`
                 notebook: str | Path | None = None, # default experiments/summary.ipynb
                ) -> tuple[Path, Path]:             # the executed notebook and its HTML, in `results`
@@ -500,13 +517,10 @@ def run_summary(results: str | Path,               # results folder of `edanb ru
     notebook = Path(notebook) if notebook else EXPERIMENTS / "summary.ipynb"
     runs = finished_runs(results)
     if not runs: raise FileNotFoundError(f"{results}: no finished run (*/metrics.json)")
-    out, html = results / "summary.ipynb", results / "summary.html"
-    inputs = [notebook, *runs]
-    names = {p.parent.relative_to(results).as_posix() for p in runs}
-    if html.exists() and (results / "summary.csv").exists() and \
-            html.stat().st_mtime > max(p.stat().st_mtime for p in inputs) and \
-            set(pd.read_csv(results / "summary.csv").run) == names:
-        return out, html   # up to date: no run finished, and none was removed, since it was written
+    out, html, saved = results / "summary.ipynb", results / "summary.html", results / "summary.key.json"
+    key = json.loads(json.dumps(summary_key(results, notebook, runs)))
+    if html.exists() and saved.exists() and json.loads(saved.read_text()) == key:
+        return out, html   # up to date: the same runs, finished at the same times, and the same failures
     command = [sys.executable, "-m", "papermill", str(notebook), str(out), "-p", "results", str(results.resolve()),
                "--cwd", os.getcwd(), "--no-progress-bar", "--log-level", "ERROR"]
     process = subprocess.run(command, capture_output=True, text=True)
@@ -515,4 +529,5 @@ def run_summary(results: str | Path,               # results folder of `edanb ru
     import nbformat
     from nbconvert import HTMLExporter
     html.write_text(HTMLExporter().from_notebook_node(nbformat.read(out, as_version=4))[0])
+    write_json(saved, key)
     return out, html

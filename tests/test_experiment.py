@@ -308,3 +308,18 @@ def test_a_stopped_dask_grid_stops_its_cells_on_the_workers(tmp_path):
         left = cells()
         for p in left: p.kill()
         assert not left, "a cell kept running on the worker after the grid was stopped"
+
+
+def test_the_summary_lists_the_runs_without_results_and_is_keyed_on_the_runs(grid_run, tmp_path):
+    "The failed cell is listed with its reason; a run that finishes again (another time) makes the summary again."
+    from edanb.study import unfinished_runs
+    results = Path(shutil.copytree(grid_run["results"], tmp_path / "results"))
+    missing = unfinished_runs(results).set_index("run")
+    assert list(missing.index) == ["model-nosuchmodel"] and "unknown model 'nosuchmodel'" in missing.reason.iat[0]
+    _, html = run_summary(results)
+    assert "model-nosuchmodel" in html.read_text() and "unknown model" in html.read_text()
+    written = html.stat().st_mtime_ns
+    assert run_summary(results)[1].stat().st_mtime_ns == written                  # nothing changed: reused
+    metrics = results / "model-naive" / "metrics.json"
+    os.utime(metrics, ns=(metrics.stat().st_atime_ns, metrics.stat().st_mtime_ns - 10**9))   # the run finished at another time
+    assert run_summary(results)[1].stat().st_mtime_ns > written
