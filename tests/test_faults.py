@@ -144,3 +144,20 @@ def test_a_failed_attempt_does_not_block_the_corrected_command(small, tmp_path, 
     assert "replaces an earlier attempt that never trained" in capsys.readouterr().out
     assert (tmp_path / "run" / "metrics.json").exists()
     assert main(base + ["--folds", "4"]) == 1 and "holds a run with another configuration" in capsys.readouterr().err
+
+
+def test_ctrl_c_on_a_grid_is_one_line_exit_130_and_leaves_no_cell_running(small, tmp_path):
+    import signal, subprocess, sys, time
+    base = {**small, "model": "seqcnn", "folds": 3, "epochs": 50, "window": 16, "stride": 4, "batch_size": 8}
+    grid = tmp_path / "grid.yaml"; grid.write_text(yaml.safe_dump(dict(base=base, grid=dict(seed=[0, 1]))))
+    exe = Path(sys.executable).with_name("edanb")
+    process = subprocess.Popen([str(exe), "run", str(grid), "--results", str(tmp_path / "results"), "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120   # wait until a cell has started (its params.json), then press Ctrl-C
+    while not list((tmp_path / "results").glob("*/params.json")) and time.time() < deadline: time.sleep(0.5)
+    time.sleep(3); process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    lines = [l for l in err.splitlines() if "pkg_resources" not in l and "resource_filename" not in l]
+    assert process.returncode == 130 and lines == ["edanb run: interrupted"], (process.returncode, lines)
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "results")], capture_output=True, text=True).stdout.split()
+    assert not left, f"cells still running after Ctrl-C: {left}"
