@@ -222,6 +222,7 @@ def load_recording(root: str | Path,  # dataset folder holding s1/, s2/, ...
     "Validate the three files of one recording and describe it; raise `DataError` naming the first bad file."
     paths = recording_paths(root, subject, task)
     eda, bvp = read_signal(paths["eda"]), read_signal(paths["bvp"])
+    if (eda < 0).any(): raise DataError(paths["eda"], f"{int((eda < 0).sum())} negative value(s): skin conductance cannot be negative (a sign or unit error?)")
     video = probe_video(paths["video"])
     rec = Recording(subject, task, paths["video"], paths["eda"], paths["bvp"], video.n_frames, video.fps,
                     video.width, video.height, len(eda), len(bvp), _info_path(root, subject), int(eda_quality(eda).sum()))
@@ -252,15 +253,17 @@ def scan(root: str | Path,                         # dataset folder
     recordings, problems = [], []
     for folder in subject_folders(root):
         if subjects is not None and folder.name not in subjects: continue
-        about, found = subject_metadata(root, folder.name), 0
+        about, found, absent = subject_metadata(root, folder.name), 0, []
         for task in tasks:
             paths = recording_paths(root, folder.name, task)
-            if not any(p.exists() for p in paths.values()): continue
+            if not any(p.exists() for p in paths.values()): absent.append(paths["video"]); continue
             found += 1
             if _is_gap(paths): problems.append(DataGap(paths["video"], "gap: the video is missing (its EDA and BVP are there); the subject's other recordings are used")); continue
             try: recordings.append(replace(load_recording(root, folder.name, task, tolerance_s), gender=about["gender"], group=about["group"]))
             except DataError as e: problems.append(e)
-        if not found: problems.append(DataError(folder, f"no recordings of tasks {', '.join(tasks)}"))
+        if not found: problems.append(DataError(folder, f"no recordings of tasks {', '.join(tasks)}")); continue
+        problems += [DataGap(video, "gap: the whole task is missing (no video, EDA or BVP); the subject's other recordings are used")
+                     for video in absent]
     return recordings, problems
 
 def discover(root: str | Path,                              # dataset folder

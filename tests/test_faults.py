@@ -161,3 +161,15 @@ def test_ctrl_c_on_a_grid_is_one_line_exit_130_and_leaves_no_cell_running(small,
     assert process.returncode == 130 and lines == ["edanb run: interrupted"], (process.returncode, lines)
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "results")], capture_output=True, text=True).stdout.split()
     assert not left, f"cells still running after Ctrl-C: {left}"
+
+
+# --- data the reader must not accept in silence ---
+
+def test_negative_eda_is_one_problem_naming_the_file_and_a_missing_task_is_listed(dataset, capsys):
+    eda = dataset / "s1" / "eda_s1_T2.csv"
+    eda.write_text(eda.read_text().replace("\n", "\n-0.5\n", 1))
+    for path in (dataset / "s2").glob("*_s2_T3.*"): path.unlink()          # the whole task: video, EDA and BVP
+    code = main(["info", str(dataset)])
+    out = capsys.readouterr().out
+    assert code == 1 and f"{eda}: 1 negative value(s)" in out, out
+    assert "vid_s2_T3.avi: gap: the whole task is missing" in out and "1 problem(s)" in out, out
