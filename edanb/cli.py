@@ -15,7 +15,7 @@ from fastcore.docments import docments
 
 from . import __version__
 from .config import TrainConfig
-from .core import Diverged, format_fraction, format_p
+from .core import Diverged, FolderBusy, format_fraction, format_p
 from .data import (DURATION_TOLERANCE_S, DataError, DataGap, SplitError, exclude_recordings, kfold_subjects, recordings_table, save_split, scan,
                         split_subjects, subject_number, subjects_table)
 from .preprocess import PreprocessConfig, preprocess_dataset
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning
             return args.run(args)
-    except (DataError, SplitError, FileExistsError, FileNotFoundError, ValueError, ConnectionError, Diverged) as e:
+    except (DataError, SplitError, FileExistsError, FileNotFoundError, ValueError, ConnectionError, Diverged, FolderBusy) as e:
         print(f"edanb {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:   # Ctrl-C: what finished is kept (runs resume, grids skip done cells)

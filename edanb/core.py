@@ -4,6 +4,9 @@
 
 # %% ../nbs/00a_core.ipynb #c002
 from __future__ import annotations
+import contextlib
+import ctypes
+import fcntl
 import functools
 import hashlib
 import importlib
@@ -13,6 +16,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -24,10 +28,11 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['PROVENANCE_CHECKED', 'NOT_IN_RESULTS', 'SIGNAL_ARRAYS', 'temporary_path', 'remove_path', 'replace_path',
-           'write_atomic', 'write_json', 'cores', 'dask_client', 'finished', 'in_order', 'parallel_map', 'finite',
-           'format_interval', 'format_p', 'format_fraction', 'pearson', 'interactive', 'progress_bar', 'Diverged',
-           'digest', 'package_folder', 'module_fingerprints', 'code_fingerprint', 'git_commit', 'version_of',
-           'entry_fingerprint', 'cache_fingerprint', 'provenance', 'stale_reasons']
+           'write_atomic', 'write_json', 'FolderBusy', 'folder_lock', 'folder_busy', 'die_with_parent', 'cores',
+           'dask_client', 'finished', 'in_order', 'parallel_map', 'finite', 'format_interval', 'format_p',
+           'format_fraction', 'pearson', 'interactive', 'progress_bar', 'Diverged', 'digest', 'package_folder',
+           'module_fingerprints', 'code_fingerprint', 'git_commit', 'version_of', 'entry_fingerprint',
+           'cache_fingerprint', 'provenance', 'stale_reasons']
 
 # %% ../nbs/00a_core.ipynb #c005
 def temporary_path(path: Path) -> Path:
@@ -64,6 +69,34 @@ def write_atomic(path: str | Path,                 # the file or folder to write
 def write_json(path: str | Path, value) -> Path:
     "Write `value` as indented JSON, atomically."
     return write_atomic(path, lambda p: p.write_text(json.dumps(value, indent=1, default=float) + "\n"))
+
+# %% ../nbs/00a_core.ipynb #c035
+class FolderBusy(RuntimeError):
+    "Another process is writing into this folder (it holds `folder_lock`)."
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path):
+    "Hold the folder's advisory write lock while inside; `FolderBusy` at once if another process holds it."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as handle:
+        try: fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0); holder = handle.read().strip() or "another process"
+            raise FolderBusy(f"{folder}: in use by {holder}: wait for it to finish, or use another folder") from None
+        handle.seek(0); handle.truncate(); handle.write(f"process {os.getpid()}"); handle.flush()
+        try: yield
+        finally: handle.truncate(0); fcntl.flock(handle, fcntl.LOCK_UN)
+
+def folder_busy(folder: str | Path) -> bool:
+    "Whether anyone holds the folder's write lock now (this process too, through another opening); the lock is not kept."
+    if not (Path(folder) / ".lock").exists(): return False
+    try:
+        with folder_lock(folder): return False
+    except FolderBusy: return True
+
+def die_with_parent(sig: int = signal.SIGTERM):
+    "Have the kernel send `sig` to this process when its parent ends, however (Linux `PR_SET_PDEATHSIG`; elsewhere nothing)."
+    if sys.platform.startswith("linux"): ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)
 
 # %% ../nbs/00a_core.ipynb #c011
 def cores() -> int:

@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from .config import RENAMED, TrainConfig, comparable
-from .core import cores, dask_client, parallel_map, progress_bar, provenance, stale_reasons, write_json
+from .core import cores, dask_client, die_with_parent, folder_busy, parallel_map, progress_bar, provenance, stale_reasons, write_json
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'WORKER_CELLS', 'GridError', 'train_defaults', 'typed_value', 'typed_block',
@@ -178,6 +178,7 @@ def run_cell(cell: Cell,                      # what to run
             ) -> dict:
     "Execute one cell with papermill; return its row of the grid table (cell, status, seconds, reason)."
     folder = results / cell.name
+    if folder_busy(folder): return dict(cell=cell.name, status="skipped", seconds=0.0, reason="in progress elsewhere (its run folder is locked)")
     status = cell_status(folder, cell.params)
     if status == "done": return dict(cell=cell.name, status="skipped", seconds=0.0, reason="done before")
     if status == "conflict":
@@ -188,11 +189,13 @@ def run_cell(cell: Cell,                      # what to run
     for old in ("failed.json", "done.json"): (folder / old).unlink(missing_ok=True)   # done.json: a stale run, made again
     parameters = {**cell.params, "out": str(folder.resolve()), "progress": False, "threads": threads}
     write_json(folder / ".parameters.json", parameters)
-    env = {**os.environ, **{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+    env = {**os.environ, **{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+           "EDANB_DIE_WITH_PARENT": "1"}   # the cell's kernel ends with its papermill (experiments/train.ipynb)
     command = [sys.executable, "-m", "papermill", str(notebook), str(folder / notebook.name), "--cwd", cwd or os.getcwd(),
                "--parameters_file", str(folder / ".parameters.json"), "--no-progress-bar", "--log-level", "ERROR"]
     start = time.time()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=die_with_parent)   # and papermill with this grid, even a SIGKILLed one
     if running is not None: running[cell.name] = process
     log = process.communicate()[0]
     if running is not None: running.pop(cell.name, None)

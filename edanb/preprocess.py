@@ -17,16 +17,16 @@ import pandas as pd
 import scipy.ndimage
 import scipy.signal
 
-from .core import parallel_map, progress_bar, write_atomic
+from .core import folder_lock, parallel_map, progress_bar, write_atomic
 from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Recording, eda_quality, exclude_recordings,
-                        load_recording, scan)
+                        load_recording, read_exclusions, scan, subject_folders)
 
 # %% auto #0
 __all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'ARRAY_KINDS', 'sample_count', 'frame_indices', 'resample',
            'bandpass', 'pulse_frequency', 'heart_rate', 'FrameReader', 'PreprocessConfig', 'quiet_face_recognition',
            'detect_face', 'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'source_stamp',
            'cache_key', 'read_meta', 'write_entry', 'preprocess_recording', 'array_header', 'array_problem',
-           'entry_problems', 'load_cached', 'preprocess_job', 'preprocess_dataset']
+           'entry_problems', 'load_cached', 'preprocess_job', 'preprocess_dataset', 'preprocess_locked']
 
 # %% ../nbs/02_preprocess.ipynb #c006
 def sample_count(rec: Recording, target_hz: float = EDA_HZ) -> int:
@@ -410,6 +410,12 @@ def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
                       ) -> pd.DataFrame:
     "Preprocess every recording under `root` into `cache`; one summary row per recording (failed ones included)."
     config, cache = config or PreprocessConfig(), Path(cache).resolve()
+    subject_folders(root); read_exclusions(exclude) if exclude else None   # a bad dataset or exclusion file fails before the cache is touched
+    with folder_lock(cache): return preprocess_locked(root, cache, config, workers, progress, scheduler, exclude)
+
+def preprocess_locked(root, cache: Path, config: PreprocessConfig, workers: int, progress: bool, scheduler: str | None,
+                      exclude: str | Path) -> pd.DataFrame:
+    "`preprocess_dataset`'s work, with the cache's lock held (one writer per cache)."
     if scheduler: root = Path(root).resolve()   # workers elsewhere see the same shared folders, not our cwd
     cache.mkdir(parents=True, exist_ok=True)
     for pattern in (".*.tmp-*", ".*.old-*"):  # left by a killed run

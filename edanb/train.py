@@ -4,6 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #c003
 from __future__ import annotations
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .config import CENTRING, RUN_INDEPENDENT, DatasetConfig, TrainConfig, before_provenance, current_names
-from .core import Diverged, progress_bar, provenance, remove_path, stale_reasons, write_atomic, write_json
+from .core import Diverged, folder_lock, progress_bar, provenance, remove_path, stale_reasons, write_atomic, write_json
 from .data import DataError, kfold_subjects, load_split, save_split, split_subjects, subject_groups, subject_number
 from .dataset import (ClipDataset, Normaliser, augment_clip, cached_recordings, exclusions_of, frame_difference, usable_recordings,
                            make_datasets, reflect_index)
@@ -36,7 +37,7 @@ __all__ = ['LOSS_BOUND', 'USED_DATA', 'RUN_OUTPUTS', 'make_splits', 'seed_everyt
            'EarlyStopping', 'Training', 'Fold', 'start_fold', 'resume', 'epoch_loader', 'validate', 'check_divergence',
            'run_epoch', 'save_epoch', 'epoch_line', 'test_fold', 'fit_fold', 'same_run', 'saved_config', 'stale_run',
            'run_provenance', 'retire_run', 'used_recordings', 'saved_exclusions', 'never_trained', 'clear_attempt',
-           'run_conflict', 'open_run', 'fit']
+           'run_conflict', 'open_run', 'fit', 'fit_folds']
 
 # %% ../nbs/06_train.ipynb #c007
 def make_splits(config: TrainConfig) -> list[dict[str, list[str]]]:
@@ -551,7 +552,12 @@ def open_run(config: TrainConfig) -> dict | None:
 def fit(config: TrainConfig,                                      # the experiment
         on_epoch: Callable[[pd.DataFrame], None] | None = None,   # called with the history after every epoch
        ) -> dict:                                                 # what metrics.json holds
-    "Train every fold, test each with its best weights, write the run folder; resume an interrupted run, read a finished one."
+    """Train every fold, test each with its best weights, write the run folder; resume an interrupted run, read a finished
+    one. One writer per run folder (`edanb.core.folder_lock`): a second process gets `FolderBusy` at once."""
+    with folder_lock(config.out) if distributed()[0] == 0 else contextlib.nullcontext(): return fit_folds(config, on_epoch)
+
+def fit_folds(config: TrainConfig, on_epoch: Callable[[pd.DataFrame], None] | None = None) -> dict:
+    "`fit`'s work, with the run folder's lock held."
     finished, out, rank = open_run(config), Path(config.out), distributed()[0]
     if finished is not None: return finished
     parts = []

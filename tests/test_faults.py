@@ -173,3 +173,58 @@ def test_negative_eda_is_one_problem_naming_the_file_and_a_missing_task_is_liste
     out = capsys.readouterr().out
     assert code == 1 and f"{eda}: 1 negative value(s)" in out, out
     assert "vid_s2_T3.avi: gap: the whole task is missing" in out and "1 problem(s)" in out, out
+
+
+# --- one writer per folder; no orphans ---
+
+def _hold_lock(folder: Path):
+    "Another process holding `folder`'s write lock, as a trainer or preprocess at work would."
+    import subprocess, sys, time
+    held = subprocess.Popen([sys.executable, "-c", f"from edanb.core import folder_lock; import time\nwith folder_lock({str(folder)!r}): time.sleep(60)"])
+    for _ in range(200):
+        if (folder / ".lock").exists() and (folder / ".lock").read_text(): return held
+        time.sleep(0.1)
+    raise AssertionError("the lock was never taken")
+
+
+def test_a_second_writer_into_a_run_folder_or_a_cache_is_one_line(small, tmp_path, capsys):
+    run, cache = tmp_path / "run", Path(shutil.copytree(small["cache"], tmp_path / "cache"))
+    for folder, args in ((run, ["train", "--data", small["data"], "--cache", small["cache"], "--out", str(run), "--model", "naive",
+                                "--folds", "3", "--window", "16", "--no-progress"]),
+                         (cache, ["preprocess", small["data"], "--out", str(cache), "--size", "32", "--landmarks", "--workers", "1"])):
+        held = _hold_lock(folder)
+        try:
+            assert main(args) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"{folder}: in use by process {held.pid}" in err[0], err
+        finally: held.kill(); held.wait()
+        assert main(args) == 0   # its holder gone, the lock is free
+
+
+def test_a_grid_skips_a_cell_in_progress_elsewhere(small, tmp_path):
+    base = {**small, "model": "naive", "folds": 3, "window": 16}
+    grid = tmp_path / "grid.yaml"; grid.write_text(yaml.safe_dump(dict(base=base, grid=dict(seed=[0, 1]))))
+    held = _hold_lock(tmp_path / "results" / "seed-1")
+    try: table = run_grid(grid, tmp_path / "results", jobs=1, progress=False).set_index("cell")
+    finally: held.kill(); held.wait()
+    assert table.status.to_dict() == {"seed-0": "done", "seed-1": "skipped"}
+    assert table.reason["seed-1"] == "in progress elsewhere (its run folder is locked)"
+    assert not (tmp_path / "results" / "seed-1" / "params.json").exists()   # its folder untouched
+
+
+def test_a_killed_grid_leaves_no_trainer_behind(small, tmp_path):
+    import signal, subprocess, sys, time
+    base = {**small, "model": "seqcnn", "folds": 3, "epochs": 50, "window": 16, "stride": 4, "batch_size": 8}
+    grid = tmp_path / "grid.yaml"; grid.write_text(yaml.safe_dump(dict(base=base, grid=dict(seed=[0, 1]))))
+    exe = Path(sys.executable).with_name("edanb")
+    process = subprocess.Popen([str(exe), "run", str(grid), "--results", str(tmp_path / "results"), "--quiet", "--jobs", "1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock, deadline = tmp_path / "results" / "seed-0" / ".lock", time.time() + 120
+    while not (lock.exists() and lock.read_text()) and time.time() < deadline: time.sleep(0.5)
+    trainer = int(lock.read_text().split()[-1])            # the kernel that trains, holding the run folder's lock
+    process.kill(); process.wait()                          # SIGKILL: the grid runs no cleanup of its own
+    deadline = time.time() + 30
+    while Path(f"/proc/{trainer}").exists() and time.time() < deadline: time.sleep(0.5)
+    assert not Path(f"/proc/{trainer}").exists(), "the cell's trainer lived on after its grid was killed"
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "results")], capture_output=True, text=True).stdout.split()
+    assert not left, f"papermill lived on: {left}"
