@@ -22,14 +22,14 @@ import pandas as pd
 import yaml
 
 from .config import RENAMED, TrainConfig, comparable
-from .core import cores, dask_client, die_with_parent, folder_busy, parallel_map, progress_bar, provenance, stale_reasons, write_json
+from .core import cores, dask_client, folder_busy, parallel_map, progress_bar, provenance, stale_reasons, write_json
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'WORKER_CELLS', 'GridError', 'train_defaults', 'typed_value', 'typed_block',
-           'Cell', 'slug', 'expand', 'named_cells', 'parse_overrides', 'grid_cells', 'UniqueKeyLoader', 'load_grid',
-           'notebook_error', 'stale_cell', 'cell_status', 'run_cell', 'terminate_cells', 'worker_threads',
-           'run_cell_on_worker', 'stop_dask_cells', 'failed_cell', 'sigterm_as_interrupt', 'cell_jobs', 'run_cells',
-           'run_grid']
+__all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'PAPERMILL_DYING_WITH_PARENT', 'WORKER_CELLS', 'GridError', 'train_defaults',
+           'typed_value', 'typed_block', 'Cell', 'slug', 'expand', 'named_cells', 'parse_overrides', 'grid_cells',
+           'UniqueKeyLoader', 'load_grid', 'notebook_error', 'stale_cell', 'cell_status', 'run_cell', 'terminate_cells',
+           'worker_threads', 'run_cell_on_worker', 'stop_dask_cells', 'failed_cell', 'sigterm_as_interrupt',
+           'cell_jobs', 'run_cells', 'run_grid']
 
 # %% ../nbs/07_experiment.ipynb #c005
 EXPERIMENTS = Path(importlib.util.find_spec("edanb").origin).resolve().parent.parent / "experiments"
@@ -169,6 +169,10 @@ def cell_status(folder: Path, params: dict) -> str:
     return "stale" if not params.get("reuse_stale") and stale_cell(folder, params) else "done"
 
 # %% ../nbs/07_experiment.ipynb #c033
+PAPERMILL_DYING_WITH_PARENT = ("import runpy, sys; from edanb.core import die_with_parent; die_with_parent(); "
+                               "sys.argv[0] = 'papermill'; runpy.run_module('papermill', run_name='__main__')")
+# `python -m papermill`, ending with the grid that started it even when the grid is SIGKILLed (no preexec_fn: threads)
+
 def run_cell(cell: Cell,                      # what to run
              results: Path,                   # results folder (the cell's folder is results / cell.name)
              notebook: Path,                  # the experiment notebook (experiments/train.ipynb)
@@ -191,11 +195,10 @@ def run_cell(cell: Cell,                      # what to run
     write_json(folder / ".parameters.json", parameters)
     env = {**os.environ, **{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
            "EDANB_DIE_WITH_PARENT": "1"}   # the cell's kernel ends with its papermill (experiments/train.ipynb)
-    command = [sys.executable, "-m", "papermill", str(notebook), str(folder / notebook.name), "--cwd", cwd or os.getcwd(),
+    command = [sys.executable, "-c", PAPERMILL_DYING_WITH_PARENT, str(notebook), str(folder / notebook.name), "--cwd", cwd or os.getcwd(),
                "--parameters_file", str(folder / ".parameters.json"), "--no-progress-bar", "--log-level", "ERROR"]
     start = time.time()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               preexec_fn=die_with_parent)   # and papermill with this grid, even a SIGKILLed one
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if running is not None: running[cell.name] = process
     log = process.communicate()[0]
     if running is not None: running.pop(cell.name, None)

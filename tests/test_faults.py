@@ -180,7 +180,7 @@ def test_negative_eda_is_one_problem_naming_the_file_and_a_missing_task_is_liste
 def _hold_lock(folder: Path):
     "Another process holding `folder`'s write lock, as a trainer or preprocess at work would."
     import subprocess, sys, time
-    held = subprocess.Popen([sys.executable, "-c", f"from edanb.core import folder_lock; import time\nwith folder_lock({str(folder)!r}): time.sleep(60)"])
+    held = subprocess.Popen([sys.executable, "-c", f"from edanb.core import folder_lock; import time\nwith folder_lock({str(folder)!r}): time.sleep(900)"])
     for _ in range(200):
         if (folder / ".lock").exists() and (folder / ".lock").read_text(): return held
         time.sleep(0.1)
