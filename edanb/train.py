@@ -552,8 +552,7 @@ def open_run(config: TrainConfig) -> dict | None:
 def fit(config: TrainConfig,                                      # the experiment
         on_epoch: Callable[[pd.DataFrame], None] | None = None,   # called with the history after every epoch
        ) -> dict:                                                 # what metrics.json holds
-    """Train every fold, test each with its best weights, write the run folder; resume an interrupted run, read a finished
-    one. One writer per run folder (`edanb.core.folder_lock`): a second process gets `FolderBusy` at once."""
+    "Train every fold, test each with its best weights, write the run folder (one writer: it holds a lock on the folder); resume an interrupted run, read a finished one."
     with folder_lock(config.out) if distributed()[0] == 0 else contextlib.nullcontext(): return fit_folds(config, on_epoch)
 
 def fit_folds(config: TrainConfig, on_epoch: Callable[[pd.DataFrame], None] | None = None) -> dict:
