@@ -15,7 +15,7 @@ from fastcore.docments import docments
 
 from . import __version__
 from .config import TrainConfig
-from .core import Diverged, FolderBusy, format_fraction, format_p
+from .core import Diverged, FolderBusy, NoSpace, format_fraction, format_p
 from .data import (DURATION_TOLERANCE_S, DataError, DataGap, SplitError, exclude_recordings, kfold_subjects, recordings_table, save_split, scan,
                         split_subjects, subject_number, subjects_table)
 from .preprocess import PreprocessConfig, preprocess_dataset
@@ -242,7 +242,11 @@ def cmd_summary(args) -> int:
     from edanb.study import run_summary
     try: notebook, html = run_summary(args.results, args.notebook)
     except RuntimeError as e: raise ValueError(str(e)) from None
-    print_table(readable_summary(pd.read_csv(Path(args.results) / "summary.csv")))
+    table = pd.read_csv(Path(args.results) / "summary.csv")
+    datasets = table.groupby("data", sort=False) if "data" in table else [("", table)]
+    for i, (data, runs) in enumerate(datasets):   # runs on other data are not comparable with each other: a block each
+        if len(datasets) > 1: print(("\n" if i else "") + f"data {data}:")
+        print_table(readable_summary(runs))
     print(f"\nsummary: {notebook}\n         {html}")
     return 0
 
@@ -275,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning
             return args.run(args)
-    except (DataError, SplitError, FileExistsError, FileNotFoundError, ValueError, ConnectionError, Diverged, FolderBusy) as e:
+    except (DataError, SplitError, FileExistsError, FileNotFoundError, ValueError, ConnectionError, Diverged, FolderBusy,
+            NoSpace) as e:
         print(f"edanb {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:   # Ctrl-C: what finished is kept (runs resume, grids skip done cells)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import contextlib
 import ctypes
+import errno
 import fcntl
 import functools
 import hashlib
@@ -27,12 +28,43 @@ import numpy as np
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['PROVENANCE_CHECKED', 'NOT_IN_RESULTS', 'SIGNAL_ARRAYS', 'temporary_path', 'remove_path', 'replace_path',
-           'write_atomic', 'write_json', 'FolderBusy', 'folder_lock', 'folder_busy', 'die_with_parent', 'cores',
-           'dask_client', 'finished', 'in_order', 'parallel_map', 'finite', 'format_interval', 'format_p',
-           'format_fraction', 'pearson', 'interactive', 'progress_bar', 'Diverged', 'digest', 'package_folder',
-           'module_fingerprints', 'code_fingerprint', 'git_commit', 'version_of', 'entry_fingerprint',
-           'cache_fingerprint', 'provenance', 'stale_reasons']
+__all__ = ['PROVENANCE_CHECKED', 'NOT_IN_RESULTS', 'SIGNAL_ARRAYS', 'NoSpace', 'mount_point', 'disk_full', 'check_space',
+           'reserve_file', 'temporary_path', 'remove_path', 'replace_path', 'write_atomic', 'write_json', 'FolderBusy',
+           'folder_lock', 'folder_busy', 'die_with_parent', 'cores', 'dask_client', 'finished', 'in_order',
+           'parallel_map', 'finite', 'format_interval', 'format_p', 'format_fraction', 'pearson', 'interactive',
+           'progress_bar', 'Diverged', 'digest', 'package_folder', 'module_fingerprints', 'code_fingerprint',
+           'git_commit', 'version_of', 'entry_fingerprint', 'cache_fingerprint', 'provenance', 'stale_reasons']
+
+# %% ../nbs/00a_core.ipynb #c038
+class NoSpace(OSError):
+    "A write its disk has no room for; the message names the file, the disk and the space it has (and needed, when known)."
+    def __init__(self, path: str | Path, need: int | None = None):
+        path, disk, self.need = Path(path), mount_point(path), need
+        needs = f"need {need / 2**20:.1f} MB, " if need is not None else ""
+        super().__init__(f"{path}: no space left on {disk} ({needs}{shutil.disk_usage(disk).free / 2**20:.1f} MB free)")
+
+def mount_point(path: str | Path) -> Path:
+    "The mount point of the file system that holds `path` (or would hold it: its nearest existing folder)."
+    path = Path(path).absolute()
+    while not path.exists() or not os.path.ismount(path): path = path.parent
+    return path
+
+def disk_full(error: BaseException, path: str | Path) -> bool:
+    "Whether an error while writing `path` came from a full disk: `ENOSPC`, or an error without an errno (PyTorch's, NumPy's short write) while its disk has under 1 MB free."
+    code = getattr(error, "errno", None)
+    return code == errno.ENOSPC or (code is None and shutil.disk_usage(mount_point(path)).free < 2**20)
+
+def check_space(path: str | Path, need: int) -> None:
+    "`NoSpace` unless the disk that will hold `path` has `need` bytes free."
+    if shutil.disk_usage(mount_point(path)).free < need: raise NoSpace(path, need)
+
+def reserve_file(path: str | Path) -> None:
+    "Allocate the blocks of a (sparse) file now: a full disk is then `NoSpace` here, not a `SIGBUS` when a memory map writes to it."
+    with open(path, "r+b") as f:
+        try: os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno == errno.ENOSPC: raise NoSpace(path) from None
+            # EOPNOTSUPP, EINVAL: a file system without allocation; writes there fail as they always did
 
 # %% ../nbs/00a_core.ipynb #c005
 def temporary_path(path: Path) -> Path:
@@ -62,6 +94,10 @@ def write_atomic(path: str | Path,                 # the file or folder to write
     try:
         write(tmp)
         replace_path(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if not (isinstance(e, NoSpace) or disk_full(e, tmp)): raise
+        remove_path(tmp)   # named by its final path, with the space free once the partial file is gone
+        raise NoSpace(path, getattr(e, "need", None)) from None
     finally: remove_path(tmp)
     return path
 

@@ -27,9 +27,9 @@ from .core import cores, dask_client, folder_busy, parallel_map, progress_bar, p
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'PAPERMILL_DYING_WITH_PARENT', 'WORKER_CELLS', 'GridError', 'train_defaults',
            'typed_value', 'typed_block', 'Cell', 'slug', 'expand', 'named_cells', 'parse_overrides', 'grid_cells',
-           'UniqueKeyLoader', 'load_grid', 'notebook_error', 'stale_cell', 'cell_status', 'run_cell', 'terminate_cells',
-           'worker_threads', 'run_cell_on_worker', 'stop_dask_cells', 'failed_cell', 'sigterm_as_interrupt',
-           'cell_jobs', 'run_cells', 'run_grid']
+           'check_cells', 'UniqueKeyLoader', 'load_grid', 'notebook_error', 'stale_cell', 'cell_status', 'run_cell',
+           'terminate_cells', 'worker_threads', 'run_cell_on_worker', 'stop_dask_cells', 'failed_cell',
+           'sigterm_as_interrupt', 'cell_jobs', 'run_cells', 'run_grid']
 
 # %% ../nbs/07_experiment.ipynb #c005
 EXPERIMENTS = Path(importlib.util.find_spec("edanb").origin).resolve().parent.parent / "experiments"
@@ -121,7 +121,14 @@ def grid_cells(grid: dict,               # parsed grid file: {'base': {...}, 'gr
     blocks = [typed_block(b, defaults, source) for b in blocks]
     params = expand(base, blocks, typed_block(overrides or {}, defaults, "--set"))
     if not params: raise GridError(source, "its 'grid' holds no cell")
-    return named_cells(params, list(dict.fromkeys(k for block in blocks for k in block)), defaults, source)
+    return check_cells(named_cells(params, list(dict.fromkeys(k for block in blocks for k in block)), defaults, source), source)
+
+def check_cells(cells: list[Cell], source) -> list[Cell]:
+    "Each cell checked as a whole `TrainConfig`: a value no run could take (an unknown model or model argument, a number out of range, a bad choice) fails the grid when it is read, not when the cell runs."
+    for cell in cells:
+        try: TrainConfig(**cell.params)
+        except ValueError as e: raise GridError(source, f"cell {cell.name}: {e}") from None
+    return cells
 
 class UniqueKeyLoader(yaml.SafeLoader):
     "PyYAML's safe loader, refusing a key repeated in one mapping (PyYAML keeps the last one, and a grid cell is lost)."

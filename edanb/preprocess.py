@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -17,16 +18,17 @@ import pandas as pd
 import scipy.ndimage
 import scipy.signal
 
-from .core import folder_lock, parallel_map, progress_bar, write_atomic
+from .core import NoSpace, check_space, folder_lock, parallel_map, progress_bar, reserve_file, write_atomic
 from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Recording, eda_quality, exclude_recordings,
                         load_recording, read_exclusions, scan, subject_folders)
 
 # %% auto #0
-__all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'ARRAY_KINDS', 'sample_count', 'frame_indices', 'resample',
-           'bandpass', 'pulse_frequency', 'heart_rate', 'FrameReader', 'PreprocessConfig', 'quiet_face_recognition',
-           'detect_face', 'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'source_stamp',
-           'cache_key', 'read_meta', 'write_entry', 'preprocess_recording', 'array_header', 'array_problem',
-           'entry_problems', 'load_cached', 'preprocess_job', 'preprocess_dataset', 'preprocess_locked']
+__all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'ARRAY_KINDS', 'FEW_FACES', 'sample_count', 'frame_indices',
+           'resample', 'bandpass', 'pulse_frequency', 'heart_rate', 'FrameReader', 'PreprocessConfig',
+           'quiet_face_recognition', 'detect_face', 'box_path', 'crop_window', 'crop_steps', 'reduction_for',
+           'landmarks_68', 'source_stamp', 'cache_key', 'read_meta', 'entry_bytes', 'write_entry',
+           'preprocess_recording', 'array_header', 'array_problem', 'array_record', 'changed_arrays', 'entry_problems',
+           'load_cached', 'entry_warning', 'preprocess_job', 'preprocess_dataset', 'preprocess_locked']
 
 # %% ../nbs/02_preprocess.ipynb #c006
 def sample_count(rec: Recording, target_hz: float = EDA_HZ) -> int:
@@ -281,6 +283,8 @@ def _face_path(rec: Recording, config: PreprocessConfig, index: np.ndarray, prog
         for i in progress_bar(attempts, progress, desc=f"{rec.name} faces", leave=False):
             box = detect_face(reader.read(int(index[i])), r, config)
             if box is not None: at.append(i); found.append(box)
+    if not at: raise DataError(rec.video, f"no face found in any of its {len(attempts)} detection attempts ({rec.width}x{rec.height} "
+                                          f"video, {config.detector} detector): check the video, or use --crop none for the frame's centre")
     path = box_path(np.array(at, int), np.array(found).reshape(-1, 3), n, config.smooth_s * config.target_hz * k)
     nearest = attempts[np.minimum((np.arange(n) + step // 2) // step, len(attempts) - 1)]
     fallback = int((~np.isin(nearest, at)).sum()) // k  # samples whose nearest detection attempt found no face
@@ -307,24 +311,34 @@ def _crop_frames(rec: Recording, config: PreprocessConfig, index: np.ndarray, fr
     return dict(boxes=boxes, landmarks=marks, **faces, reductions=sorted(reductions))
 
 # %% ../nbs/02_preprocess.ipynb #c024
+def entry_bytes(n: int, config: PreprocessConfig) -> int:
+    "The size of a cache entry of `n` samples: its frames, the per-sample and per-frame arrays, and 64 KB for headers and meta.json."
+    frames = n * config.frames_per_sample()
+    per_frame = config.size * config.size * 3 + 8 + 12 + (68 * 2 * 4 if config.landmarks else 0)   # crop, frame_index, boxes, landmarks
+    return frames * per_frame + n * (8 + 4 + 1 + 4 + 4) + 2**16                                     # t, eda, eda_flagged, bvp, hr
+
 def write_entry(folder: Path, rec: Recording, config: PreprocessConfig, n: int, key: dict, progress: bool) -> dict:
     "Write a new cache entry of `n` samples into `folder` (meta.json last); return its metadata."
+    check_space(folder, entry_bytes(n, config))   # a full disk fails before the work, naming the entry and what it needs
     folder.mkdir(parents=True)
     k = config.frames_per_sample()
     index = frame_indices(n, rec.fps, config.target_hz, k, rec.n_frames - 1)
     signals = _signals(rec, config, n)
     frames = np.lib.format.open_memmap(folder / "frames.npy", "w+", np.uint8, (n * k, config.size, config.size, 3))
+    reserve_file(folder / "frames.npy")   # a disk that fills meanwhile is an error here, not a SIGBUS in the memory map
     crops = _crop_frames(rec, config, index, frames, progress)
     frames.flush(); del frames
     arrays = dict(signals, frame_index=index, boxes=crops.pop("boxes"), landmarks=crops.pop("landmarks"))
     for name, array in arrays.items():
         if array is not None: np.save(folder / f"{name}.npy", array)
+    saved = {name: array_record(folder / f"{name}.npy", checksum=name != "frames") for name in ARRAY_KINDS
+             if (folder / f"{name}.npy").exists()}
     used = n / config.target_hz
     meta = dict(recording=rec.name, subject=rec.subject, task=rec.task, samples=n, target_hz=config.target_hz,
                 frames_per_sample=k, frame_hz=config.target_hz * k, seconds=used, cut_s=dict(video=rec.video_seconds - used, eda=rec.eda_seconds - used,
                                          bvp=rec.bvp_seconds - used),
                 face_rate=crops["detections"] / max(crops["attempts"], 1), eda_flagged=int(signals["eda_flagged"].sum()),
-                **crops, key=key)
+                **crops, arrays=saved, key=key)
     (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -370,11 +384,22 @@ def array_problem(path: Path, dtype: str, rows: int) -> str | None:
     if path.stat().st_size < size: return f"{path.name} is truncated ({path.stat().st_size} of {size} bytes)"
     return None
 
+def array_record(path: Path, checksum: bool) -> dict:
+    "What an entry's meta.json records of one array: shape, dtype, file size, and a CRC-32 of the file (all but the frames: cheap)."
+    shape, dtype, size = array_header(path)
+    return dict(shape=list(shape), dtype=str(dtype), bytes=size, crc32=zlib.crc32(path.read_bytes()) if checksum else None)
+
+def changed_arrays(folder: Path, recorded: dict) -> list[str]:
+    "The arrays whose file no longer matches the record meta.json keeps of it (entries built before records: none)."
+    return [f"{name}.npy does not match its checksum (changed since the entry was built)" for name, record in recorded.items()
+            if record["crc32"] is not None and zlib.crc32((folder / f"{name}.npy").read_bytes()) != record["crc32"]]
+
 def entry_problems(folder: Path, meta: dict) -> list[str]:
-    "What is wrong with a cache entry's arrays against its meta.json (`ARRAY_KINDS`); empty when the entry is sound."
+    "What is wrong with a cache entry's arrays against its meta.json (`ARRAY_KINDS`, and the checksums it records); empty when sound."
     rows = {"samples": meta["samples"], "frames": meta["samples"] * meta.get("frames_per_sample", 1)}
     names = [n for n in ARRAY_KINDS if n != "landmarks" or meta["key"]["config"].get("landmarks")]
-    return [p for n in names if (p := array_problem(folder / f"{n}.npy", ARRAY_KINDS[n][0], rows[ARRAY_KINDS[n][1]]))]
+    problems = [p for n in names if (p := array_problem(folder / f"{n}.npy", ARRAY_KINDS[n][0], rows[ARRAY_KINDS[n][1]]))]
+    return problems or changed_arrays(folder, meta.get("arrays", {}))
 
 def load_cached(cache: str | Path, name: str) -> dict:
     "A cache entry as arrays (frames memory-mapped, nothing else large) plus its `meta`; a damaged entry is a `DataError` naming it."
@@ -388,15 +413,24 @@ def load_cached(cache: str | Path, name: str) -> dict:
     return {**arrays, "meta": meta}
 
 # %% ../nbs/02_preprocess.ipynb #c032
+FEW_FACES = 0.5   # a face-cropped entry whose detector found a face in fewer of its attempts is built with a warning
+
+def entry_warning(meta: dict) -> str:
+    "What a user should know about a built or cached entry: damage that was repaired, a face found in few frames."
+    notes = [f"damaged ({meta['damage']}): rebuilt"] if meta.get("damage") else []
+    if meta["key"]["config"]["crop"] == "face" and meta["face_rate"] < FEW_FACES:
+        notes.append(f"warning: a face in only {meta['face_rate']:.0%} of detection attempts (the others are interpolated between them)")
+    return "; ".join(notes)
+
 def preprocess_job(rec: Recording, cache: str, config: PreprocessConfig, progress: bool) -> dict:
     "One recording (already validated by `scan`), with every error caught and returned, so the others finish."
     start = time.perf_counter()
     try:
         meta = preprocess_recording(rec, cache, config, progress)
         row = dict(recording=rec.name, status=meta["status"], samples=meta["samples"], face_rate=meta["face_rate"],
-                   fallback=meta["fallback"], error=f"damaged ({meta['damage']}): rebuilt" if meta.get("damage") else "")
+                   fallback=meta["fallback"], error=entry_warning(meta))
     except Exception as e:  # reported per recording; the run goes on
-        row = dict(recording=rec.name, status="failed", error=str(e) if isinstance(e, DataError)
+        row = dict(recording=rec.name, status="failed", error=str(e) if isinstance(e, (DataError, NoSpace))
                    else f"{type(e).__name__}: {e}")
     return {**row, "seconds": round(time.perf_counter() - start, 2)}
 

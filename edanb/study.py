@@ -26,14 +26,14 @@ from .stress import pooled_stress, stress_detection
 
 # %% auto #0
 __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'LEVEL_KEEPING', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS',
-           'run_config', 'crop_of', 'frames_of', 'current_provenance', 'staleness', 'finished_runs', 'baseline_test',
-           'run_labels', 'collect_runs', 'load_fold', 'fold_model', 'transfer_predictions', 'study_row', 'study_table',
-           'config_without', 'seed_spread', 'per_subject', 'compare_runs', 'runs_differing_in', 'verdict', 'holm',
-           'Claim', 'write_claims', 'comparison_claim', 'null_runs', 'tested_p', 'beats', 'uses_pulse', 'answer_face',
-           'answer_pulse', 'answer_null_twins', 'task_levels', 'task_level_r', 'confound_verdict',
-           'answer_task_confound', 'answer_models', 'answer_physnet_bvp', 'answer_factor', 'study_answers',
-           'run_groups', 'run_stress', 'summary_table', 'group_rows', 'group_table', 'group_answer', 'unfinished_runs',
-           'summary_key', 'run_summary']
+           'REFERENCE_MODELS', 'run_config', 'crop_of', 'frames_of', 'current_provenance', 'staleness', 'finished_runs',
+           'baseline_test', 'run_labels', 'collect_runs', 'load_fold', 'fold_model', 'transfer_predictions',
+           'study_row', 'study_table', 'config_without', 'seed_spread', 'per_subject', 'compare_runs',
+           'runs_differing_in', 'verdict', 'holm', 'Claim', 'write_claims', 'comparison_claim', 'null_runs', 'tested_p',
+           'beats', 'uses_pulse', 'answer_face', 'answer_pulse', 'answer_null_twins', 'task_levels', 'task_level_r',
+           'confound_verdict', 'answer_task_confound', 'answer_models', 'answer_physnet_bvp', 'answer_factor',
+           'study_answers', 'run_groups', 'run_stress', 'summary_table', 'group_rows', 'group_table', 'group_answer',
+           'unfinished_runs', 'summary_key', 'run_summary', 'reference_table']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "frames", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
@@ -531,3 +531,20 @@ def run_summary(results: str | Path,               # results folder of `edanb ru
     html.write_text(HTMLExporter().from_notebook_node(nbformat.read(out, as_version=4))[0])
     write_json(saved, key)
     return out, html
+
+# %% ../nbs/08_study.ipynb #c057
+REFERENCE_MODELS = ("naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "oracle")   # the references a run carries
+
+def reference_table(runs: pd.DataFrame,   # collect_runs(results)
+                    table: pd.DataFrame,  # study_table(runs) or summary_table(results): the runs, best first
+                    metrics: tuple = ("r", "r_lag", "ccc", "mse"),
+                   ) -> pd.DataFrame:     # one row per (data, reference) with the run it is read from
+    "Each dataset's references (`REFERENCE_MODELS`) as the best run on that dataset carries them."
+    parts = []
+    for data, run in table.groupby("data", sort=False).run.first().items():
+        own = runs[(runs.run == run) & runs.model.isin(REFERENCE_MODELS) & runs.metric.isin(metrics)]
+        values = own.pivot(index="model", columns="metric", values="mean")
+        values = values.reindex(index=[m for m in REFERENCE_MODELS if m in values.index], columns=[m for m in metrics if m in values])
+        parts.append(values.rename_axis(index="reference", columns=None).reset_index().assign(data=data, run=run))
+    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["data", "run", "reference"])
+    return out[["data", "run", "reference", *[m for m in metrics if m in out]]]

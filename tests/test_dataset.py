@@ -142,7 +142,7 @@ def test_bad_cache_inputs_are_named(tiny_root, tmp_path):
     from edanb.preprocess import PreprocessConfig, preprocess_dataset
     with pytest.raises(DataError, match="no such cache folder"): cached_recordings(tmp_path / "nowhere")
     cache = tmp_path / "cache"
-    preprocess_dataset(tiny_root, cache, PreprocessConfig(size=32), workers=1, progress=False)
+    preprocess_dataset(tiny_root, cache, PreprocessConfig(size=32, crop="none"), workers=1, progress=False)
     norm = Normaliser()
     with pytest.raises(DataError, match="s1_T1.*landmarks"): ClipDataset(cache, ["s1_T1"], norm, landmarks=True)
     with pytest.raises(DataError, match="s1_T9"): ClipDataset(cache, ["s1_T9"], norm)

@@ -30,15 +30,20 @@ def write_grid(path: Path, small: dict, models: list, **base) -> Path:
     return path
 
 
+LANDMARKS, NAIVE, FAILING = "model-landmarks__window-16", "model-naive__window-16", "model-naive__window-100000"   # grid_run's cells
+
+
 @pytest.fixture(scope="module")
 def grid_run(small, tmp_path_factory) -> dict:
     "A 3-cell grid, one cell with a bad parameter, run twice."
     root = tmp_path_factory.mktemp("grid")
-    grid = write_grid(root / "grid.yaml", small, ["landmarks", "naive", "nosuchmodel"])
+    grid = write_grid(root / "grid.yaml", small, ["landmarks", "naive"])
+    text = yaml.safe_load(grid.read_text())   # a third cell that only its run can find wrong: a window longer than the recordings
+    grid.write_text(yaml.safe_dump({**text, "grid": [text["grid"], dict(model="naive", window=100000)]}))
     first = run_grid(grid, root / "results", jobs=2, progress=False)
-    failed_at = (root / "results" / "model-nosuchmodel" / "failed.json").stat().st_mtime_ns
+    failed_at = (root / "results" / FAILING / "failed.json").stat().st_mtime_ns
     second = run_grid(grid, root / "results", jobs=2, progress=False)
-    return dict(grid=grid, results=root / "results", first=first.set_index("cell"), second=second.set_index("cell"),
+    return dict(grid=grid, results=root / "results", small=small, first=first.set_index("cell"), second=second.set_index("cell"),
                 failed_at=failed_at)
 
 
@@ -55,24 +60,24 @@ def test_the_notebook_parameters_are_every_train_config_field():
 @pytest.mark.slow
 def test_a_failing_cell_is_recorded_and_the_others_complete(grid_run):
     first, results = grid_run["first"], grid_run["results"]
-    assert first.status.to_dict() == {"model-landmarks": "done", "model-naive": "done", "model-nosuchmodel": "failed"}
-    assert "unknown model 'nosuchmodel'" in first.reason["model-nosuchmodel"]
-    failure = json.loads((results / "model-nosuchmodel" / "failed.json").read_text())
-    assert "unknown model 'nosuchmodel'" in failure["reason"]
-    assert (results / "model-nosuchmodel" / "train.ipynb").is_file()   # papermill keeps the failing notebook
-    for cell in ("model-landmarks", "model-naive"): assert (results / cell / "metrics.json").is_file()
+    assert first.status.to_dict() == {LANDMARKS: "done", NAIVE: "done", FAILING: "failed"}
+    assert "window 100000: longer than recording" in first.reason[FAILING]
+    failure = json.loads((results / FAILING / "failed.json").read_text())
+    assert "window 100000: longer than recording" in failure["reason"]
+    assert (results / FAILING / "train.ipynb").is_file()   # papermill keeps the failing notebook
+    for cell in (LANDMARKS, NAIVE): assert (results / cell / "metrics.json").is_file()
 
 
 @pytest.mark.slow
 def test_a_rerun_skips_done_cells_and_retries_only_the_failed_one(grid_run):
     second = grid_run["second"]
-    assert second.status.to_dict() == {"model-landmarks": "skipped", "model-naive": "skipped", "model-nosuchmodel": "failed"}
-    assert (grid_run["results"] / "model-nosuchmodel" / "failed.json").stat().st_mtime_ns > grid_run["failed_at"]
+    assert second.status.to_dict() == {LANDMARKS: "skipped", NAIVE: "skipped", FAILING: "failed"}
+    assert (grid_run["results"] / FAILING / "failed.json").stat().st_mtime_ns > grid_run["failed_at"]
 
 
 @pytest.mark.slow
 def test_the_executed_notebook_is_the_record_with_its_figures(grid_run):
-    folder = grid_run["results"] / "model-landmarks"
+    folder = grid_run["results"] / LANDMARKS
     nb = json.loads((folder / "train.ipynb").read_text())
     images = sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
     assert images >= 5, images
@@ -88,7 +93,7 @@ def test_the_summary_renders_the_numbers_of_metrics_json(grid_run):
     notebook, html = run_summary(results)
     table = pd.read_csv(results / "summary.csv").set_index("run")
     text = html.read_text()
-    for run in ("model-landmarks", "model-naive"):
+    for run in (LANDMARKS, NAIVE):
         metrics = json.loads((results / run / "metrics.json").read_text())
         summary = pd.DataFrame(metrics["summary"])
         row = summary[(summary.model == metrics["config"]["model"]) & (summary.metric == "ccc")].iloc[0]
@@ -96,20 +101,20 @@ def test_the_summary_renders_the_numbers_of_metrics_json(grid_run):
         assert table.loc[run, "ccc"] == cell
         assert cell in text
         test = next(t for t in metrics["tests"] if t["model"] == metrics["config"]["model"] and t["baseline"] == "elapsed_task"
-                    and t["metric"] == "r") if run != "model-naive" else None
+                    and t["metric"] == "r") if run != NAIVE else None
         if test: assert np.isclose(table.loc[run, "p_vs_elapsed_task (r)"], test["p_value"])
     assert "Can EDA be predicted from the face?" in text
-    assert table.loc["model-naive", "rest_vs_stress"].startswith("0.50")   # a constant prediction is chance
+    assert table.loc[NAIVE, "rest_vs_stress"].startswith("0.50")   # a constant prediction is chance
 
 
 @pytest.mark.slow
 def test_the_summary_is_made_again_when_a_run_is_removed(grid_run, tmp_path):
     results = Path(shutil.copytree(grid_run["results"], tmp_path / "results"))
     run_summary(results)
-    assert "model-naive" in set(pd.read_csv(results / "summary.csv").run)
-    shutil.rmtree(results / "model-naive")
+    assert NAIVE in set(pd.read_csv(results / "summary.csv").run)
+    shutil.rmtree(results / NAIVE)
     run_summary(results)
-    assert "model-naive" not in set(pd.read_csv(results / "summary.csv").run)
+    assert NAIVE not in set(pd.read_csv(results / "summary.csv").run)
 
 
 @pytest.mark.dask
@@ -120,8 +125,8 @@ def test_a_grid_on_a_dask_cluster_equals_the_jobs_run(grid_run, tmp_path):
         table = run_grid(grid_run["grid"], tmp_path / "dask", scheduler=cluster.scheduler_address, progress=False)
         assert "run_cell_on_worker" in cluster.scheduler.task_prefixes   # the cells ran on the workers
     assert table.set_index("cell").status.to_dict() == grid_run["first"].status.to_dict()
-    assert "unknown model 'nosuchmodel'" in table.set_index("cell").reason["model-nosuchmodel"]
-    for cell in ("model-landmarks", "model-naive"):
+    assert "window 100000: longer than recording" in table.set_index("cell").reason[FAILING]
+    for cell in (LANDMARKS, NAIVE):
         a = pd.read_parquet(grid_run["results"] / cell / "predictions.parquet")
         b = pd.read_parquet(tmp_path / "dask" / cell / "predictions.parquet")
         pd.testing.assert_frame_equal(a, b, atol=1e-6, rtol=0)
@@ -194,15 +199,15 @@ def test_runs_pair_only_when_every_other_field_is_equal_and_verdicts_say_which_i
     from edanb.study import collect_runs, compare_runs, per_subject, runs_differing_in, study_table, verdict
     results = grid_run["results"]
     table = study_table(collect_runs(results))
-    assert sorted(map(sorted, runs_differing_in(table, "model"))) == [["model-landmarks", "model-naive"]]
+    assert sorted(map(sorted, runs_differing_in(table, "model"))) == [[LANDMARKS, NAIVE]]
     other = table.copy()
-    other.loc[other.run == "model-naive", "config"] = other.config[other.run == "model-naive"].map(
+    other.loc[other.run == NAIVE, "config"] = other.config[other.run == NAIVE].map(
         lambda c: json.dumps({**json.loads(c), "epochs": 9}))
     assert runs_differing_in(other, "model") == []                          # more epochs: not a comparison of models
-    comparison = compare_runs(results, "model-landmarks", "model-naive", "mse")
-    a, b = per_subject(results, "model-landmarks", "mse"), per_subject(results, "model-naive", "mse")
+    comparison = compare_runs(results, LANDMARKS, NAIVE, "mse")
+    a, b = per_subject(results, LANDMARKS, "mse"), per_subject(results, NAIVE, "mse")
     assert comparison["better_in"] == int((a < b).sum())                     # lower MSE is better
-    assert f"model-landmarks better in {comparison['better_in']} of" in verdict(comparison)
+    assert f"{LANDMARKS} better in {comparison['better_in']} of" in verdict(comparison)
 
 
 def test_the_slurm_example_asks_for_one_gpu_job_per_cell():
@@ -315,11 +320,29 @@ def test_the_summary_lists_the_runs_without_results_and_is_keyed_on_the_runs(gri
     from edanb.study import unfinished_runs
     results = Path(shutil.copytree(grid_run["results"], tmp_path / "results"))
     missing = unfinished_runs(results).set_index("run")
-    assert list(missing.index) == ["model-nosuchmodel"] and "unknown model 'nosuchmodel'" in missing.reason.iat[0]
+    assert list(missing.index) == [FAILING] and "window 100000: longer than recording" in missing.reason.iat[0]
     _, html = run_summary(results)
-    assert "model-nosuchmodel" in html.read_text() and "unknown model" in html.read_text()
+    assert FAILING in html.read_text() and "longer than recording" in html.read_text()
     written = html.stat().st_mtime_ns
     assert run_summary(results)[1].stat().st_mtime_ns == written                  # nothing changed: reused
-    metrics = results / "model-naive" / "metrics.json"
+    metrics = results / NAIVE / "metrics.json"
     os.utime(metrics, ns=(metrics.stat().st_atime_ns, metrics.stat().st_mtime_ns - 10**9))   # the run finished at another time
     assert run_summary(results)[1].stat().st_mtime_ns > written
+
+
+@pytest.mark.slow
+def test_the_summary_shows_each_datasets_runs_and_references_apart(grid_run, tmp_path, capsys):
+    "Runs on two datasets: the CLI table has a block per dataset, and the notebook each dataset's references."
+    results = Path(shutil.copytree(grid_run["results"], tmp_path / "results"))
+    metrics = json.loads((results / NAIVE / "metrics.json").read_text())
+    metrics["config"]["data"] = "data/other"
+    (results / NAIVE / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["summary", str(results)]) == 0
+    out = capsys.readouterr().out
+    first, second = out.index(f"data {grid_run['small']['data']}:"), out.index("data data/other:")
+    assert first < out.index(LANDMARKS) < second < out.index(NAIVE, second), out
+    from edanb.study import collect_runs, reference_table, summary_table
+    references = reference_table(collect_runs(results), summary_table(results))
+    assert list(dict.fromkeys(references.data)) == [grid_run["small"]["data"], "data/other"]
+    assert set(references.run) == {LANDMARKS, NAIVE} and "oracle" in set(references.reference)
+    assert "data/other" in (results / "summary.html").read_text()

@@ -20,6 +20,7 @@ def _as(dtype):
         array = np.load(path)
         np.save(path, (array / 255.0).astype(dtype) if array.dtype == np.uint8 else array.astype(dtype))
     return change
+def _shift(path: Path): np.save(path, np.load(path) + 1)   # same shape and dtype, other values
 
 DAMAGES = {   # id -> (file in the entry, what is done to it, words the message must hold)
     "meta missing": ("meta.json", _drop, "meta.json"),
@@ -28,6 +29,7 @@ DAMAGES = {   # id -> (file in the entry, what is done to it, words the message 
     "array truncated": ("frames.npy", _truncate, "frames.npy is truncated"),
     "frames as float64": ("frames.npy", _as(np.float64), "frames.npy holds float64, not uint8"),
     "eda as int16": ("eda.npy", _as(np.int16), "eda.npy holds int16, not float32"),
+    "eda changed": ("eda.npy", _shift, "eda.npy does not match its checksum"),
 }
 
 
@@ -123,6 +125,9 @@ GRID_ERRORS = {   # grid file text -> the words of its one line
     "grid:\n  model: [seqcnn]\n  model: [naive]\n": "key 'model' repeated",
     "grid:\n  epochs: [1.5]\n": "epochs: expected int, got 1.5",
     "grid:\n  augment_p: [true]\n": "augment_p: expected float, got True",
+    "grid:\n  model: [naive, nosuchmodel]\n": "cell model-nosuchmodel: unknown model 'nosuchmodel'",
+    "grid:\n  lr: [0.001, -1]\n": "cell lr-1: lr -1: must be above 0",
+    "grid:\n  model: [seqcnn]\n  model_args: ['{\"hiden\": 8}']\n": "model_args ['hiden']: not arguments of seqcnn",
 }
 
 
@@ -228,3 +233,93 @@ def test_a_killed_grid_leaves_no_trainer_behind(small, tmp_path):
     assert not Path(f"/proc/{trainer}").exists(), "the cell's trainer lived on after its grid was killed"
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "results")], capture_output=True, text=True).stdout.split()
     assert not left, f"papermill lived on: {left}"
+
+
+# --- full disks: one line naming the file and the disk, the other recordings finish, nothing half-written is left ---
+
+@pytest.fixture
+def small_disk(tmp_path):
+    "A folder on a 1 MB tmpfs of its own (`mount -o remount,size=...` grows it); needs root."
+    import os, subprocess
+    if os.geteuid() != 0: pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"; disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this machine cannot mount a tmpfs")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _grow(disk: Path, size: str):
+    import subprocess
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_during_preprocessing_fails_what_does_not_fit_and_prints_the_table(small, small_disk, capsys, workers):
+    cache = small_disk / "cache"
+    args = ["preprocess", small["data"], "--out", str(cache), "--size", "32", "--landmarks", "--workers", str(workers)]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert out.count("no space left on") >= 10 and f"no space left on {small_disk} (need 0.2 MB" in out, out
+    assert out.count(" built ") >= 2 and all(f"s{s}_T{t}" in out for s in range(1, 7) for t in (1, 2, 3)), out
+    assert not _leftovers(cache)
+    _grow(small_disk, "8m")
+    assert main(args) == 0 and "no space" not in capsys.readouterr().out
+
+
+def test_a_disk_that_fills_while_an_entry_is_written_is_an_error_not_a_bus_error(small, small_disk):
+    """The space check is bypassed, as when another process fills the disk meanwhile. 72 px frames (0.75 MB an entry) do
+    not fit beside the first entry: writing them through a sparse memory map would kill the process with SIGBUS."""
+    import subprocess, sys
+    script = ("import json, edanb.preprocess as p; p.check_space = lambda *a: None\n"
+              f"t = p.preprocess_dataset({small['data']!r}, {str(small_disk / 'cache')!r}, p.PreprocessConfig(size=72),"
+              " workers=1, progress=False)\nprint(json.dumps(t.error.tolist()))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert errors[0] == "" and errors[1].startswith(f"{small_disk / 'cache' / 's1_T2'}: no space left on {small_disk} ("), errors
+    assert sum("no space left on" in e for e in errors) == 17, errors
+    assert not _leftovers(small_disk / "cache")
+
+
+def test_a_full_disk_during_training_is_one_line_and_the_run_resumes_once_there_is_space(small, small_disk, capsys):
+    "A seqcnn run of 3 folds needs about 6 MB (each fold's last.pt is 1.5 MB): on 3 MB a later checkpoint does not fit."
+    _grow(small_disk, "3m")
+    args = ["train", "--data", small["data"], "--cache", small["cache"], "--out", str(small_disk / "run"), "--model", "seqcnn",
+            "--folds", "3", "--epochs", "2", "--window", "16", "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"edanb train: error: {small_disk / 'run'}/fold") and ".pt: no space left on" in err[0], err
+    assert not _leftovers(small_disk / "run") and not (small_disk / "run" / "metrics.json").exists()
+    _grow(small_disk, "16m")
+    assert main(args) == 0 and (small_disk / "run" / "metrics.json").exists()
+
+
+# --- a video in which no face is ever found ---
+
+def _faceless_video(path: Path, frames: int, width: int = 128, height: int = 72):
+    "An MJPEG video of the same length as the one it replaces, grey noise and no face."
+    import cv2
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 35, (width, height))
+    noise = np.random.default_rng(0).integers(100, 160, (frames, height, width, 3), dtype=np.uint8)
+    for frame in noise: writer.write(frame)
+    writer.release()
+
+
+def test_a_video_with_no_face_fails_in_one_line_and_the_others_are_built(small, tmp_path, capsys):
+    import cv2
+    data = Path(shutil.copytree(small["data"], tmp_path / "ubfc"))
+    video = data / "s1" / "vid_s1_T2.avi"
+    frames = int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT))
+    _faceless_video(video, frames)
+    assert main(["preprocess", str(data), "--out", str(tmp_path / "cache"), "--size", "32", "--workers", "2", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"{video}: no face found in any of its" in out and "128x72 video" in out and "--crop none" in out, out
+    assert "17 recording(s) cached" in out and "1 failed" in out, out
+    assert not (tmp_path / "cache" / "s1_T2").exists() and not _leftovers(tmp_path / "cache")
+    assert main(["preprocess", str(data), "--out", str(tmp_path / "none"), "--size", "32", "--crop", "none", "--workers", "2",
+                 "--quiet"]) == 0   # the frame's centre, as asked for

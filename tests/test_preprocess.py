@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from edanb.data import BVP_HZ, EDA_HZ, discover, load_recording, recording_paths
+from edanb.data import BVP_HZ, EDA_HZ, DataError, discover, load_recording, recording_paths
 from edanb.preprocess import (FrameReader, PreprocessConfig, crop_steps, load_cached, preprocess_dataset,
                               preprocess_recording, resample)
 
@@ -203,32 +203,35 @@ def test_missed_detections_are_bridged_and_counted(synth_root, tmp_path):
     assert error[gap].max() < 0.12, error[gap].max()               # ... where the face was before and after
 
 
-def test_video_without_face_gets_centre_crop(tmp_path):
+def test_video_without_face_is_refused_and_crop_none_takes_the_centre(tmp_path):
     write_index_recording(tmp_path / "data", frames=35 * 8, eda_seconds=8)
-    meta = preprocess_recording(load_recording(tmp_path / "data", "s1", "T1"), tmp_path / "cache")
+    rec = load_recording(tmp_path / "data", "s1", "T1")
+    with pytest.raises(DataError, match="vid_s1_T1.avi: no face found in any of its 8 detection attempts"):
+        preprocess_recording(rec, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "s1_T1").exists() and not list((tmp_path / "cache").glob(".*tmp-*"))
+    meta = preprocess_recording(rec, tmp_path / "cache", PreprocessConfig(crop="none"))
     entry = load_cached(tmp_path / "cache", "s1_T1")
-    assert meta["face_rate"] == 0 and meta["fallback"] == meta["samples"] == 32
-    assert (entry["boxes"] == [0, 0, 64]).all()   # the whole (square) frame
+    assert meta["samples"] == 32 and (entry["boxes"] == [0, 0, 64]).all()   # the whole (square) frame, as asked
 
 
 def test_cache_reuse_and_rebuild(tiny_root, tmp_path):
     cache = tmp_path / "cache"
-    first = preprocess_dataset(tiny_root, cache, PreprocessConfig(size=32), workers=1, progress=False)
+    first = preprocess_dataset(tiny_root, cache, PreprocessConfig(size=32, crop="none"), workers=1, progress=False)
     assert (first.status == "built").all()
     stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")}
-    again = preprocess_dataset(tiny_root, cache, PreprocessConfig(size=32), workers=1, progress=False)
+    again = preprocess_dataset(tiny_root, cache, PreprocessConfig(size=32, crop="none"), workers=1, progress=False)
     assert (again.status == "cached").all()
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")} == stamps   # no work done
-    changed = preprocess_dataset(tiny_root, cache, PreprocessConfig(size=24), workers=1, progress=False)
+    changed = preprocess_dataset(tiny_root, cache, PreprocessConfig(size=24, crop="none"), workers=1, progress=False)
     assert (changed.status == "built").all() and load_cached(cache, "s1_T1")["frames"].shape[1:] == (24, 24, 3)
 
 
 def test_changed_source_rebuilds(dataset, tmp_path):
     cache = tmp_path / "cache"
-    preprocess_dataset(dataset, cache, PreprocessConfig(size=32), workers=1, progress=False)
+    preprocess_dataset(dataset, cache, PreprocessConfig(size=32, crop="none"), workers=1, progress=False)
     eda = recording_paths(dataset, "s2", "T1")["eda"]
     eda.write_text(eda.read_text().replace("\n", "0\n", 1))   # same length, new value
-    table = preprocess_dataset(dataset, cache, PreprocessConfig(size=32), workers=1, progress=False).set_index("recording")
+    table = preprocess_dataset(dataset, cache, PreprocessConfig(size=32, crop="none"), workers=1, progress=False).set_index("recording")
     assert table.status["s2_T1"] == "built" and (table.drop("s2_T1").status == "cached").all()
 
 
@@ -242,7 +245,7 @@ def test_bad_recordings_are_named_and_others_cached(dataset, tmp_path):
     eda.write_text("\n".join(eda.read_text().splitlines()[:4]) + "\n")                          # EDA 3 s short
     exe = Path(sys.executable).with_name("edanb")
     result = subprocess.run([str(exe), "preprocess", str(dataset), "--out", str(tmp_path / "cache"), "--size", "32",
-                             "--quiet"], capture_output=True, text=True, timeout=300)
+                             "--crop", "none", "--quiet"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "2 recording(s) cached" in result.stdout and "4 failed" in result.stdout
     for path, words in ((p["T1"]["video"], "truncated"), (p["T2"]["video"], "0 bytes"),
                         (p["T3"]["video"], "cannot be opened"), (eda, "EDA lasts 1.00 s")):
@@ -275,7 +278,7 @@ def test_killed_run_then_rerun_equals_uninterrupted(synth_root, tmp_path):
 def test_a_dask_cluster_builds_the_same_cache_and_resumes(tiny_root, tmp_path):
     "One task per recording on a local Dask cluster the test starts: the cache equals a local run's, and a rerun resumes."
     from distributed import LocalCluster
-    config = PreprocessConfig(size=32, landmarks=True)
+    config = PreprocessConfig(size=32, crop="none")   # the tiny dataset's 64 px faces are too small for the detector
     preprocess_dataset(tiny_root, tmp_path / "local", config, workers=1, progress=False)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         table = preprocess_dataset(tiny_root, tmp_path / "dask", config, progress=False, scheduler=cluster.scheduler_address)
