@@ -252,9 +252,12 @@ def cache_key(rec: Recording, config: PreprocessConfig) -> dict:
     return dict(version=CACHE_VERSION, config=fields, sources=source_stamp(rec))
 
 def read_meta(folder: Path) -> dict | None:
-    "The cache entry's metadata, or None if there is no complete entry."
-    try: return json.loads((folder / "meta.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError): return None
+    "The cache entry's metadata, or None if there is no complete entry (meta.json missing, unreadable, or without its fields)."
+    try: meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError): return None
+    complete = (isinstance(meta, dict) and {"recording", "samples", "target_hz", "key"} <= set(meta)
+                and isinstance(meta["key"], dict) and isinstance(meta["key"].get("config"), dict))
+    return meta if complete else None
 
 # %% ../nbs/02_preprocess.ipynb #c022
 def _signals(rec: Recording, config: PreprocessConfig, n: int) -> dict[str, np.ndarray]:
@@ -390,9 +393,15 @@ def array_record(path: Path, checksum: bool) -> dict:
     return dict(shape=list(shape), dtype=str(dtype), bytes=size, crc32=zlib.crc32(path.read_bytes()) if checksum else None)
 
 def changed_arrays(folder: Path, recorded: dict) -> list[str]:
-    "The arrays whose file no longer matches the record meta.json keeps of it (entries built before records: none)."
-    return [f"{name}.npy does not match its checksum (changed since the entry was built)" for name, record in recorded.items()
-            if record["crc32"] is not None and zlib.crc32((folder / f"{name}.npy").read_bytes()) != record["crc32"]]
+    "The arrays whose file no longer matches the record meta.json keeps of it: shape, dtype, size, checksum (entries built before records: none)."
+    problems = []
+    for name, record in recorded.items():
+        shape, dtype, size = array_header(folder / f"{name}.npy")
+        if [list(shape), str(dtype), size] != [record["shape"], record["dtype"], record["bytes"]]:
+            problems.append(f"{name}.npy holds {dtype} {list(shape)}, not the {record['dtype']} {record['shape']} it was built with")
+        elif record["crc32"] is not None and zlib.crc32((folder / f"{name}.npy").read_bytes()) != record["crc32"]:
+            problems.append(f"{name}.npy does not match its checksum (changed since the entry was built)")
+    return problems
 
 def entry_problems(folder: Path, meta: dict) -> list[str]:
     "What is wrong with a cache entry's arrays against its meta.json (`ARRAY_KINDS`, and the checksums it records); empty when sound."

@@ -26,14 +26,15 @@ from .stress import pooled_stress, stress_detection
 
 # %% auto #0
 __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'LEVEL_KEEPING', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS',
-           'REFERENCE_MODELS', 'run_config', 'crop_of', 'frames_of', 'current_provenance', 'staleness', 'finished_runs',
-           'baseline_test', 'run_labels', 'collect_runs', 'load_fold', 'fold_model', 'transfer_predictions',
-           'study_row', 'study_table', 'config_without', 'seed_spread', 'per_subject', 'compare_runs',
-           'runs_differing_in', 'verdict', 'holm', 'Claim', 'write_claims', 'comparison_claim', 'null_runs', 'tested_p',
-           'beats', 'uses_pulse', 'answer_face', 'answer_pulse', 'answer_null_twins', 'task_levels', 'task_level_r',
-           'confound_verdict', 'answer_task_confound', 'answer_models', 'answer_physnet_bvp', 'answer_factor',
-           'study_answers', 'run_groups', 'run_stress', 'summary_table', 'group_rows', 'group_table', 'group_answer',
-           'unfinished_runs', 'summary_key', 'run_summary', 'reference_table']
+           'REFERENCE_MODELS', 'run_config', 'crop_of', 'frames_of', 'current_provenance', 'staleness',
+           'metrics_problem', 'finished_runs', 'baseline_test', 'run_labels', 'collect_runs', 'load_fold', 'fold_model',
+           'transfer_predictions', 'study_row', 'study_table', 'config_without', 'seed_spread', 'per_subject',
+           'compare_runs', 'runs_differing_in', 'verdict', 'holm', 'Claim', 'write_claims', 'comparison_claim',
+           'null_runs', 'tested_p', 'beats', 'uses_pulse', 'answer_face', 'answer_pulse', 'answer_null_twins',
+           'task_levels', 'task_level_r', 'confound_verdict', 'answer_task_confound', 'answer_models',
+           'answer_physnet_bvp', 'answer_factor', 'study_answers', 'run_groups', 'run_stress', 'summary_table',
+           'group_rows', 'group_table', 'group_answer', 'unfinished_runs', 'summary_key', 'run_summary',
+           'reference_table']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "frames", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
@@ -67,11 +68,19 @@ def staleness(metrics: dict) -> str:
     return "; ".join(stale_reasons(metrics.get("provenance"), current_provenance(config["data"], config["cache"], config.get("split", ""))))
 
 # %% ../nbs/08_study.ipynb #c031
+def metrics_problem(path: Path) -> str:
+    "Why a run's `metrics.json` cannot be read as one (damaged, truncated, not a run's); empty when it can."
+    try: metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e: return f"{path.name} is unreadable ({e})"
+    missing = [k for k in ("config", "summary") if not isinstance(metrics, dict) or k not in metrics]
+    return f"{path.name} holds no {' or '.join(missing)}" if missing else ""
+
 def finished_runs(results: str | Path) -> list[Path]:
-    "The `metrics.json` of every finished run in a results folder, and one level below (e.g. `results/null/<cell>`)."
+    "The `metrics.json` of every finished run in a results folder, and one level below (e.g. `results/null/<cell>`); a damaged one is listed by `unfinished_runs`."
     results = Path(results)
     found = [*results.glob("*/metrics.json"), *results.glob("*/*/metrics.json")]
-    return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(results).parts))  # not .stale/
+    return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(results).parts)  # not .stale/
+                  and not metrics_problem(p))
 
 # %% ../nbs/08_study.ipynb #c034
 def baseline_test(tests: pd.DataFrame, model: str, metric: str, baseline: str) -> dict:
@@ -494,10 +503,14 @@ def group_answer(groups: pd.DataFrame,   # group_table(...)
             "only: the groups hold different subjects, so no paired test compares them.")
 
 def unfinished_runs(results: str | Path) -> pd.DataFrame:
-    "Run folders under `results` without metrics.json (moved-aside `.stale` ones apart), each with why: failed.json, diverged.json, or unfinished."
+    "Run folders under `results` without a readable metrics.json (moved-aside `.stale` ones apart), each with why: failed.json, diverged.json, damaged, or unfinished."
     results, rows = Path(results), []
-    folders = {p.parent for name in ("params.json", "config.json") for p in results.rglob(name) if ".stale" not in p.parts}
-    for folder in sorted(f for f in folders if not (f / "metrics.json").exists()):
+    folders = {p.parent for name in ("params.json", "config.json", "metrics.json") for p in results.rglob(name) if ".stale" not in p.parts}
+    for folder in sorted(folders):
+        metrics = folder / "metrics.json"
+        if metrics.exists():
+            if metrics_problem(metrics): rows.append(dict(run=folder.relative_to(results).as_posix(), reason=metrics_problem(metrics)))
+            continue
         why = next((json.loads((folder / n).read_text()).get("reason", "") for n in ("failed.json", "diverged.json")
                     if (folder / n).exists()), "") or "unfinished: no metrics.json (interrupted, or running now)"
         rows.append(dict(run=folder.relative_to(results).as_posix(), reason=why))

@@ -79,6 +79,9 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as e: raise ValueError(f"device {name!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: no CUDA GPU is available here: use --device cpu (or auto)")
+    try: torch.empty(0, device=device)   # any other kind (mps, xpu, ...) this torch or machine lacks
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"device {name!r}: not available here ({str(e).splitlines()[0]}): use --device cpu (or auto)") from None
     return device
 
 def distributed() -> tuple[int, int]:
@@ -543,6 +546,8 @@ def open_run(config: TrainConfig) -> dict | None:
     if (out / "metrics.json").exists():
         if rank == 0: print(f"{out}: finished run, not retrained (metrics.json)")
         return json.loads((out / "metrics.json").read_text())
+    if not Path(config.data).is_dir():   # its metadata stratifies the folds and groups the results: never trained without
+        raise DataError(config.data, "dataset folder does not exist (--data: the subjects' groups and, on synthetic data, the oracle come from it)")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", asdict(config) | used_recordings(config))

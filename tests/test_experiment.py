@@ -346,3 +346,15 @@ def test_the_summary_shows_each_datasets_runs_and_references_apart(grid_run, tmp
     assert list(dict.fromkeys(references.data)) == [grid_run["small"]["data"], "data/other"]
     assert set(references.run) == {LANDMARKS, NAIVE} and "oracle" in set(references.reference)
     assert "data/other" in (results / "summary.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_damaged_metrics_json_is_listed_not_a_crash(grid_run, tmp_path):
+    from edanb.study import unfinished_runs
+    results = Path(shutil.copytree(grid_run["results"], tmp_path / "results"))
+    metrics = results / NAIVE / "metrics.json"
+    metrics.write_text(metrics.read_text()[:100])   # truncated, as by a full disk outside edanb's atomic writes
+    (results / LANDMARKS / "metrics.json").write_text("[]")
+    missing = unfinished_runs(results).set_index("run").reason
+    assert missing[NAIVE].startswith("metrics.json is unreadable") and missing[LANDMARKS] == "metrics.json holds no config or summary"
+    with pytest.raises(FileNotFoundError, match="no finished run"): run_summary(results)

@@ -21,6 +21,8 @@ def _as(dtype):
         np.save(path, (array / 255.0).astype(dtype) if array.dtype == np.uint8 else array.astype(dtype))
     return change
 def _shift(path: Path): np.save(path, np.load(path) + 1)   # same shape and dtype, other values
+def _smaller(path: Path): np.save(path, np.load(path)[:, ::2, ::2])   # frames of another crop size
+def _empty_object(path: Path): path.write_text("{}")
 
 DAMAGES = {   # id -> (file in the entry, what is done to it, words the message must hold)
     "meta missing": ("meta.json", _drop, "meta.json"),
@@ -30,6 +32,8 @@ DAMAGES = {   # id -> (file in the entry, what is done to it, words the message 
     "frames as float64": ("frames.npy", _as(np.float64), "frames.npy holds float64, not uint8"),
     "eda as int16": ("eda.npy", _as(np.int16), "eda.npy holds int16, not float32"),
     "eda changed": ("eda.npy", _shift, "eda.npy does not match its checksum"),
+    "frames of another size": ("frames.npy", _smaller, "frames.npy holds uint8 [48, 16, 16, 3], not the uint8 [48, 32, 32, 3]"),
+    "meta without fields": ("meta.json", _empty_object, "meta.json"),
 }
 
 
@@ -100,6 +104,8 @@ TRAIN_ERRORS = [   # options after `edanb train --data --cache --out`, the words
     (["--folds", "2"], "folds 2: 0 (one split) or at least 3"),
     (["--device", "tpu"], "device 'tpu'"),
     (["--window", "100000"], "window 100000"),
+    (["--device", "mps"], "device 'mps': not available here"),
+    (["--data", "/nonexistent/ubfc"], "/nonexistent/ubfc: dataset folder does not exist"),
 ]
 
 
