@@ -50,7 +50,7 @@ def print_table(table: pd.DataFrame) -> None:
 
 def readable_summary(table: pd.DataFrame) -> pd.DataFrame:
     "The summary's headline columns as the notebooks print them: p to 2 significant digits, fractions to 2, n/a for none."
-    out = table[[c for c in ("run", "r", "r_lag", "ccc", "p_vs_elapsed_task (r)", "better than elapsed_task (r)", "p_vs_task_profile (r)",
+    out = table[[c for c in ("run", "r", "r_lag", "ccc", "tonic_r", "phasic_r", "scr_f1", "p_vs_elapsed_task (r)", "better than elapsed_task (r)", "p_vs_task_profile (r)",
                              "p_vs_bvp_only (r)", "better than bvp_only (r)", "r over seeds", "fraction_of_ceiling",
                              "rest_vs_stress") if c in table]].copy()
     if "stale" in table and table.stale.fillna("").astype(bool).any(): out["stale"] = table.stale.fillna("")

@@ -9,6 +9,8 @@ import inspect
 import json
 from dataclasses import dataclass
 
+from .components import check_method
+
 # %% auto #0
 __all__ = ['EDA_SCALINGS', 'REST_TASK', 'CENTRING', 'FRAME_SCALINGS', 'EDA_QUALITIES', 'LEAST', 'RENAMED', 'ADDED',
            'RUN_INDEPENDENT', 'DatasetConfig', 'coerce_numbers', 'check_limits', 'check_model_args', 'TrainConfig',
@@ -92,6 +94,7 @@ class TrainConfig(DatasetConfig):
     scheduler: str = "cosine"      # none | cosine (to 0 over `epochs`) | plateau (halve when `select` stalls)
     patience: int = 15             # stop after this many epochs without a better `select` (the study: 15)
     select: str = "r"              # validation metric that picks the best epoch: r | clip_r | ccc | mse | loss
+    phasic_method: str = "highpass" # tonic/phasic decomposition of the component scores (neurokit2): highpass | smoothmedian | cvxeda
     grad_clip: float = 1.0         # clip the gradient norm to this, after backward (0: no clipping)
     augment_p: float = 0.0         # the study's augmentation probability (0.7); off by default, see the notebook
     seed: int = 0                  # split, initialisation, shuffling and augmentation
@@ -115,7 +118,7 @@ class TrainConfig(DatasetConfig):
         from edanb.models import MODELS   # torch, only when a configuration is made (reading a grid needs none)
         if self.model not in MODELS: raise ValueError(f"unknown model {self.model!r}: registered models are {sorted(MODELS)}")
         check_model_args(self.model, self.overrides())  # a bad JSON string or argument fails here, not after the data is loaded
-        coerce_numbers(self); check_limits(self)
+        coerce_numbers(self); check_limits(self); check_method(self.phasic_method)
 
     def overrides(self) -> dict:
         "The model's argument overrides (`model_args`) as a dict."
@@ -126,7 +129,7 @@ class TrainConfig(DatasetConfig):
 
 # %% ../nbs/02a_config.ipynb #c014
 RENAMED = {"target": "eda_scaling", "frames": "frame_scaling"}   # old name -> field: run folders and grids written before
-ADDED = {"eda_quality": "keep", "exclude": ""}   # field -> what a run saved before the field existed did
+ADDED = {"eda_quality": "keep", "exclude": "", "phasic_method": "highpass"}   # field -> what a run saved before the field existed did
 
 def current_names(config: dict) -> dict:
     "A saved run configuration (config.json, metrics.json) with fields of an older edanb under their current names, and fields added since as that run had them (`ADDED`)."

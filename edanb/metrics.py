@@ -15,6 +15,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
+from .components import MIN_SAMPLES as MIN_COMPONENT_SAMPLES, SCR_TOLERANCE_S, component_series, decomposition_scores, detection_scores
 from .core import format_interval, pearson
 from .data import group_order, is_synthetic, subject_groups
 from .dataset import Normaliser, baseline_recording, clip_starts, evaluation_stride, reflect_index
@@ -22,15 +23,15 @@ from .preprocess import load_cached
 from .synth import CUE_COLUMNS, lagged_cues, lowpass
 
 # %% auto #0
-__all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'LABEL_CENTRED_US', 'METRICS', 'LOWER_IS_BETTER', 'MAX_LAG_S', 'MIN_OVERLAP',
-           'MIN_SAMPLES', 'HR_TIME_CONSTANTS', 'BASELINE_TESTS', 'GROUP_METRICS', 'pearson_per_clip', 'ccc_per_clip',
-           'mse_loss', 'npc_loss', 'ccc_loss', 'make_loss', 'stitch', 'series_table', 'stitch_shapes',
-           'clip_correlations', 'predictions_table', 'series_predictions', 'lagged_r', 'ccc', 'series_metrics',
-           'metrics_table', 'bootstrap_ci', 'summarise', 'compare_to_baseline', 'scaled_like_targets',
-           'linear_reference', 'cue_features', 'oracle_predictions', 'oracle_fraction', 'elapsed_time_series',
-           'task_of', 'elapsed_time_per_task', 'mean_profile', 'task_profile', 'heart_rate_features', 'has_heart_rate',
-           'reference_series', 'reference_predictions', 'oracle_ceiling', 'ceiling_table', 'baseline_tests',
-           'run_metrics', 'group_summary', 'headline']
+__all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'LABEL_CENTRED_US', 'COMPONENT_METRICS', 'METRICS', 'LOWER_IS_BETTER', 'MAX_LAG_S',
+           'MIN_OVERLAP', 'MIN_SAMPLES', 'HR_TIME_CONSTANTS', 'BASELINE_TESTS', 'SUMMARY_METRICS', 'GROUP_METRICS',
+           'pearson_per_clip', 'ccc_per_clip', 'mse_loss', 'npc_loss', 'ccc_loss', 'make_loss', 'stitch',
+           'series_table', 'stitch_shapes', 'clip_correlations', 'predictions_table', 'series_predictions', 'lagged_r',
+           'ccc', 'component_metrics', 'series_metrics', 'metrics_table', 'subject_means', 'bootstrap_ci', 'summarise',
+           'compare_to_baseline', 'scaled_like_targets', 'linear_reference', 'cue_features', 'oracle_predictions',
+           'oracle_fraction', 'elapsed_time_series', 'task_of', 'elapsed_time_per_task', 'mean_profile', 'task_profile',
+           'heart_rate_features', 'has_heart_rate', 'reference_series', 'reference_predictions', 'oracle_ceiling',
+           'ceiling_table', 'baseline_tests', 'component_ceiling', 'run_metrics', 'group_summary', 'headline']
 
 # %% ../nbs/05_metrics.ipynb #c006
 VAR_EPS = 1e-5    # relative: each clip's variances get VAR_EPS x the variance of its *target* added ...
@@ -189,7 +190,8 @@ def series_predictions(series: dict[str, np.ndarray],  # recording -> a predicti
     return predictions_table(names, np.concatenate(starts), np.concatenate(clips), targets, normaliser, hz, flagged=flagged)
 
 # %% ../nbs/05_metrics.ipynb #c018
-METRICS = ("mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "r", "r_lag", "lag_s", "clip_r", "npc", "ccc")
+COMPONENT_METRICS = ("tonic_r", "tonic_ccc", "phasic_r", "scr_precision", "scr_recall", "scr_f1", "scr_rate", "scr_rate_true")
+METRICS = ("mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "r", "r_lag", "lag_s", "clip_r", "npc", "ccc", *COMPONENT_METRICS)
 LOWER_IS_BETTER = {"mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "npc"}
 MAX_LAG_S = 5.0   # lagged r: the best lag within ±5 s (skin conductance follows its sympathetic burst by 1-3 s)
 MIN_OVERLAP = 0.8 # ... over at least 80 % of the recording
@@ -219,10 +221,29 @@ def ccc(pred: np.ndarray, target: np.ndarray) -> float:
     denom = p.var() + t.var() + (p.mean() - t.mean()) ** 2
     return float(2 * np.mean((p - p.mean()) * (t - t.mean())) / denom) if denom > 0 else float("nan")
 
-def series_metrics(rows: pd.DataFrame) -> dict:
+def component_metrics(pred: np.ndarray,        # one recording's prediction, every sample
+                      target: np.ndarray,      # its true EDA in the same units (flagged samples interpolated over)
+                      hz: float = 4.0,
+                      method: str = "highpass", # neurokit2's phasic method (`edanb.components.PHASIC_METHODS`)
+                      calibrated: bool = True,  # False: a shape-only prediction, whose tonic CCC is NaN
+                     ) -> dict:                 # COMPONENT_METRICS
+    """Scores of the tonic and phasic parts (`edanb.components`), both series decomposed alike: r and CCC of the tonic
+    part, r of the phasic part, SCR onset precision, recall and F1 (±`SCR_TOLERANCE_S`), and SCRs per minute, predicted and true."""
+    nan = float("nan")
+    if len(target) < MIN_COMPONENT_SAMPLES or not np.isfinite(target).all(): return dict.fromkeys(COMPONENT_METRICS, nan)
+    parts, minutes = component_series(pred, target, hz, method), len(target) / hz / 60
+    return dict(tonic_r=pearson(parts["tonic_pred"], parts["tonic_true"]),
+                tonic_ccc=ccc(parts["tonic_pred"], parts["tonic_true"]) if calibrated else nan,
+                phasic_r=pearson(parts["phasic_pred"], parts["phasic_true"]),
+                **detection_scores(parts["onsets_true"], parts["onsets_pred"], SCR_TOLERANCE_S),
+                scr_rate=len(parts["onsets_pred"]) / minutes, scr_rate_true=len(parts["onsets_true"]) / minutes)
+
+def series_metrics(rows: pd.DataFrame,         # one series: columns t, pred, target (and pred_us, target_us, flagged, ...)
+                   phasic_method: str = "highpass", # the decomposition of `component_metrics` (one recording only)
+                  ) -> dict:
     """Every metric of one series (columns pred, target, and pred_us, target_us when present), over its samples that are
     not `flagged` (implausible EDA). Errors and CCC need a calibrated prediction (level and scale): for a shape-only one
-    they are NaN; µS errors need a `pred_us` column."""
+    they are NaN; µS errors need a `pred_us` column. A single recording also gets its tonic and phasic scores."""
     every, rows = rows, rows[~rows.flagged] if "flagged" in rows else rows
     out, nan = dict(n=len(rows)), float("nan")
     calibrated = bool(rows["calibrated"].all()) if "calibrated" in rows else True
@@ -238,6 +259,9 @@ def series_metrics(rows: pd.DataFrame) -> dict:
     lag_target = every.target.where(~every.flagged) if "flagged" in every else every.target  # a lag keeps the clock: NaN, not dropped
     out["r_lag"], out["lag_s"] = lagged_r(every.pred, lag_target, 1 / float(np.median(np.diff(every.t)))) if one else (nan, nan)
     if "clip_r" in rows: out["clip_r"] = float(rows.clip_r.mean())  # NaN left out; pooled: weighted by samples
+    if one:   # the decomposition needs the whole clock: flagged samples of the truth are interpolated over, not dropped
+        whole = lag_target.interpolate(limit_direction="both").to_numpy(np.float64)
+        out |= component_metrics(every.pred.to_numpy(np.float64), whole, 1 / float(np.median(np.diff(every.t))), phasic_method, calibrated)
     return out
 
 def _keys(table: pd.DataFrame, *keys: str) -> list[str]:
@@ -251,16 +275,21 @@ def _groups(table: pd.DataFrame, *keys: str, sort: bool = False):
 
 def metrics_table(samples: pd.DataFrame,        # from predictions_table (optionally with a 'model' column)
                   level: str = "recording",      # recording | subject | pooled
+                  phasic_method: str = "highpass", # the tonic/phasic decomposition (per recording and subject levels)
                  ) -> pd.DataFrame:
     "Metrics per recording, per subject (mean of its recordings, NaN left out) or pooled over all samples."
     if level == "pooled":
         return pd.DataFrame([{**labels, **series_metrics(rows)} for labels, rows in _groups(samples, sort=True)])
-    per_recording = pd.DataFrame([{**labels, **series_metrics(rows)}
+    per_recording = pd.DataFrame([{**labels, **series_metrics(rows, phasic_method)}
                                   for labels, rows in _groups(samples, "subject", "task", "recording")])
     if level == "recording": return per_recording
     if level != "subject": raise ValueError(f"level {level!r}: choose recording, subject or pooled")
+    return subject_means(per_recording)
+
+def subject_means(per_recording: pd.DataFrame) -> pd.DataFrame:
+    "Per-subject metrics from `metrics_table(..., 'recording')`: the mean of each subject's recordings (NaN left out), and their number."
     metrics = [m for m in METRICS if m in per_recording]
-    grouped = per_recording.groupby(_keys(samples, "subject"), sort=False)
+    grouped = per_recording.groupby(_keys(per_recording, "subject"), sort=False)
     return grouped[metrics].mean().join(grouped.size().rename("recordings")).reset_index()
 
 # %% ../nbs/05_metrics.ipynb #c026
@@ -510,7 +539,8 @@ def ceiling_table(subjects: pd.DataFrame, data: str | Path, recordings: Sequence
                              fraction_of_ceiling=wide.mean().values / float(ceiling.mean()), ceiling="oracle.json"))
 
 BASELINE_TESTS = {"naive": ("mse", "mse_us", "ccc", "r", "clip_r"),           # baseline -> metrics of its paired tests
-                  "elapsed_task": ("r", "r_lag", "clip_r", "ccc", "mse"), "task_profile": ("r", "r_lag", "clip_r", "ccc", "mse"),
+                  "elapsed_task": ("r", "r_lag", "clip_r", "ccc", "mse", "phasic_r", "scr_f1"),
+                  "task_profile": ("r", "r_lag", "clip_r", "ccc", "mse", "phasic_r", "scr_f1"),
                   "elapsed": ("r", "clip_r", "ccc", "mse"),
                   "bvp_only": ("r", "r_lag", "ccc", "mse")}
 
@@ -525,23 +555,35 @@ def baseline_tests(subjects: pd.DataFrame) -> list[pd.DataFrame]:
             tests.append(compare_to_baseline(table, baseline, metric))
     return tests
 
+def component_ceiling(data: str | Path, recordings: Sequence[str], phasic_method: str = "highpass", n_boot: int = 2000) -> list[dict] | None:
+    "On synthetic data, neurokit2's decomposition of the true EDA against the generator's own components (`edanb.components.decomposition_scores`), over the run's test subjects; None elsewhere."
+    scores = decomposition_scores(data, list(recordings), phasic_method)
+    if scores is None: return None
+    subjects = scores.groupby("subject", sort=False)[["tonic_r", "phasic_r", "scr_f1"]].mean().reset_index()
+    return _records(summarise(subjects, metrics=("tonic_r", "phasic_r", "scr_f1"), n_boot=n_boot))
+
+SUMMARY_METRICS = ("mse", "mse_us", "rmse_us", "mae_us", "r", "r_lag", "lag_s", "clip_r", "ccc", "npc", *COMPONENT_METRICS)
+
 def run_metrics(samples: pd.DataFrame,  # pooled test predictions of a run (predictions.parquet)
                 data: str | Path = "",  # the dataset folder (its oracle.json on synthetic data)
                 n_boot: int = 2000,
+                phasic_method: str = "highpass", # the tonic/phasic decomposition (`edanb.components`)
                ) -> dict:
     "Everything `metrics.json` holds, computed from the predictions alone (so it can be recomputed and checked)."
-    subjects = metrics_table(samples, "subject")
+    per_recording = metrics_table(samples, "recording", phasic_method)
+    subjects = subject_means(per_recording)
     models, tests = list(dict.fromkeys(samples.model)), baseline_tests(subjects)
     out = dict(models=models, subjects=int(samples.subject.nunique()),
-               per_subject=_records(subjects), per_recording=_records(metrics_table(samples, "recording")),
+               per_subject=_records(subjects), per_recording=_records(per_recording),
                pooled=_records(metrics_table(samples, "pooled")),
-               summary=_records(summarise(subjects, metrics=("mse", "mse_us", "rmse_us", "mae_us", "r", "r_lag", "lag_s", "clip_r", "ccc", "npc"),
-                                          n_boot=n_boot)),
+               summary=_records(summarise(subjects, metrics=SUMMARY_METRICS, n_boot=n_boot)),
                tests=_records(pd.concat(tests, ignore_index=True)) if tests else [])
     if "oracle" in models: out["oracle_fraction"] = _records(oracle_fraction(subjects))
     recordings = sorted(set(samples.recording))
     ceiling = ceiling_table(subjects, data, recordings) if data else None
     if ceiling is not None: out["ceiling_fraction"] = _records(ceiling)
+    decomposition = component_ceiling(data, recordings, phasic_method, n_boot) if data else None
+    if decomposition is not None: out["component_ceiling"] = decomposition
     known = subject_groups(data, sorted(set(samples.subject))) if data else {}
     groups = {s: known.get(s, "unknown") for s in sorted(set(samples.subject))} if known else {}   # no subject left out unsaid
     if groups: out |= dict(groups=groups, by_group=_records(group_summary(subjects, groups, data, n_boot, recordings)))

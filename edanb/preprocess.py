@@ -396,6 +396,7 @@ def changed_arrays(folder: Path, recorded: dict) -> list[str]:
     "The arrays whose file no longer matches the record meta.json keeps of it: shape, dtype, size, checksum (entries built before records: none)."
     problems = []
     for name, record in recorded.items():
+        if not (folder / f"{name}.npy").is_file(): problems.append(f"{name}.npy is missing"); continue
         shape, dtype, size = array_header(folder / f"{name}.npy")
         if [list(shape), str(dtype), size] != [record["shape"], record["dtype"], record["bytes"]]:
             problems.append(f"{name}.npy holds {dtype} {list(shape)}, not the {record['dtype']} {record['shape']} it was built with")

@@ -6,27 +6,31 @@
 from __future__ import annotations
 import numpy as np
 import pandas as pd
-from scipy.signal import find_peaks
 
+from .components import decompose, scr_responses
 from .data import group_order
 
 # %% auto #0
-__all__ = ['STRESS_TASKS', 'level_free_features', 'recording_features', 'rest_vs_stress', 'balanced_accuracy', 'permutation_ps',
-           'permutation_p', 'bootstrap_balanced_accuracy', 'group_masks', 'stress_detection', 'pooled_stress']
+__all__ = ['STRESS_TASKS', 'FEATURES', 'level_free_features', 'recording_features', 'rest_vs_stress', 'balanced_accuracy',
+           'permutation_ps', 'permutation_p', 'bootstrap_balanced_accuracy', 'group_masks', 'stress_detection',
+           'pooled_stress']
 
 # %% ../nbs/05b_stress.ipynb #c005
 STRESS_TASKS = ("T2", "T3")
+FEATURES = ("sd", "slope", "scr_rate", "scr_amplitude")   # what the classifier reads of a recording
 
 def level_free_features(series: np.ndarray,  # one recording's EDA or prediction, any units
                    hz: float = 4.0,     # its sampling rate
-                  ) -> dict:
-    "Level-free features of a recording: std, slope (per minute) and peaks per minute, of the series minus its mean."
+                  ) -> dict:            # FEATURES
+    """Level-free features of a recording: std and slope (per minute) of the series minus its mean, and its
+    skin-conductance responses per minute and their mean amplitude (neurokit2's, `edanb.components`; 0 without any)."""
     x = np.asarray(series, np.float64) - np.mean(series)
     minutes = np.arange(len(x)) / hz / 60
     sd = float(x.std())
     slope = float(np.polyfit(minutes, x, 1)[0]) if len(x) > 1 and sd > 0 else 0.0
-    peaks = len(find_peaks(x, prominence=0.1 * sd)[0]) if sd > 0 else 0
-    return dict(sd=sd, slope=slope, peak_rate=peaks / max(minutes[-1], 1e-9) if len(x) > 1 else 0.0)
+    responses = scr_responses(decompose(x, hz)[1], hz)
+    return dict(sd=sd, slope=slope, scr_rate=len(responses) / max(minutes[-1], 1e-9) if len(x) > 1 else 0.0,
+                scr_amplitude=float(responses.amplitude.mean()) if len(responses) else 0.0)
 
 def recording_features(samples: pd.DataFrame,  # predictions.parquet of a run
                        column: str = "pred",    # 'pred' (the model's output) or 'target' (the true EDA)
@@ -69,7 +73,7 @@ def _loso_centroid(x: np.ndarray, subjects: np.ndarray, stress: np.ndarray) -> n
     return _loso_fits(x, subjects, stress[None])[0]
 
 def rest_vs_stress(features: pd.DataFrame,   # recording_features of one model
-                   columns: tuple = ("sd", "slope", "peak_rate"),
+                   columns: tuple = FEATURES,
                   ) -> pd.DataFrame:         # one row per recording with the predicted label
     "Leave-one-subject-out rest-vs-stress labels from the recordings' shape features."
     x = features[list(columns)].to_numpy(np.float64)
@@ -99,7 +103,7 @@ def _within_subject_shuffles(stress: np.ndarray, subjects: np.ndarray, n_perm: i
 def permutation_ps(features: pd.DataFrame,     # recording_features of one model
                    masks: dict[str, np.ndarray], # name -> (recordings,) bool: the recordings each balanced accuracy is over
                    n_perm: int = 1000, seed: int = 0,
-                   columns: tuple = ("sd", "slope", "peak_rate"),
+                   columns: tuple = FEATURES,
                   ) -> dict[str, float]:
     """P-value against chance of the balanced accuracy over each mask's recordings (e.g. all, a group's): the task labels
     are shuffled within each subject and the whole leave-one-subject-out fit is redone; each shuffle serves every mask."""
@@ -117,7 +121,7 @@ def permutation_ps(features: pd.DataFrame,     # recording_features of one model
 
 def permutation_p(features: pd.DataFrame,  # recording_features of one model
                   n_perm: int = 1000, seed: int = 0,
-                  columns: tuple = ("sd", "slope", "peak_rate"),
+                  columns: tuple = FEATURES,
                  ) -> float:
     """P-value of the balanced accuracy against chance: the task labels are shuffled within each subject (which of its
     recordings is the rest one) and the whole leave-one-subject-out fit is redone each time."""

@@ -25,16 +25,16 @@ from .metrics import compare_to_baseline
 from .stress import pooled_stress, stress_detection
 
 # %% auto #0
-__all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'LEVEL_KEEPING', 'MODEL_QUESTIONS', 'FACTOR_QUESTIONS',
-           'REFERENCE_MODELS', 'run_config', 'crop_of', 'frames_of', 'current_provenance', 'staleness',
-           'metrics_problem', 'finished_runs', 'baseline_test', 'run_labels', 'collect_runs', 'load_fold', 'fold_model',
-           'transfer_predictions', 'study_row', 'study_table', 'config_without', 'seed_spread', 'per_subject',
-           'compare_runs', 'runs_differing_in', 'verdict', 'holm', 'Claim', 'write_claims', 'comparison_claim',
-           'null_runs', 'tested_p', 'beats', 'uses_pulse', 'answer_face', 'answer_pulse', 'answer_null_twins',
-           'task_levels', 'task_level_r', 'confound_verdict', 'answer_task_confound', 'answer_models',
-           'answer_physnet_bvp', 'answer_factor', 'study_answers', 'run_groups', 'run_stress', 'summary_table',
-           'group_rows', 'group_table', 'group_answer', 'unfinished_runs', 'summary_key', 'run_summary',
-           'reference_table']
+__all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'COMPONENT_NAMES', 'LEVEL_KEEPING', 'MODEL_QUESTIONS',
+           'FACTOR_QUESTIONS', 'REFERENCE_MODELS', 'run_config', 'crop_of', 'frames_of', 'current_provenance',
+           'staleness', 'metrics_problem', 'finished_runs', 'baseline_test', 'run_labels', 'collect_runs', 'load_fold',
+           'fold_model', 'transfer_predictions', 'study_row', 'study_table', 'config_without', 'seed_spread',
+           'per_subject', 'compare_runs', 'runs_differing_in', 'verdict', 'holm', 'Claim', 'write_claims',
+           'comparison_claim', 'null_runs', 'tested_p', 'beats', 'uses_pulse', 'face_only_runs', 'answer_face',
+           'answer_pulse', 'answer_null_twins', 'null_twins', 'answer_components', 'task_levels', 'task_level_r',
+           'confound_verdict', 'answer_task_confound', 'answer_models', 'answer_physnet_bvp', 'answer_factor',
+           'study_answers', 'run_groups', 'run_stress', 'summary_table', 'group_rows', 'group_table', 'group_answer',
+           'unfinished_runs', 'summary_key', 'run_summary', 'reference_table', 'decomposition_ceiling']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "frames", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
@@ -163,8 +163,10 @@ def transfer_predictions(run: str | Path,   # a finished run folder
     return pd.concat(parts, ignore_index=True)
 
 # %% ../nbs/08_study.ipynb #c011
-TABLE_METRICS = ("mse_us", "rmse_us", "r", "r_lag", "lag_s", "clip_r", "npc", "ccc")
-TABLE_TESTS = (("naive", "ccc"), ("elapsed_task", "r"), ("task_profile", "r"), ("elapsed", "r"), ("bvp_only", "r"))  # (reference, metric) columns
+TABLE_METRICS = ("mse_us", "rmse_us", "r", "r_lag", "lag_s", "clip_r", "npc", "ccc", "tonic_r", "phasic_r", "scr_f1", "scr_rate",
+                 "scr_rate_true")
+TABLE_TESTS = (("naive", "ccc"), ("elapsed_task", "r"), ("task_profile", "r"), ("elapsed", "r"), ("bvp_only", "r"),
+               ("elapsed_task", "phasic_r"), ("elapsed_task", "scr_f1"))  # (reference, metric) columns
 
 def study_row(run: str, by: pd.DataFrame, metrics: tuple) -> dict:
     "One run's row of the study's table, from its trained model's rows of `collect_runs` (indexed by metric)."
@@ -294,13 +296,16 @@ def uses_pulse(row: pd.Series) -> bool:
     return row.model == "seqcnn_bvp" or bool(json.loads(args).get("use_bvp", False))
 
 # %% ../nbs/08_study.ipynb #c042
+def face_only_runs(table: pd.DataFrame, null: set[str]) -> pd.DataFrame:
+    "The coupled runs of models that read the face alone, with an r and a test against the per-task elapsed-time line, best first."
+    face = table.dropna(subset=["r_mean"])
+    face = face[~face.run.isin(null) & ~face.apply(uses_pulse, axis=1)]
+    return face[face["p_vs_elapsed_task (r)"].notna()] if "p_vs_elapsed_task (r)" in face else face   # runs made before that test: left out
+
 def answer_face(table: pd.DataFrame, null: set[str]) -> list[str | Claim]:
     """Can EDA be predicted from the face? The best coupled run of a model that reads the face alone against the
     per-task elapsed-time line (the protocol alone), corrected for picking the best of several; then the task profile."""
-    label = "**Can EDA be predicted from the face?**"
-    face = table.dropna(subset=["r_mean"])
-    face = face[~face.run.isin(null) & ~face.apply(uses_pulse, axis=1)]
-    if "p_vs_elapsed_task (r)" in face: face = face[face["p_vs_elapsed_task (r)"].notna()]   # runs made before that test: left out
+    label, face = "**Can EDA be predicted from the face?**", face_only_runs(table, null)
     if not len(face): return [f"{label} Not answered: no run of a face-only model on coupled data with an r."]
     top, runs = face.iloc[0], len(face)
     line_p, profile_p = tested_p(top, "elapsed_task", tests=runs), tested_p(top, "task_profile", tests=runs)
@@ -342,6 +347,35 @@ def answer_null_twins(results: Path, table: pd.DataFrame, runs: pd.DataFrame, nu
         out.append(f"On the null data itself {twin} has r {format_interval(row['mean'], row.ci_low, row.ci_high)}: " +
                    ("not estimable." if not np.isfinite(row["mean"]) else "its interval contains 0, as it should."
                     if row.ci_low <= 0 <= row.ci_high else "its interval excludes 0: look for a leak."))
+    return out
+
+# %% ../nbs/08_study.ipynb #c059
+COMPONENT_NAMES = {"phasic_r": "phasic r", "scr_f1": "SCR F1"}   # the component scores the summary tests
+
+def null_twins(table: pd.DataFrame, run: str, null: set[str]) -> list[str]:
+    "The runs on null data that differ from `run` in the dataset alone."
+    return [y if x == run else x for x, y in runs_differing_in(table.dropna(subset=["r_mean"]), "data")
+            if run in (x, y) and (y if x == run else x) in null]
+
+def answer_components(results: Path, table: pd.DataFrame, null: set[str]) -> list[str | Claim]:
+    """Does the best face-only run see skin-conductance responses, or only the drift? Its phasic r and SCR F1 against
+    the per-task elapsed-time line (paired by subject, corrected for picking the best run) and against its null twin."""
+    label, face = "**Does the model see skin-conductance responses, or only the drift?**", face_only_runs(table, null)
+    if not len(face) or str(face.get("phasic_r", pd.Series(["n/a"])).iat[0]) == "n/a":
+        return [f"{label} Not answered: no face-only run on coupled data has component scores (a run made before them: make it again)."]
+    top, runs = face.iloc[0], len(face)
+    out = [f"{label} The best face-only run, {top.run}, has tonic r {top.tonic_r}, phasic r {top.phasic_r} and SCR F1 "
+           f"{top.scr_f1} (onsets matched within ±2 s; {top.scr_rate} responses per minute predicted, {top.scr_rate_true} true)."]
+    for metric, name in COMPONENT_NAMES.items():
+        p = tested_p(top, "elapsed_task", metric, tests=runs)
+        def sentence(adjusted: float, metric=metric, name=name) -> str:
+            won, evidence = beats(top, "elapsed_task", metric, tests=runs, adjusted=adjusted)
+            return (f"In {name}, against the per-task elapsed-time line, it is {evidence}: " +
+                    ("it sees the responses, not only the drift." if won else "these runs do not show that it sees the responses better than the protocol alone."))
+        if np.isfinite(p): out.append(Claim(p, sentence))
+    for twin in null_twins(table, top.run, null):
+        out += [comparison_claim(f"In {name}, against its null twin {twin}: ", compare_runs(results, top.run, twin, metric))
+                for metric, name in COMPONENT_NAMES.items()]
     return out
 
 # %% ../nbs/08_study.ipynb #c048
@@ -425,6 +459,7 @@ def study_answers(results: str | Path,    # results folder of `edanb run`
     results, null = Path(results), null_runs(table)
     others = table[~table.run.isin(null)]
     out = answer_face(table, null) + answer_pulse(table, null) + answer_null_twins(results, table, runs, null)
+    out += answer_components(results, table, null)
     out += answer_task_confound(results, table, null)
     for a, b, label in MODEL_QUESTIONS: out += answer_models(results, others, a, b, label)
     out += answer_physnet_bvp(results, others)
@@ -561,3 +596,9 @@ def reference_table(runs: pd.DataFrame,   # collect_runs(results)
         parts.append(values.rename_axis(index="reference", columns=None).reset_index().assign(data=data, run=run))
     out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["data", "run", "reference"])
     return out[["data", "run", "reference", *[m for m in metrics if m in out]]]
+
+# %% ../nbs/08_study.ipynb #c061
+def decomposition_ceiling(results: Path, run: str) -> dict[str, str]:
+    "The ceiling of a run's component scores as its metrics.json records it (tonic_r, phasic_r, scr_f1 with 95% intervals); empty off synthetic data."
+    rows = json.loads((Path(results) / run / "metrics.json").read_text()).get("component_ceiling", [])
+    return {r["metric"]: format_interval(r["mean"], r["ci_low"], r["ci_high"]) for r in rows}

@@ -28,7 +28,7 @@ __all__ = ['STREAMS', 'TASK_AROUSAL', 'WORLDS', 'BURST_KERNEL', 'NON_RESPONDER_G
            'task_subject', 'subject_files', 'face_patch', 'Identity', 'astronaut_identity', 'landmarks_68',
            'astronaut_landmarks', 'lfw_landmarks', 'identity_geometry', 'warp_to', 'identity', 'background', 'Nuisance',
            'simulate_nuisance', 'Behaviour', 'simulate_behaviour', 'looks_away', 'Cues', 'cues_from_physiology',
-           'affine', 'face_box', 'FaceRenderer', 'write_recording', 'recording_world', 'write_signals',
+           'affine', 'face_box', 'FaceRenderer', 'write_recording', 'recording_world', 'scr_table', 'write_signals',
            'pearson_or_zero', 'lagged_cues', 'oracle_cues', 'oracle_scores', 'SynthConfig', 'write_subjects',
            'generate', 'summary', 'face_distances', 'identity_margin']
 
@@ -496,6 +496,7 @@ def write_recording(out: str | Path,     # dataset folder
     if world == "rich": eda, touched = recorded_eda(eda, stream(seed, number, k, "artefact"), artefacts_per_min)
     write_signals(out / "ground_truth" / f"{subject.name}_{task}_signals.csv", phys, eda_idx,
                   cues_from_physiology(phys, subject, phys.t[eda_idx], video_coupling), behaviour if world == "rich" else None, touched)
+    scr_table(phys).to_csv(out / "ground_truth" / f"{subject.name}_{task}_scr.csv", index=False, float_format="%.6g")
     _write_csv(paths["eda"], eda, "%.6f")
     _write_csv(paths["bvp"], phys.bvp, "%.3f")
     return dict(recording=f"{subject.name}_{task}", frames=n_frames, eda_mean_us=float(eda.mean()),
@@ -515,6 +516,14 @@ def recording_world(subject: Subject, seed: int, number: int, task: str, seconds
     phys = enrich_physiology(phys, subject, subject_latency(seed, number, *latency_range), stream(seed, number, k, "cues"),
                              responder=is_responder(seed, number, non_responders))
     return phys, simulate_behaviour(n_frames, task, stream(seed, number, k, "behaviour"))
+
+def scr_table(phys: Physiology) -> pd.DataFrame:
+    "The generator's own SCRs of a recording: each one's onset (s: its burst, plus the subject's latency in the rich world) and amplitude (µS), within the recording."
+    at = np.flatnonzero(phys.impulses > 0)
+    onset = phys.t[at] + phys.latency_s
+    inside = onset < phys.t[-1]
+    gain = 1.0 if phys.responder else NON_RESPONDER_GAIN
+    return pd.DataFrame(dict(onset_s=onset[inside], amplitude_us=phys.impulses[at][inside] * gain))
 
 def write_signals(path: Path, phys: Physiology, eda_idx: np.ndarray, cues: Cues, behaviour: Behaviour | None,
                   artefact: np.ndarray | None = None):
@@ -634,7 +643,8 @@ def _check_target(out: Path, config: SynthConfig) -> bool:
     params = json.loads(params.read_text())
     saved = {**asdict(SynthConfig()), "world": "simple",   # a field added since: its default (a dataset without a world is simple)
              **current_couplings(params.get("config") or {})}
-    return params.get("complete", False) and saved == asdict(config)
+    written_since = any((out / "ground_truth").glob("*_scr.csv"))   # a dataset written before SCR onsets were recorded is written again
+    return params.get("complete", False) and saved == asdict(config) and written_since
 
 def _write_params(out: Path, config: SynthConfig, complete: bool):
     _params_path(out).write_text(json.dumps(dict(generator="edanb.synth", complete=complete, config=asdict(config)),

@@ -576,7 +576,7 @@ def fit_folds(config: TrainConfig, on_epoch: Callable[[pd.DataFrame], None] | No
         if rank == 0: write_atomic(done, lambda p: samples.to_parquet(p, index=False))
         parts.append(samples)
     samples = pd.concat(parts, ignore_index=True)
-    metrics = dict(run_metrics(samples, config.data), config=asdict(config), folds=len(parts),
+    metrics = dict(run_metrics(samples, config.data, phasic_method=config.phasic_method), config=asdict(config), folds=len(parts),
                    trained_on=dict(output=MODELS[config.model].output, scaling=config.eda_scaling, loss=config.loss,
                                    shape_only=config.loss == "npc", centring=CENTRING[config.eda_scaling]),
                    provenance=json.loads((out / "provenance.json").read_text()))

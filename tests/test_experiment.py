@@ -358,3 +358,21 @@ def test_a_damaged_metrics_json_is_listed_not_a_crash(grid_run, tmp_path):
     missing = unfinished_runs(results).set_index("run").reason
     assert missing[NAIVE].startswith("metrics.json is unreadable") and missing[LANDMARKS] == "metrics.json holds no config or summary"
     with pytest.raises(FileNotFoundError, match="no finished run"): run_summary(results)
+
+
+@pytest.mark.slow
+def test_the_summary_asks_whether_the_model_sees_the_responses(grid_run):
+    "Every run scores the tonic and phasic parts; the best face-only run's phasic r and SCR F1 are tested against the per-task line."
+    from edanb.study import collect_runs, study_answers, study_table
+    results = grid_run["results"]
+    metrics = json.loads((results / LANDMARKS / "metrics.json").read_text())
+    scored = {s["metric"] for s in metrics["summary"] if s["model"] == "landmarks"}
+    assert {"tonic_r", "tonic_ccc", "phasic_r", "scr_precision", "scr_recall", "scr_f1", "scr_rate", "scr_rate_true"} <= scored
+    naive = [s for s in metrics["summary"] if s["model"] == "naive" and s["metric"] == "scr_f1"][0]
+    assert naive["mean"] == 0.0   # a constant has no response
+    tested = {(t["baseline"], t["metric"]) for t in metrics["tests"] if t["model"] == "landmarks"}
+    assert {("elapsed_task", "phasic_r"), ("elapsed_task", "scr_f1")} <= tested
+    runs = collect_runs(results)
+    answers = " ".join(study_answers(results, study_table(runs), runs))
+    assert f"**Does the model see skin-conductance responses, or only the drift?** The best face-only run, {LANDMARKS}" in answers
+    assert "In phasic r, against the per-task elapsed-time line, it is better in" in answers, answers
