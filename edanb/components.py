@@ -16,9 +16,9 @@ from .core import pearson
 from .data import EDA_HZ, eda_quality, read_signal, recording_paths
 
 # %% auto #0
-__all__ = ['PHASIC_METHODS', 'MIN_SAMPLES', 'SCR_MIN_AMPLITUDE', 'SCR_TOLERANCE_S', 'check_method', 'decompose', 'scr_responses',
-           'scr_onsets', 'matched_onsets', 'detection_scores', 'component_series', 'truth_components',
-           'decomposition_scores']
+__all__ = ['PHASIC_METHODS', 'MIN_SAMPLES', 'SCR_MIN_AMPLITUDE', 'SCR_MIN_US', 'SCR_TOLERANCE_S', 'check_method', 'decompose',
+           'scr_responses', 'scr_onsets', 'scr_floor', 'matched_onsets', 'detection_scores', 'component_series',
+           'truth_components', 'decomposition_scores']
 
 # %% ../nbs/05c_components.ipynb #c005
 PHASIC_METHODS = ("highpass", "smoothmedian", "cvxeda")   # neurokit2's eda_phasic methods that edanb offers
@@ -45,10 +45,12 @@ def decompose(eda: np.ndarray,            # one recording's EDA or prediction, a
     return parts["EDA_Tonic"].to_numpy(np.float64), parts["EDA_Phasic"].to_numpy(np.float64)
 
 # %% ../nbs/05c_components.ipynb #c009
-SCR_MIN_AMPLITUDE = 0.1   # relative to the recording's largest response (neurokit2's default)
+SCR_MIN_AMPLITUDE = 0.1   # relative to the recording's largest response (neurokit2's default) ...
+SCR_MIN_US = 0.02         # ... and at least this many µS: sensor noise in a quiet recording passes the relative rule alone (Boucsein 2012: 0.01-0.05 µS)
 
 def scr_responses(phasic: np.ndarray,  # a phasic component (`decompose`)
                   hz: float = 4.0,     # its sampling rate
+                  min_amplitude: float = 0.0, # the least amplitude counted, in the series' units (`scr_floor`)
                  ) -> pd.DataFrame:    # one row per response: onset_s, amplitude (the series' units), by onset
     "The skin-conductance responses of a phasic component (neurokit2's `eda_peaks`): onset and amplitude of each."
     import neurokit2 as nk
@@ -60,11 +62,18 @@ def scr_responses(phasic: np.ndarray,  # a phasic component (`decompose`)
         except ValueError: return none
     found = pd.DataFrame(dict(onset_s=np.asarray(info["SCR_Onsets"], np.float64) / hz,
                               amplitude=np.asarray(info["SCR_Amplitude"], np.float64)))
-    return found[np.isfinite(found.onset_s)].sort_values("onset_s", ignore_index=True)
+    return found[np.isfinite(found.onset_s) & (found.amplitude >= min_amplitude)].sort_values("onset_s", ignore_index=True)
 
-def scr_onsets(phasic: np.ndarray, hz: float = 4.0) -> np.ndarray:
+def scr_onsets(phasic: np.ndarray, hz: float = 4.0, min_amplitude: float = 0.0) -> np.ndarray:
     "The onsets (s, ascending) of the skin-conductance responses in a phasic component."
-    return scr_responses(phasic, hz).onset_s.to_numpy()
+    return scr_responses(phasic, hz, min_amplitude).onset_s.to_numpy()
+
+def scr_floor(target: np.ndarray,     # a recording's true EDA in the units it is scored in (normalised)
+              target_us: np.ndarray,  # the same samples in µS
+             ) -> float:              # `SCR_MIN_US` in the units of `target`
+    "The absolute SCR floor in a series' own units (a linear rescaling of µS): the same floor for the truth and a prediction in its units."
+    sd, sd_us = np.nanstd(np.asarray(target, float)), np.nanstd(np.asarray(target_us, float))
+    return SCR_MIN_US * sd / sd_us if sd_us > 0 else 0.0
 
 # %% ../nbs/05c_components.ipynb #c012
 SCR_TOLERANCE_S = 2.0   # a predicted onset within ±2 s of a true one is a hit
@@ -87,16 +96,17 @@ def detection_scores(true_s: np.ndarray,   # true onsets (s)
     return dict(scr_precision=ratio(hits, n_pred), scr_recall=ratio(hits, n_true), scr_f1=ratio(2 * hits, n_true + n_pred))
 
 # %% ../nbs/05c_components.ipynb #c015
-def component_series(pred: np.ndarray,     # one recording's prediction, any units
+def component_series(pred: np.ndarray,     # one recording's prediction, in the truth's units
                      target: np.ndarray,   # its true EDA, sample for sample
                      hz: float = 4.0,
                      method: str = "highpass",
+                     min_amplitude: float = 0.0, # the SCR floor in those units (`scr_floor`)
                     ) -> dict:             # tonic_pred, phasic_pred, tonic_true, phasic_true, onsets_pred, onsets_true
-    "Both series decomposed alike (`decompose`), and the onsets of their responses (`scr_onsets`)."
+    "Both series decomposed alike (`decompose`), and the onsets of their responses (`scr_onsets`), with one floor."
     out = {}
     for side, series in (("pred", pred), ("true", target)):
         out[f"tonic_{side}"], out[f"phasic_{side}"] = decompose(series, hz, method)
-        out[f"onsets_{side}"] = scr_onsets(out[f"phasic_{side}"], hz)
+        out[f"onsets_{side}"] = scr_onsets(out[f"phasic_{side}"], hz, min_amplitude)
     return out
 
 # %% ../nbs/05c_components.ipynb #c018
@@ -108,8 +118,9 @@ def truth_components(data: str | Path, recording: str) -> dict | None:
     table, (subject, task) = pd.read_csv(signals), recording.split("_")
     recorded = read_signal(recording_paths(data, subject, task)["eda"])
     true_eda = table.true_eda_us.to_numpy() if "true_eda_us" in table else recorded   # the simple world records it as it is
+    responses = pd.read_csv(scr)   # those under the floor (a non-responder's) are not responses any reading could find
     return dict(recorded=recorded, tonic=true_eda - table.phasic_us.to_numpy(), phasic=table.phasic_us.to_numpy(),
-                onsets=pd.read_csv(scr).onset_s.to_numpy())
+                onsets=responses.onset_s[responses.amplitude_us >= SCR_MIN_US].to_numpy())
 
 def decomposition_scores(data: str | Path,        # a synthetic dataset folder
                          recordings: list[str],   # recordings to score, e.g. a run's test recordings
@@ -125,5 +136,5 @@ def decomposition_scores(data: str | Path,        # a synthetic dataset folder
         n = min(len(eda), len(truth["tonic"]))
         rows.append(dict(recording=name, subject=name.split("_")[0], tonic_r=pearson(tonic[:n], truth["tonic"][:n]),
                          phasic_r=pearson(phasic[:n], truth["phasic"][:n]),
-                         **detection_scores(truth["onsets"], scr_onsets(phasic, EDA_HZ))))
+                         **detection_scores(truth["onsets"], scr_onsets(phasic, EDA_HZ, SCR_MIN_US))))
     return pd.DataFrame(rows)

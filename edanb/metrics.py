@@ -15,7 +15,8 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
-from .components import MIN_SAMPLES as MIN_COMPONENT_SAMPLES, SCR_TOLERANCE_S, component_series, decomposition_scores, detection_scores
+from .components import (MIN_SAMPLES as MIN_COMPONENT_SAMPLES, SCR_TOLERANCE_S, component_series, decompose,
+                              decomposition_scores, detection_scores, scr_floor)
 from .core import format_interval, pearson
 from .data import group_order, is_synthetic, subject_groups
 from .dataset import Normaliser, baseline_recording, clip_starts, evaluation_stride, reflect_index
@@ -31,7 +32,8 @@ __all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'LABEL_CENTRED_US', 'COMPONENT_METR
            'compare_to_baseline', 'scaled_like_targets', 'linear_reference', 'cue_features', 'oracle_predictions',
            'oracle_fraction', 'elapsed_time_series', 'task_of', 'elapsed_time_per_task', 'mean_profile', 'task_profile',
            'heart_rate_features', 'has_heart_rate', 'reference_series', 'reference_predictions', 'oracle_ceiling',
-           'ceiling_table', 'baseline_tests', 'component_ceiling', 'run_metrics', 'group_summary', 'headline']
+           'ceiling_table', 'baseline_tests', 'true_tonic_series', 'component_ceiling', 'run_metrics', 'group_summary',
+           'headline']
 
 # %% ../nbs/05_metrics.ipynb #c006
 VAR_EPS = 1e-5    # relative: each clip's variances get VAR_EPS x the variance of its *target* added ...
@@ -226,12 +228,13 @@ def component_metrics(pred: np.ndarray,        # one recording's prediction, eve
                       hz: float = 4.0,
                       method: str = "highpass", # neurokit2's phasic method (`edanb.components.PHASIC_METHODS`)
                       calibrated: bool = True,  # False: a shape-only prediction, whose tonic CCC is NaN
+                      min_amplitude: float = 0.0, # the SCR floor in these units (`edanb.components.scr_floor`)
                      ) -> dict:                 # COMPONENT_METRICS
     """Scores of the tonic and phasic parts (`edanb.components`), both series decomposed alike: r and CCC of the tonic
     part, r of the phasic part, SCR onset precision, recall and F1 (±`SCR_TOLERANCE_S`), and SCRs per minute, predicted and true."""
     nan = float("nan")
     if len(target) < MIN_COMPONENT_SAMPLES or not np.isfinite(target).all(): return dict.fromkeys(COMPONENT_METRICS, nan)
-    parts, minutes = component_series(pred, target, hz, method), len(target) / hz / 60
+    parts, minutes = component_series(pred, target, hz, method, min_amplitude), len(target) / hz / 60
     return dict(tonic_r=pearson(parts["tonic_pred"], parts["tonic_true"]),
                 tonic_ccc=ccc(parts["tonic_pred"], parts["tonic_true"]) if calibrated else nan,
                 phasic_r=pearson(parts["phasic_pred"], parts["phasic_true"]),
@@ -261,7 +264,9 @@ def series_metrics(rows: pd.DataFrame,         # one series: columns t, pred, ta
     if "clip_r" in rows: out["clip_r"] = float(rows.clip_r.mean())  # NaN left out; pooled: weighted by samples
     if one:   # the decomposition needs the whole clock: flagged samples of the truth are interpolated over, not dropped
         whole = lag_target.interpolate(limit_direction="both").to_numpy(np.float64)
-        out |= component_metrics(every.pred.to_numpy(np.float64), whole, 1 / float(np.median(np.diff(every.t))), phasic_method, calibrated)
+        floor = scr_floor(rows.target, rows.target_us) if "target_us" in rows else 0.0   # 0.02 µS in the scored units
+        out |= component_metrics(every.pred.to_numpy(np.float64), whole, 1 / float(np.median(np.diff(every.t))), phasic_method,
+                                 calibrated, floor)
     return out
 
 def _keys(table: pd.DataFrame, *keys: str) -> list[str]:
@@ -542,7 +547,8 @@ BASELINE_TESTS = {"naive": ("mse", "mse_us", "ccc", "r", "clip_r"),           # 
                   "elapsed_task": ("r", "r_lag", "clip_r", "ccc", "mse", "phasic_r", "scr_f1"),
                   "task_profile": ("r", "r_lag", "clip_r", "ccc", "mse", "phasic_r", "scr_f1"),
                   "elapsed": ("r", "clip_r", "ccc", "mse"),
-                  "bvp_only": ("r", "r_lag", "ccc", "mse")}
+                  "bvp_only": ("r", "r_lag", "ccc", "mse"),
+                  "true_tonic": ("phasic_r", "scr_f1")}
 
 def baseline_tests(subjects: pd.DataFrame) -> list[pd.DataFrame]:
     "Every model's paired Wilcoxon tests against each reference in the table (`BASELINE_TESTS`)."
@@ -554,6 +560,22 @@ def baseline_tests(subjects: pd.DataFrame) -> list[pd.DataFrame]:
                 table.loc[table.model == "naive", metric] = table.loc[table.model == "naive", metric].fillna(0.0)
             tests.append(compare_to_baseline(table, baseline, metric))
     return tests
+
+def true_tonic_series(samples: pd.DataFrame,        # a run's test predictions (predictions.parquet)
+                      phasic_method: str = "highpass",
+                     ) -> pd.DataFrame:             # the same rows for model 'true_tonic'
+    """The drift-only reference of the component scores, 'true_tonic': each test recording's own true EDA reduced to its
+    tonic part (the decomposition the scores use), as if a model predicted the drift perfectly and no response. The
+    high-pass lets some of the drift's faster wanderings into the phasic part, so drift alone scores a phasic r and an
+    SCR F1 above 0: a model that sees the responses must beat this. It reads the test labels: a reference, not a model."""
+    first, parts = samples[samples.model == samples.model.iat[0]], []
+    for _, g in first.groupby("recording", sort=False):
+        g = g.sort_values("t")
+        target = (g.target.where(~g.flagged) if "flagged" in g else g.target).interpolate(limit_direction="both")
+        hz = 1 / float(np.median(np.diff(g.t))) if len(g) > 1 else 4.0
+        extra = {c: np.nan for c in ("pred_us", "clip_r") if c in g} | ({"calibrated": True} if "calibrated" in g else {})
+        parts.append(g.assign(model="true_tonic", pred=decompose(target.to_numpy(np.float64), hz, phasic_method)[0], **extra))
+    return pd.concat(parts, ignore_index=True)
 
 def component_ceiling(data: str | Path, recordings: Sequence[str], phasic_method: str = "highpass", n_boot: int = 2000) -> list[dict] | None:
     "On synthetic data, neurokit2's decomposition of the true EDA against the generator's own components (`edanb.components.decomposition_scores`), over the run's test subjects; None elsewhere."
@@ -570,6 +592,7 @@ def run_metrics(samples: pd.DataFrame,  # pooled test predictions of a run (pred
                 phasic_method: str = "highpass", # the tonic/phasic decomposition (`edanb.components`)
                ) -> dict:
     "Everything `metrics.json` holds, computed from the predictions alone (so it can be recomputed and checked)."
+    samples = pd.concat([samples, true_tonic_series(samples, phasic_method)], ignore_index=True)   # the drift-only reference
     per_recording = metrics_table(samples, "recording", phasic_method)
     subjects = subject_means(per_recording)
     models, tests = list(dict.fromkeys(samples.model)), baseline_tests(subjects)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .components import decompose, scr_responses
+from .components import decompose, scr_floor, scr_responses
 from .data import group_order
 
 # %% auto #0
@@ -21,6 +21,7 @@ FEATURES = ("sd", "slope", "scr_rate", "scr_amplitude")   # what the classifier 
 
 def level_free_features(series: np.ndarray,  # one recording's EDA or prediction, any units
                    hz: float = 4.0,     # its sampling rate
+                   min_amplitude: float = 0.0, # the least SCR amplitude counted, in the series' units (µS: `SCR_MIN_US`)
                   ) -> dict:            # FEATURES
     """Level-free features of a recording: std and slope (per minute) of the series minus its mean, and its
     skin-conductance responses per minute and their mean amplitude (neurokit2's, `edanb.components`; 0 without any)."""
@@ -28,7 +29,7 @@ def level_free_features(series: np.ndarray,  # one recording's EDA or prediction
     minutes = np.arange(len(x)) / hz / 60
     sd = float(x.std())
     slope = float(np.polyfit(minutes, x, 1)[0]) if len(x) > 1 and sd > 0 else 0.0
-    responses = scr_responses(decompose(x, hz)[1], hz)
+    responses = scr_responses(decompose(x, hz)[1], hz, min_amplitude)
     return dict(sd=sd, slope=slope, scr_rate=len(responses) / max(minutes[-1], 1e-9) if len(x) > 1 else 0.0,
                 scr_amplitude=float(responses.amplitude.mean()) if len(responses) else 0.0)
 
@@ -40,8 +41,9 @@ def recording_features(samples: pd.DataFrame,  # predictions.parquet of a run
     for (model, recording), g in samples.groupby(["model", "recording"], sort=False):
         g = g.sort_values("sample")
         hz = 1 / np.median(np.diff(g.t)) if len(g) > 1 else 4.0
+        floor = scr_floor(g.target, g.target_us) if "target_us" in g else 0.0   # 0.02 µS in the scored units
         rows.append(dict(model=model, recording=recording, subject=g.subject.iat[0], task=g.task.iat[0],
-                         stress=g.task.iat[0] in STRESS_TASKS, **level_free_features(g[column].to_numpy(), hz)))
+                         stress=g.task.iat[0] in STRESS_TASKS, **level_free_features(g[column].to_numpy(), hz, floor)))
     return pd.DataFrame(rows)
 
 # %% ../nbs/05b_stress.ipynb #c008

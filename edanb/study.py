@@ -25,7 +25,7 @@ from .metrics import compare_to_baseline
 from .stress import pooled_stress, stress_detection
 
 # %% auto #0
-__all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'COMPONENT_NAMES', 'LEVEL_KEEPING', 'MODEL_QUESTIONS',
+__all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'COMPONENT_TESTS', 'LEVEL_KEEPING', 'MODEL_QUESTIONS',
            'FACTOR_QUESTIONS', 'REFERENCE_MODELS', 'run_config', 'crop_of', 'frames_of', 'current_provenance',
            'staleness', 'metrics_problem', 'finished_runs', 'baseline_test', 'run_labels', 'collect_runs', 'load_fold',
            'fold_model', 'transfer_predictions', 'study_row', 'study_table', 'config_without', 'seed_spread',
@@ -166,7 +166,8 @@ def transfer_predictions(run: str | Path,   # a finished run folder
 TABLE_METRICS = ("mse_us", "rmse_us", "r", "r_lag", "lag_s", "clip_r", "npc", "ccc", "tonic_r", "phasic_r", "scr_f1", "scr_rate",
                  "scr_rate_true")
 TABLE_TESTS = (("naive", "ccc"), ("elapsed_task", "r"), ("task_profile", "r"), ("elapsed", "r"), ("bvp_only", "r"),
-               ("elapsed_task", "phasic_r"), ("elapsed_task", "scr_f1"))  # (reference, metric) columns
+               ("elapsed_task", "phasic_r"), ("elapsed_task", "scr_f1"), ("true_tonic", "phasic_r"),
+               ("task_profile", "scr_f1"))  # (reference, metric) columns
 
 def study_row(run: str, by: pd.DataFrame, metrics: tuple) -> dict:
     "One run's row of the study's table, from its trained model's rows of `collect_runs` (indexed by metric)."
@@ -350,7 +351,11 @@ def answer_null_twins(results: Path, table: pd.DataFrame, runs: pd.DataFrame, nu
     return out
 
 # %% ../nbs/08_study.ipynb #c059
-COMPONENT_NAMES = {"phasic_r": "phasic r", "scr_f1": "SCR F1"}   # the component scores the summary tests
+COMPONENT_TESTS = (("phasic_r", "phasic r", "true_tonic", "the true EDA's own tonic part (the drift, predicted perfectly)",
+                    "it sees more of the responses than the drift carries", "more of the responses than the drift carries"),
+                   ("scr_f1", "SCR F1", "task_profile", "each task's mean training trajectory (responses at the task's rate, not this recording's: chance)",
+                    "it finds the responses better than chance", "the responses better than chance"))
+# (metric, its name, the reference that decides it, what that reference is, the verdict if beaten, what is not shown otherwise)
 
 def null_twins(table: pd.DataFrame, run: str, null: set[str]) -> list[str]:
     "The runs on null data that differ from `run` in the dataset alone."
@@ -358,24 +363,26 @@ def null_twins(table: pd.DataFrame, run: str, null: set[str]) -> list[str]:
             if run in (x, y) and (y if x == run else x) in null]
 
 def answer_components(results: Path, table: pd.DataFrame, null: set[str]) -> list[str | Claim]:
-    """Does the best face-only run see skin-conductance responses, or only the drift? Its phasic r and SCR F1 against
-    the per-task elapsed-time line (paired by subject, corrected for picking the best run) and against its null twin."""
+    """Does the best face-only run see skin-conductance responses, or only the drift? Its phasic r against the drift
+    itself (`true_tonic`) and its SCR F1 against chance (`task_profile`), paired by subject and corrected for picking
+    the best run; then both against its null twin. The elapsed-time line, which has no responses, is given for scale."""
     label, face = "**Does the model see skin-conductance responses, or only the drift?**", face_only_runs(table, null)
     if not len(face) or str(face.get("phasic_r", pd.Series(["n/a"])).iat[0]) == "n/a":
         return [f"{label} Not answered: no face-only run on coupled data has component scores (a run made before them: make it again)."]
     top, runs = face.iloc[0], len(face)
+    line = beats(top, "elapsed_task", "phasic_r", tests=runs)
     out = [f"{label} The best face-only run, {top.run}, has tonic r {top.tonic_r}, phasic r {top.phasic_r} and SCR F1 "
-           f"{top.scr_f1} (onsets matched within ±2 s; {top.scr_rate} responses per minute predicted, {top.scr_rate_true} true)."]
-    for metric, name in COMPONENT_NAMES.items():
-        p = tested_p(top, "elapsed_task", metric, tests=runs)
-        def sentence(adjusted: float, metric=metric, name=name) -> str:
-            won, evidence = beats(top, "elapsed_task", metric, tests=runs, adjusted=adjusted)
-            return (f"In {name}, against the per-task elapsed-time line, it is {evidence}: " +
-                    ("it sees the responses, not only the drift." if won else "these runs do not show that it sees the responses better than the protocol alone."))
+           f"{top.scr_f1} (onsets matched within ±2 s; {top.scr_rate} responses per minute predicted, {top.scr_rate_true} true)"
+           + (f"; in phasic r against the per-task elapsed-time line, which has no responses, it is {line[1]}." if line else ".")]
+    for metric, name, reference, what, yes, no in COMPONENT_TESTS:
+        p = tested_p(top, reference, metric, tests=runs)
+        def sentence(adjusted: float, metric=metric, name=name, reference=reference, what=what, yes=yes, no=no) -> str:
+            won, evidence = beats(top, reference, metric, tests=runs, adjusted=adjusted)
+            return f"In {name}, against {what}, it is {evidence}: " + (f"{yes}." if won else f"these runs do not show that it sees {no}.")
         if np.isfinite(p): out.append(Claim(p, sentence))
     for twin in null_twins(table, top.run, null):
         out += [comparison_claim(f"In {name}, against its null twin {twin}: ", compare_runs(results, top.run, twin, metric))
-                for metric, name in COMPONENT_NAMES.items()]
+                for metric, name, *_ in COMPONENT_TESTS]
     return out
 
 # %% ../nbs/08_study.ipynb #c048
@@ -581,7 +588,7 @@ def run_summary(results: str | Path,               # results folder of `edanb ru
     return out, html
 
 # %% ../nbs/08_study.ipynb #c057
-REFERENCE_MODELS = ("naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "oracle")   # the references a run carries
+REFERENCE_MODELS = ("naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "oracle", "true_tonic")   # the references a run carries
 
 def reference_table(runs: pd.DataFrame,   # collect_runs(results)
                     table: pd.DataFrame,  # study_table(runs) or summary_table(results): the runs, best first

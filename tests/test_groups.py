@@ -13,6 +13,7 @@ import pytest
 
 from edanb.data import (DataError, MetadataWarning, metadata_paths, read_anxiety_file, read_exclusions, read_info_file,
                         recording_paths, subject_metadata)
+from edanb.components import SCR_MIN_US
 from edanb.stress import balanced_accuracy, level_free_features, rest_vs_stress
 from edanb.synth import SynthConfig, generate, make_subject, recording_world, subject_group
 
@@ -161,7 +162,7 @@ def test_the_ctrl_groups_true_eda_rest_vs_stress_ceiling_is_lower():
         for task in ("T1", "T2", "T3"):
             phys, _ = recording_world(subject, 0, n, task, 180, 100, 1.0, "rich", (1.0, 3.0))
             rows.append(dict(subject=subject.name, group=subject_group(0, n), stress=task != "T1",
-                             **level_free_features(phys.eda_us[::16], 4)))
+                             **level_free_features(phys.eda_us[::16], 4, SCR_MIN_US)))
     labels = rest_vs_stress(pd.DataFrame(rows))
     ceiling = {g: balanced_accuracy(labels[labels.group == g]) for g in ("test", "ctrl")}
     assert ceiling["test"] - ceiling["ctrl"] >= 0.05, ceiling
