@@ -31,10 +31,10 @@ __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'COMPONEN
            'fold_model', 'transfer_predictions', 'study_row', 'study_table', 'config_without', 'seed_spread',
            'per_subject', 'compare_runs', 'runs_differing_in', 'verdict', 'holm', 'Claim', 'write_claims',
            'comparison_claim', 'null_runs', 'tested_p', 'beats', 'uses_pulse', 'face_only_runs', 'answer_face',
-           'answer_pulse', 'answer_null_twins', 'null_twins', 'answer_components', 'task_levels', 'task_level_r',
-           'confound_verdict', 'answer_task_confound', 'answer_models', 'answer_physnet_bvp', 'answer_factor',
-           'study_answers', 'run_groups', 'run_stress', 'summary_table', 'group_rows', 'group_table', 'group_answer',
-           'unfinished_runs', 'summary_key', 'run_summary', 'reference_table', 'decomposition_ceiling']
+           'answer_pulse', 'answer_null_twins', 'scored', 'null_twins', 'answer_components', 'task_levels',
+           'task_level_r', 'confound_verdict', 'answer_task_confound', 'answer_models', 'answer_physnet_bvp',
+           'answer_factor', 'study_answers', 'run_groups', 'run_stress', 'summary_table', 'group_rows', 'group_table',
+           'group_answer', 'unfinished_runs', 'summary_key', 'run_summary', 'reference_table', 'decomposition_ceiling']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "frames", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
@@ -90,7 +90,7 @@ def baseline_test(tests: pd.DataFrame, model: str, metric: str, baseline: str) -
     return {f"p_vs_{baseline}": float(hit.p_value.iloc[0]),   # and the direction, which the p value does not give:
             f"better_vs_{baseline}": f"{int(hit.better_in.iloc[0])}/{int(hit.subjects.iloc[0] + hit.ties.iloc[0])}"}
 
-REFERENCES = ("naive", "elapsed_task", "task_profile", "elapsed", "bvp_only")  # the baselines a run's paired tests are against
+REFERENCES = ("naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "true_tonic")  # the baselines a run's paired tests are against
 
 # %% ../nbs/08_study.ipynb #c036
 def run_labels(run: str, metrics: dict) -> dict:
@@ -357,6 +357,11 @@ COMPONENT_TESTS = (("phasic_r", "phasic r", "true_tonic", "the true EDA's own to
                     "it finds the responses better than chance", "the responses better than chance"))
 # (metric, its name, the reference that decides it, what that reference is, the verdict if beaten, what is not shown otherwise)
 
+def scored(results: Path, run: str, metric: str) -> bool:
+    "Whether a run's metrics.json has `metric` per subject (a run made before a metric existed has not)."
+    rows = json.loads((Path(results) / run / "metrics.json").read_text())["per_subject"]
+    return bool(rows) and metric in rows[0]
+
 def null_twins(table: pd.DataFrame, run: str, null: set[str]) -> list[str]:
     "The runs on null data that differ from `run` in the dataset alone."
     return [y if x == run else x for x, y in runs_differing_in(table.dropna(subset=["r_mean"]), "data")
@@ -381,6 +386,8 @@ def answer_components(results: Path, table: pd.DataFrame, null: set[str]) -> lis
             return f"In {name}, against {what}, it is {evidence}: " + (f"{yes}." if won else f"these runs do not show that it sees {no}.")
         if np.isfinite(p): out.append(Claim(p, sentence))
     for twin in null_twins(table, top.run, null):
+        if not scored(results, twin, "phasic_r"):
+            out.append(f"Its null twin {twin} was made before the component scores: make it again to compare them."); continue
         out += [comparison_claim(f"In {name}, against its null twin {twin}: ", compare_runs(results, top.run, twin, metric))
                 for metric, name, *_ in COMPONENT_TESTS]
     return out
