@@ -24,16 +24,17 @@ from .preprocess import load_cached
 from .synth import CUE_COLUMNS, lagged_cues, lowpass
 
 # %% auto #0
-__all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'LABEL_CENTRED_US', 'COMPONENT_METRICS', 'METRICS', 'LOWER_IS_BETTER', 'MAX_LAG_S',
-           'MIN_OVERLAP', 'MIN_SAMPLES', 'HR_TIME_CONSTANTS', 'BASELINE_TESTS', 'SUMMARY_METRICS', 'GROUP_METRICS',
-           'pearson_per_clip', 'ccc_per_clip', 'mse_loss', 'npc_loss', 'ccc_loss', 'make_loss', 'stitch',
-           'series_table', 'stitch_shapes', 'clip_correlations', 'predictions_table', 'series_predictions', 'lagged_r',
-           'ccc', 'component_metrics', 'series_metrics', 'metrics_table', 'subject_means', 'bootstrap_ci', 'summarise',
-           'compare_to_baseline', 'scaled_like_targets', 'linear_reference', 'cue_features', 'oracle_predictions',
-           'oracle_fraction', 'elapsed_time_series', 'task_of', 'elapsed_time_per_task', 'mean_profile', 'task_profile',
+__all__ = ['VAR_EPS', 'VAR_FLOOR', 'LOSSES', 'LABEL_CENTRED_US', 'COMPONENT_METRICS', 'CHANCE_SHIFTS', 'METRICS',
+           'LOWER_IS_BETTER', 'MAX_LAG_S', 'MIN_OVERLAP', 'MIN_SAMPLES', 'HR_TIME_CONSTANTS', 'BASELINE_TESTS',
+           'DRIFT_METRICS', 'SUMMARY_METRICS', 'GROUP_METRICS', 'pearson_per_clip', 'ccc_per_clip', 'mse_loss',
+           'npc_loss', 'ccc_loss', 'make_loss', 'stitch', 'series_table', 'stitch_shapes', 'clip_correlations',
+           'predictions_table', 'series_predictions', 'lagged_r', 'ccc', 'component_metrics', 'chance_f1',
+           'series_metrics', 'metrics_table', 'subject_means', 'bootstrap_ci', 'summarise', 'compare_to_baseline',
+           'scaled_like_targets', 'linear_reference', 'cue_features', 'oracle_predictions', 'oracle_fraction',
+           'elapsed_time_series', 'task_of', 'elapsed_time_per_task', 'mean_profile', 'task_profile',
            'heart_rate_features', 'has_heart_rate', 'reference_series', 'reference_predictions', 'oracle_ceiling',
-           'ceiling_table', 'baseline_tests', 'true_tonic_series', 'component_ceiling', 'run_metrics', 'group_summary',
-           'headline']
+           'ceiling_table', 'baseline_tests', 'true_tonic_series', 'drift_reference', 'chance_tests',
+           'component_ceiling', 'run_metrics', 'group_summary', 'headline']
 
 # %% ../nbs/05_metrics.ipynb #c006
 VAR_EPS = 1e-5    # relative: each clip's variances get VAR_EPS x the variance of its *target* added ...
@@ -192,7 +193,9 @@ def series_predictions(series: dict[str, np.ndarray],  # recording -> a predicti
     return predictions_table(names, np.concatenate(starts), np.concatenate(clips), targets, normaliser, hz, flagged=flagged)
 
 # %% ../nbs/05_metrics.ipynb #c018
-COMPONENT_METRICS = ("tonic_r", "tonic_ccc", "phasic_r", "scr_precision", "scr_recall", "scr_f1", "scr_rate", "scr_rate_true")
+COMPONENT_METRICS = ("tonic_r", "tonic_ccc", "phasic_r", "scr_precision", "scr_recall", "scr_f1", "scr_f1_chance", "scr_rate",
+                     "scr_rate_true")
+CHANCE_SHIFTS = 10   # the predicted onsets, shifted circularly by this many offsets, give the F1 of chance at their own rate
 METRICS = ("mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "r", "r_lag", "lag_s", "clip_r", "npc", "ccc", *COMPONENT_METRICS)
 LOWER_IS_BETTER = {"mse", "rmse", "mae", "mse_us", "rmse_us", "mae_us", "npc"}
 MAX_LAG_S = 5.0   # lagged r: the best lag within ±5 s (skin conductance follows its sympathetic burst by 1-3 s)
@@ -239,7 +242,15 @@ def component_metrics(pred: np.ndarray,        # one recording's prediction, eve
                 tonic_ccc=ccc(parts["tonic_pred"], parts["tonic_true"]) if calibrated else nan,
                 phasic_r=pearson(parts["phasic_pred"], parts["phasic_true"]),
                 **detection_scores(parts["onsets_true"], parts["onsets_pred"], SCR_TOLERANCE_S),
+                scr_f1_chance=chance_f1(parts["onsets_true"], parts["onsets_pred"], len(target) / hz),
                 scr_rate=len(parts["onsets_pred"]) / minutes, scr_rate_true=len(parts["onsets_true"]) / minutes)
+
+def chance_f1(true_s: np.ndarray, pred_s: np.ndarray, seconds: float, shifts: int = CHANCE_SHIFTS) -> float:
+    """The SCR F1 that the predicted onsets reach by chance at their own rate: the mean F1 of the same onsets shifted
+    circularly within the recording by `shifts` offsets spread over it (at least 10 s from 0 either way)."""
+    if seconds <= 20 or not len(pred_s): return detection_scores(true_s, pred_s)["scr_f1"]
+    offsets = np.linspace(10.0, seconds - 10.0, shifts)
+    return float(np.mean([detection_scores(true_s, np.sort((np.asarray(pred_s) + o) % seconds))["scr_f1"] for o in offsets]))
 
 def series_metrics(rows: pd.DataFrame,         # one series: columns t, pred, target (and pred_us, target_us, flagged, ...)
                    phasic_method: str = "highpass", # the decomposition of `component_metrics` (one recording only)
@@ -547,8 +558,8 @@ BASELINE_TESTS = {"naive": ("mse", "mse_us", "ccc", "r", "clip_r"),           # 
                   "elapsed_task": ("r", "r_lag", "clip_r", "ccc", "mse", "phasic_r", "scr_f1"),
                   "task_profile": ("r", "r_lag", "clip_r", "ccc", "mse", "phasic_r", "scr_f1"),
                   "elapsed": ("r", "clip_r", "ccc", "mse"),
-                  "bvp_only": ("r", "r_lag", "ccc", "mse"),
-                  "true_tonic": ("phasic_r", "scr_f1")}
+                  "bvp_only": ("r", "r_lag", "ccc", "mse")}
+DRIFT_METRICS = ("phasic_r", "scr_f1")   # what the drift-only reference 'true_tonic' is scored and tested in
 
 def baseline_tests(subjects: pd.DataFrame) -> list[pd.DataFrame]:
     "Every model's paired Wilcoxon tests against each reference in the table (`BASELINE_TESTS`)."
@@ -564,18 +575,33 @@ def baseline_tests(subjects: pd.DataFrame) -> list[pd.DataFrame]:
 def true_tonic_series(samples: pd.DataFrame,        # a run's test predictions (predictions.parquet)
                       phasic_method: str = "highpass",
                      ) -> pd.DataFrame:             # the same rows for model 'true_tonic'
-    """The drift-only reference of the component scores, 'true_tonic': each test recording's own true EDA reduced to its
-    tonic part (the decomposition the scores use), as if a model predicted the drift perfectly and no response. The
-    high-pass lets some of the drift's faster wanderings into the phasic part, so drift alone scores a phasic r and an
-    SCR F1 above 0: a model that sees the responses must beat this. It reads the test labels: a reference, not a model."""
+    """The slow-only reference of the component scores, 'true_tonic': each test recording's own true EDA reduced to its
+    tonic part by the decomposition the scores use (the low-passed truth: the drift and the responses' slow part), as if
+    a model predicted everything slow perfectly and no fast response. Its phasic part is not 0 (the decomposition is
+    not a perfect split), so phasic r is read against it. It reads the test labels: a reference, not a model."""
     first, parts = samples[samples.model == samples.model.iat[0]], []
     for _, g in first.groupby("recording", sort=False):
         g = g.sort_values("t")
         target = (g.target.where(~g.flagged) if "flagged" in g else g.target).interpolate(limit_direction="both")
         hz = 1 / float(np.median(np.diff(g.t))) if len(g) > 1 else 4.0
-        extra = {c: np.nan for c in ("pred_us", "clip_r") if c in g} | ({"calibrated": True} if "calibrated" in g else {})
+        extra = {c: np.nan for c in g if c.startswith("pred_us") or c == "clip_r"} | ({"calibrated": True} if "calibrated" in g else {})
         parts.append(g.assign(model="true_tonic", pred=decompose(target.to_numpy(np.float64), hz, phasic_method)[0], **extra))
     return pd.concat(parts, ignore_index=True)
+
+def drift_reference(samples: pd.DataFrame, phasic_method: str = "highpass") -> pd.DataFrame:
+    "Per-subject `DRIFT_METRICS` of the 'true_tonic' reference (`true_tonic_series`): scored in these alone, never ranked with the models."
+    recordings = metrics_table(true_tonic_series(samples, phasic_method), "recording", phasic_method)
+    return subject_means(recordings)[["model", "subject", *DRIFT_METRICS]]
+
+def chance_tests(subjects: pd.DataFrame) -> pd.DataFrame:
+    "Each model's SCR F1 against the F1 its own onsets reach by chance (`scr_f1_chance`), paired by subject; the baseline is named 'own_chance'."
+    rows = []
+    for model, g in subjects.groupby("model", sort=False):
+        if not g.scr_f1.notna().any(): continue
+        pair = pd.concat([g[["subject", "scr_f1"]].assign(model=model),
+                          g[["subject"]].assign(model="own_chance", scr_f1=g.scr_f1_chance.to_numpy())])
+        rows.append(compare_to_baseline(pair, "own_chance", "scr_f1"))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 def component_ceiling(data: str | Path, recordings: Sequence[str], phasic_method: str = "highpass", n_boot: int = 2000) -> list[dict] | None:
     "On synthetic data, neurokit2's decomposition of the true EDA against the generator's own components (`edanb.components.decomposition_scores`), over the run's test subjects; None elsewhere."
@@ -592,14 +618,17 @@ def run_metrics(samples: pd.DataFrame,  # pooled test predictions of a run (pred
                 phasic_method: str = "highpass", # the tonic/phasic decomposition (`edanb.components`)
                ) -> dict:
     "Everything `metrics.json` holds, computed from the predictions alone (so it can be recomputed and checked)."
-    samples = pd.concat([samples, true_tonic_series(samples, phasic_method)], ignore_index=True)   # the drift-only reference
     per_recording = metrics_table(samples, "recording", phasic_method)
     subjects = subject_means(per_recording)
     models, tests = list(dict.fromkeys(samples.model)), baseline_tests(subjects)
+    drift = drift_reference(samples, phasic_method)   # 'true_tonic': tested against, in its two metrics only
+    tests += [compare_to_baseline(pd.concat([subjects, drift], ignore_index=True), "true_tonic", m) for m in DRIFT_METRICS]
+    tests += [chance_tests(subjects)]
     out = dict(models=models, subjects=int(samples.subject.nunique()),
                per_subject=_records(subjects), per_recording=_records(per_recording),
                pooled=_records(metrics_table(samples, "pooled")),
-               summary=_records(summarise(subjects, metrics=SUMMARY_METRICS, n_boot=n_boot)),
+               summary=_records(pd.concat([summarise(subjects, metrics=SUMMARY_METRICS, n_boot=n_boot),
+                                           summarise(drift, metrics=DRIFT_METRICS, n_boot=n_boot)], ignore_index=True)),
                tests=_records(pd.concat(tests, ignore_index=True)) if tests else [])
     if "oracle" in models: out["oracle_fraction"] = _records(oracle_fraction(subjects))
     recordings = sorted(set(samples.recording))

@@ -47,8 +47,9 @@ def test_a_run_writes_every_artefact_and_its_metrics_recompute(small, tmp_path):
     recomputed = json.loads(json.dumps(run_metrics(samples, small["data"]), default=float))
     for key in recomputed: assert saved[key] == recomputed[key], key
     assert saved == metrics
-    assert {"naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "oracle", "true_tonic", "landmarks"} == set(saved["models"])
-    assert {t["baseline"] for t in saved["tests"]} == {"naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "true_tonic"}
+    assert {"naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "oracle", "landmarks"} == set(saved["models"])
+    assert {t["baseline"] for t in saved["tests"]} == {"naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "true_tonic",
+                                                      "own_chance"}
     assert saved["trained_on"] == dict(output="level", scaling="zscore", loss="mse+npc", shape_only=False,
                                        centring="the training recordings' mean EDA")
     assert saved["provenance"] == json.loads((run / "provenance.json").read_text())
@@ -171,7 +172,7 @@ def test_train_command_rejects_an_unknown_option(small):
 
 def test_the_device_resident_data_path_trains_and_scores(small, tmp_path):
     metrics = fit(config(small, tmp_path / "run", folds=0, epochs=1, data_on_device=True, augment_p=1.0))
-    assert set(metrics["models"]) == {"landmarks", "naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "oracle", "true_tonic"}
+    assert set(metrics["models"]) == {"landmarks", "naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "oracle"}
     assert pd.read_parquet(tmp_path / "run" / "predictions.parquet").pred.notna().all()
 
 
