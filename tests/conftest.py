@@ -68,3 +68,14 @@ def pytest_collection_modifyitems(items):
     "A test on a heavy dataset is `slow` (`make test` runs it, `make test-fast` does not)."
     for item in items:
         if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())): item.add_marker("slow")
+
+
+def edit_cached(entry: Path, name: str, array) -> None:
+    "Replace one array of a cache entry as a rebuild would, its record in meta.json included (the checksum sees any other edit)."
+    import json
+    import numpy as np
+    from edanb.preprocess import array_record
+    np.save(entry / f"{name}.npy", array)
+    meta = json.loads((entry / "meta.json").read_text())
+    if name in meta.get("arrays", {}): meta["arrays"][name] = array_record(entry / f"{name}.npy", checksum=name != "frames")
+    (entry / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")

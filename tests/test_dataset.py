@@ -10,6 +10,7 @@ from edanb.data import DataError, SplitError, save_split
 from edanb.dataset import (ClipAugment, ClipDataset, DatasetConfig, Normaliser, cached_recordings, make_datasets,
                            reflect_index, split_recordings)
 from edanb.preprocess import load_cached
+from conftest import edit_cached
 
 SPLIT = dict(train=["s1", "s2", "s3", "s4"], val=["s5"], test=["s6"])
 
@@ -47,9 +48,8 @@ def test_normaliser_sees_training_data_only(synth_cache, tmp_path):
     _, before = make_datasets(synth_cache, SPLIT)
     changed = shutil.copytree(synth_cache, tmp_path / "cache")
     for name in ("s5_T1", "s6_T2", "s6_T3"):   # val and test recordings: new labels and new pixels
-        np.save(changed / name / "eda.npy", np.load(changed / name / "eda.npy") * 10 + 3)
-        frames = np.load(changed / name / "frames.npy")
-        np.save(changed / name / "frames.npy", 255 - frames)
+        edit_cached(changed / name, "eda", np.load(changed / name / "eda.npy") * 10 + 3)
+        edit_cached(changed / name, "frames", 255 - np.load(changed / name / "frames.npy"))
     standard = DatasetConfig(eda_scaling="zscore", frame_scaling="standard")  # one training centre: no centre from test labels
     datasets, after = make_datasets(changed, SPLIT, standard)
     _, before_std = make_datasets(synth_cache, SPLIT, standard)
