@@ -32,7 +32,8 @@ def test_every_run_carries_the_references_and_their_tests(trained):
     _, runs = trained
     for model, metrics in runs.items():
         assert {model, "naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "oracle"} == set(metrics["models"])
-        assert {"naive", "elapsed_task", "task_profile", "elapsed", "bvp_only"} == {t["baseline"] for t in metrics["tests"]}
+        assert {"naive", "elapsed_task", "task_profile", "elapsed", "bvp_only", "true_tonic", "own_chance"} == \
+               {t["baseline"] for t in metrics["tests"]}
         assert {"r_lag", "lag_s"} <= {s["metric"] for s in metrics["summary"]}
         assert metrics["trained_on"]["centring"] == "each test recording's own mean EDA (from its labels)"
         assert metrics["provenance"]["code"] and metrics["provenance"]["dataset"]
