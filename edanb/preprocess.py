@@ -23,10 +23,11 @@ from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Rec
                         load_recording, read_exclusions, scan, subject_folders)
 
 # %% auto #0
-__all__ = ['REDUCED', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'ARRAY_KINDS', 'FEW_FACES', 'sample_count', 'frame_indices',
-           'resample', 'bandpass', 'pulse_frequency', 'heart_rate', 'FrameReader', 'PreprocessConfig',
-           'quiet_face_recognition', 'detect_face', 'box_path', 'crop_window', 'crop_steps', 'reduction_for',
-           'landmarks_68', 'source_stamp', 'cache_key', 'read_meta', 'entry_bytes', 'write_entry',
+__all__ = ['REDUCED', 'CHEEKS', 'PULSE_MIN_HZ', 'MAX_MISSING', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'ARRAY_KINDS',
+           'OPTIONAL_ARRAYS', 'FEW_FACES', 'sample_count', 'frame_indices', 'resample', 'bandpass', 'pulse_frequency',
+           'heart_rate', 'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'detect_face', 'box_path',
+           'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'cheek_pixels', 'trace_reduction',
+           'fill_missing', 'skin_trace', 'source_stamp', 'cache_key', 'read_meta', 'entry_bytes', 'write_entry',
            'preprocess_recording', 'array_header', 'array_problem', 'array_record', 'changed_arrays', 'entry_problems',
            'load_cached', 'entry_warning', 'preprocess_job', 'preprocess_dataset', 'preprocess_locked']
 
@@ -155,13 +156,15 @@ class PreprocessConfig:
     landmarks: bool = False     # also cache 68 facial landmarks per sampled frame
     frame_hz: float = 0.0       # frames cached per second: 0 = one per sample (target_hz); a whole multiple of it up to the video's rate
     bvp_bandpass: bool = False  # band-pass BVP to 0.7-4 Hz before resampling
+    pulse: bool = False         # also cache the cheeks' mean colour on every `pulse_every`-th video frame: the camera pulse's trace (`edanb.pulse`)
+    pulse_every: int = 2        # the trace's frame step: 2 takes 17.5 of 35 frames a second (at least 15 Hz: a pulse up to 3 Hz with its harmonic's room)
     tolerance_s: float = DURATION_TOLERANCE_S  # allowed disagreement of video, EDA and BVP durations
 
     def __post_init__(self):
         if self.crop not in ("face", "none"): raise ValueError(f"crop must be 'face' or 'none', not {self.crop!r}")
         if self.detector not in ("hog", "cnn"): raise ValueError(f"detector must be 'hog' or 'cnn', not {self.detector!r}")
-        if self.target_hz <= 0 or self.size < 8 or self.detect_every < 1 or self.box_scale < 1 or self.smooth_s < 0:
-            raise ValueError(f"need target_hz > 0, size >= 8, detect_every >= 1, box_scale >= 1, smooth_s >= 0: {self}")
+        if self.target_hz <= 0 or self.size < 8 or self.detect_every < 1 or self.box_scale < 1 or self.smooth_s < 0 or self.pulse_every < 1:
+            raise ValueError(f"need target_hz > 0, size >= 8, detect_every >= 1, box_scale >= 1, smooth_s >= 0, pulse_every >= 1: {self}")
         ratio = self.frame_hz / self.target_hz
         if self.frame_hz and (ratio < 1 or abs(ratio - round(ratio)) > 1e-9):
             raise ValueError(f"--frame-hz {self.frame_hz:g}: must be a whole multiple of the EDA clock ({self.target_hz:g} Hz), "
@@ -236,16 +239,69 @@ def landmarks_68(image: np.ndarray, box: np.ndarray, reduction: int, window: tup
     x0, y0, w = window
     return (points - (x0, y0)) / w
 
+# %% ../nbs/02_preprocess.ipynb #c040
+CHEEKS = ((0.18, 0.42, 0.40, 0.66), (0.60, 0.42, 0.82, 0.66))  # (x0, y0, x1, y1) of each cheek, in face-box sides from its top-left corner
+PULSE_MIN_HZ = 15.0   # the least trace rate: a pulse up to 3 Hz (180 bpm) and room for the band-pass above it
+MAX_MISSING = 0.5     # a trace with more of its frames missing (no face) is refused
+
+def cheek_pixels(image: np.ndarray,   # RGB frame decoded at 1/`reduction` scale
+                 box: np.ndarray,     # the face box (centre x, centre y, side), full-resolution pixels
+                 reduction: int,
+                ) -> np.ndarray:      # (k, 3) the pixels of both cheeks inside the frame (k may be 0)
+    "The pixels of the `CHEEKS` regions of `box`, clipped to the frame."
+    cx, cy, side = np.asarray(box, float) / reduction
+    h, w = image.shape[:2]
+    edge = lambda centre, f, limit: int(np.clip(round(centre + (f - 0.5) * side), 0, limit))
+    return np.concatenate([image[edge(cy, y0, h):edge(cy, y1, h), edge(cx, x0, w):edge(cx, x1, w)].reshape(-1, 3)
+                           for x0, y0, x1, y1 in CHEEKS])
+
+def trace_reduction(path: np.ndarray) -> int:
+    "The coarsest JPEG decode scale that leaves at least 8 pixels across a cheek of the path's median face."
+    return reduction_for(int(np.median(path[:, 2]) * (CHEEKS[0][2] - CHEEKS[0][0])), 8)
+
+def fill_missing(values: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    "`values` (n, c) with its `missing` rows interpolated linearly from the others (held at the ends)."
+    if not missing.any(): return values
+    at = np.flatnonzero(~missing)
+    return np.stack([np.interp(np.arange(len(values)), at, column[at]) for column in values.T], axis=1)
+
+def skin_trace(video: str | Path,     # the video file
+               fps: float,            # its frame rate
+               path: np.ndarray,      # (n, 3) smoothed face boxes on a clock of `path_hz` (`_face_path`)
+               lost: np.ndarray,      # (n,) True where the path's nearest detection attempt found no face
+               path_hz: float,        # the path's clock
+               every: int = 2,        # take every `every`-th video frame
+               progress: bool = False,
+              ) -> dict[str, np.ndarray]:  # rgb (m, 3) float32, rgb_t (m,) seconds, rgb_missing (m,) bool
+    "The cheeks' mean colour on every `every`-th frame within the path's span, missing frames interpolated and counted."
+    frames = np.arange(0, int(np.floor((len(path) - 1) / path_hz * fps + 1e-9)) + 1, every)
+    t = frames / fps
+    position = np.clip(t * path_hz, 0, len(path) - 1)
+    boxes = np.stack([np.interp(position, np.arange(len(path)), column) for column in path.T], axis=1)
+    missing = lost[np.rint(position).astype(int)].copy()
+    rgb = np.full((len(frames), 3), np.nan)
+    r = trace_reduction(path)
+    with FrameReader(video) as reader:
+        reader.reduction = r
+        for i, frame in enumerate(progress_bar(frames, progress, desc=f"{Path(video).name} pulse", leave=False)):
+            pixels = cheek_pixels(reader.read(int(frame)), boxes[i], r)
+            if len(pixels): rgb[i] = pixels.mean(0, dtype=np.float64)
+    missing |= ~np.isfinite(rgb).all(1)
+    if missing.mean() > MAX_MISSING:
+        raise DataError(video, f"no face on {missing.mean():.0%} of its pulse trace's {len(frames)} frames (at most {MAX_MISSING:.0%} "
+                               "may be interpolated): the camera pulse cannot be measured; preprocess without --pulse")
+    return dict(rgb=fill_missing(rgb, missing).astype(np.float32), rgb_t=t, rgb_missing=missing)
+
 # %% ../nbs/02_preprocess.ipynb #c021
 CACHE_VERSION = 4  # 2: box path interpolated between detections and smoothed without phase lag; 3: heart rate without dicrotic beats; 4: EDA quality flags
-ARRAYS = ("frames", "eda", "eda_flagged", "bvp", "hr", "t", "frame_index", "boxes", "landmarks")
+ARRAYS = ("frames", "eda", "eda_flagged", "bvp", "hr", "t", "frame_index", "boxes", "landmarks", "rgb", "rgb_t", "rgb_missing")
 
 def source_stamp(rec: Recording) -> dict:
     "Size and modification time of the three source files: a change to any of them invalidates the cache."
     return {kind: [p.stat().st_size, p.stat().st_mtime_ns] for kind, p in
             (("video", rec.video), ("eda", rec.eda), ("bvp", rec.bvp))}
 
-KEY_ADDED = {"frame_hz": 0.0}   # a field added since, at the value entries built before it had: left out of the key, so they stay valid
+KEY_ADDED = {"frame_hz": 0.0, "pulse": False, "pulse_every": 2}   # a field added since, at the value entries built before it had: left out of the key, so they stay valid
 
 def cache_key(rec: Recording, config: PreprocessConfig) -> dict:
     fields = {k: v for k, v in asdict(config).items() if KEY_ADDED.get(k, object()) != v}
@@ -275,9 +331,9 @@ def _signals(rec: Recording, config: PreprocessConfig, n: int) -> dict[str, np.n
                 hr=heart_rate(raw_bvp, BVP_HZ, times))
 
 def _face_path(rec: Recording, config: PreprocessConfig, index: np.ndarray, progress: bool) -> dict:
-    "Pass 1: detect on every `detect_every`-th sample's frame only; return the smoothed box path and the counts."
+    "Pass 1: detect on every `detect_every`-th sample's frame only; return the smoothed box path, where its nearest attempt found no face, and the counts."
     n, k = len(index), config.frames_per_sample()   # frames, and frames per sample: the detector runs as often per second
-    if config.crop == "none": return dict(path=None, attempts=0, detections=0, fallback=0, reductions=[])
+    if config.crop == "none" and not config.pulse: return dict(path=None, lost=None, attempts=0, detections=0, fallback=0, reductions=[])
     step = config.detect_every * k
     attempts, at, found = np.arange(0, n, step), [], []
     r = reduction_for(rec.width, config.detect_width)  # the detector needs `detect_width` pixels, not the crop's
@@ -290,14 +346,15 @@ def _face_path(rec: Recording, config: PreprocessConfig, index: np.ndarray, prog
                                           f"video, {config.detector} detector): check the video, or use --crop none for the frame's centre")
     path = box_path(np.array(at, int), np.array(found).reshape(-1, 3), n, config.smooth_s * config.target_hz * k)
     nearest = attempts[np.minimum((np.arange(n) + step // 2) // step, len(attempts) - 1)]
-    fallback = int((~np.isin(nearest, at)).sum()) // k  # samples whose nearest detection attempt found no face
-    return dict(path=path, attempts=len(attempts), detections=len(at), fallback=fallback, reductions=[r])
+    lost = ~np.isin(nearest, at)   # frames whose nearest detection attempt found no face
+    return dict(path=path, lost=lost, attempts=len(attempts), detections=len(at), fallback=int(lost.sum()) // k, reductions=[r])
 
 def _crop_frames(rec: Recording, config: PreprocessConfig, index: np.ndarray, frames: np.ndarray,
-                 progress: bool) -> dict:
-    "Find the face path (pass 1), then decode and crop every sampled frame into `frames`, a memory map (pass 2)."
-    faces = _face_path(rec, config, index, progress)
-    path, reductions = faces.pop("path"), set(faces.pop("reductions"))
+                 faces: dict, progress: bool) -> dict:
+    "Pass 2: decode and crop every sampled frame into `frames`, a memory map, along the face path (`_face_path`, pass 1)."
+    path = faces["path"] if config.crop == "face" else None
+    reductions = set(faces["reductions"])
+    faces = {k: v for k, v in faces.items() if k not in ("path", "lost", "reductions")}
     boxes = np.zeros((len(index), 3), np.int32)
     marks = np.full((len(index), 68, 2), np.nan, np.float32) if config.landmarks else None
     with FrameReader(rec.video) as reader:
@@ -313,25 +370,33 @@ def _crop_frames(rec: Recording, config: PreprocessConfig, index: np.ndarray, fr
             if marks is not None and box is not None: marks[i] = landmarks_68(image, box, r, (x0, y0, side))
     return dict(boxes=boxes, landmarks=marks, **faces, reductions=sorted(reductions))
 
+def _pulse_trace(rec: Recording, config: PreprocessConfig, faces: dict, progress: bool) -> dict:
+    "Pass 3 (`--pulse`): the cheeks' colour along the face path (`skin_trace`)."
+    return skin_trace(rec.video, rec.fps, faces["path"], faces["lost"], config.target_hz * config.frames_per_sample(),
+                      config.pulse_every, progress)
+
 # %% ../nbs/02_preprocess.ipynb #c024
-def entry_bytes(n: int, config: PreprocessConfig) -> int:
-    "The size of a cache entry of `n` samples: its frames, the per-sample and per-frame arrays, and 64 KB for headers and meta.json."
+def entry_bytes(n: int, config: PreprocessConfig, fps: float = 35.0) -> int:
+    "The size of a cache entry of `n` samples: its frames, the per-sample, per-frame and trace arrays, and 64 KB for headers and meta.json."
     frames = n * config.frames_per_sample()
     per_frame = config.size * config.size * 3 + 8 + 12 + (68 * 2 * 4 if config.landmarks else 0)   # crop, frame_index, boxes, landmarks
-    return frames * per_frame + n * (8 + 4 + 1 + 4 + 4) + 2**16                                     # t, eda, eda_flagged, bvp, hr
+    trace = int(n / config.target_hz * fps / config.pulse_every + 1) * (12 + 8 + 1) if config.pulse else 0   # rgb, rgb_t, rgb_missing
+    return frames * per_frame + n * (8 + 4 + 1 + 4 + 4) + trace + 2**16                            # t, eda, eda_flagged, bvp, hr
 
 def write_entry(folder: Path, rec: Recording, config: PreprocessConfig, n: int, key: dict, progress: bool) -> dict:
     "Write a new cache entry of `n` samples into `folder` (meta.json last); return its metadata."
-    check_space(folder, entry_bytes(n, config))   # a full disk fails before the work, naming the entry and what it needs
+    check_space(folder, entry_bytes(n, config, rec.fps))   # a full disk fails before the work, naming the entry and what it needs
     folder.mkdir(parents=True)
     k = config.frames_per_sample()
     index = frame_indices(n, rec.fps, config.target_hz, k, rec.n_frames - 1)
     signals = _signals(rec, config, n)
     frames = np.lib.format.open_memmap(folder / "frames.npy", "w+", np.uint8, (n * k, config.size, config.size, 3))
     reserve_file(folder / "frames.npy")   # a disk that fills meanwhile is an error here, not a SIGBUS in the memory map
-    crops = _crop_frames(rec, config, index, frames, progress)
+    faces = _face_path(rec, config, index, progress)
+    crops = _crop_frames(rec, config, index, frames, faces, progress)
     frames.flush(); del frames
-    arrays = dict(signals, frame_index=index, boxes=crops.pop("boxes"), landmarks=crops.pop("landmarks"))
+    trace = _pulse_trace(rec, config, faces, progress) if config.pulse else {}
+    arrays = dict(signals, frame_index=index, boxes=crops.pop("boxes"), landmarks=crops.pop("landmarks"), **trace)
     for name, array in arrays.items():
         if array is not None: np.save(folder / f"{name}.npy", array)
     saved = {name: array_record(folder / f"{name}.npy", checksum=name != "frames") for name in ARRAY_KINDS
@@ -341,7 +406,8 @@ def write_entry(folder: Path, rec: Recording, config: PreprocessConfig, n: int, 
                 frames_per_sample=k, frame_hz=config.target_hz * k, seconds=used, cut_s=dict(video=rec.video_seconds - used, eda=rec.eda_seconds - used,
                                          bvp=rec.bvp_seconds - used),
                 face_rate=crops["detections"] / max(crops["attempts"], 1), eda_flagged=int(signals["eda_flagged"].sum()),
-                **crops, arrays=saved, key=key)
+                **crops, **(dict(trace_samples=len(trace["rgb_t"]), trace_hz=rec.fps / config.pulse_every,
+                                 trace_missing=int(trace["rgb_missing"].sum())) if trace else {}), arrays=saved, key=key)
     (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -359,6 +425,9 @@ def preprocess_recording(rec: Recording,            # a validated recording (`ed
     n = sample_count(rec, config.target_hz)
     if n == 0: raise DataError(rec.video, "no sample of the EDA clock falls inside the video")
     if config.frame_hz > rec.fps + 1e-9: raise DataError(rec.video, f"--frame-hz {config.frame_hz:g} is above the video's frame rate ({rec.fps:g} fps)")
+    if config.pulse and rec.fps / config.pulse_every < PULSE_MIN_HZ:
+        raise DataError(rec.video, f"its pulse trace would be {rec.fps / config.pulse_every:g} Hz (every {config.pulse_every} frame(s) of "
+                                   f"{rec.fps:g} fps); a pulse needs at least {PULSE_MIN_HZ:g} Hz: lower --pulse-every")
     built = {}
     write_atomic(final, lambda folder: built.update(write_entry(folder, rec, config, n, key, progress)))
     return {**built, "status": "rebuilt", "damage": "; ".join(damage)} if damage else {**built, "status": "built"}
@@ -366,8 +435,10 @@ def preprocess_recording(rec: Recording,            # a validated recording (`ed
 # %% ../nbs/02_preprocess.ipynb #c025
 ARRAY_KINDS = {"frames": ("uint8", "frames"), "eda": ("float32", "samples"), "eda_flagged": ("bool", "samples"),
                "bvp": ("float32", "samples"), "hr": ("float32", "samples"), "t": ("float64", "samples"),
-               "frame_index": ("integer", "frames"), "boxes": ("int32", "frames"), "landmarks": ("float32", "frames")}
-# name -> (dtype, rows: one per EDA-clock sample or one per cached frame); landmarks only in a --landmarks cache
+               "frame_index": ("integer", "frames"), "boxes": ("int32", "frames"), "landmarks": ("float32", "frames"),
+               "rgb": ("float32", "trace"), "rgb_t": ("float64", "trace"), "rgb_missing": ("bool", "trace")}
+# name -> (dtype, rows: one per EDA-clock sample, per cached frame or per trace frame); landmarks only in a --landmarks cache, rgb* in a --pulse one
+OPTIONAL_ARRAYS = {"landmarks": "landmarks", "rgb": "pulse", "rgb_t": "pulse", "rgb_missing": "pulse"}   # array -> the option that adds it
 
 def array_header(path: Path) -> tuple[tuple, np.dtype, int]:
     "Shape, dtype and full file size in bytes of a `.npy` file, from its header alone."
@@ -406,8 +477,8 @@ def changed_arrays(folder: Path, recorded: dict) -> list[str]:
 
 def entry_problems(folder: Path, meta: dict) -> list[str]:
     "What is wrong with a cache entry's arrays against its meta.json (`ARRAY_KINDS`, and the checksums it records); empty when sound."
-    rows = {"samples": meta["samples"], "frames": meta["samples"] * meta.get("frames_per_sample", 1)}
-    names = [n for n in ARRAY_KINDS if n != "landmarks" or meta["key"]["config"].get("landmarks")]
+    rows = {"samples": meta["samples"], "frames": meta["samples"] * meta.get("frames_per_sample", 1), "trace": meta.get("trace_samples")}
+    names = [n for n in ARRAY_KINDS if n not in OPTIONAL_ARRAYS or meta["key"]["config"].get(OPTIONAL_ARRAYS[n])]
     problems = [p for n in names if (p := array_problem(folder / f"{n}.npy", ARRAY_KINDS[n][0], rows[ARRAY_KINDS[n][1]]))]
     return problems or changed_arrays(folder, meta.get("arrays", {}))
 

@@ -28,9 +28,9 @@ __all__ = ['STREAMS', 'TASK_AROUSAL', 'WORLDS', 'BURST_KERNEL', 'NON_RESPONDER_G
            'task_subject', 'subject_files', 'face_patch', 'Identity', 'astronaut_identity', 'landmarks_68',
            'astronaut_landmarks', 'lfw_landmarks', 'identity_geometry', 'warp_to', 'identity', 'background', 'Nuisance',
            'simulate_nuisance', 'Behaviour', 'simulate_behaviour', 'looks_away', 'Cues', 'cues_from_physiology',
-           'affine', 'face_box', 'FaceRenderer', 'write_recording', 'recording_world', 'scr_table', 'write_signals',
-           'pearson_or_zero', 'lagged_cues', 'oracle_cues', 'oracle_scores', 'SynthConfig', 'write_subjects',
-           'generate', 'summary', 'face_distances', 'identity_margin']
+           'affine', 'face_box', 'FaceRenderer', 'write_recording', 'pulse_table', 'recording_world', 'scr_table',
+           'write_signals', 'pearson_or_zero', 'lagged_cues', 'oracle_cues', 'oracle_scores', 'SynthConfig',
+           'write_subjects', 'generate', 'summary', 'face_distances', 'identity_margin']
 
 # %% ../nbs/01_synth.ipynb #c006
 STREAMS = {"subject": 0, "physiology": 1, "nuisance": 2, "appearance": 3, "pulse": 4, "behaviour": 5, "cues": 6, "latency": 7,
@@ -497,10 +497,15 @@ def write_recording(out: str | Path,     # dataset folder
     write_signals(out / "ground_truth" / f"{subject.name}_{task}_signals.csv", phys, eda_idx,
                   cues_from_physiology(phys, subject, phys.t[eda_idx], video_coupling), behaviour if world == "rich" else None, touched)
     scr_table(phys).to_csv(out / "ground_truth" / f"{subject.name}_{task}_scr.csv", index=False, float_format="%.6g")
+    pulse_table(times, cues, phys).to_csv(out / "ground_truth" / f"{subject.name}_{task}_pulse.csv", index=False, float_format="%.6g")
     _write_csv(paths["eda"], eda, "%.6f")
     _write_csv(paths["bvp"], phys.bvp, "%.3f")
     return dict(recording=f"{subject.name}_{task}", frames=n_frames, eda_mean_us=float(eda.mean()),
                 scr=phys.n_scr, hr_mean=float(phys.heart_rate.mean()))
+
+def pulse_table(times: np.ndarray, cues: Cues, phys: Physiology) -> pd.DataFrame:
+    "The pulse as rendered on every video frame (the colour cue: 0 at video coupling 0) and the heart rate it beats at (bpm)."
+    return pd.DataFrame(dict(t=times, pulse=cues.pulse, heart_rate=np.interp(times, phys.t, phys.heart_rate)))
 
 def recording_world(subject: Subject, seed: int, number: int, task: str, seconds: float, n_frames: int,
                     pulse_coupling: float, world: str, latency_range: tuple[float, float],
@@ -643,7 +648,7 @@ def _check_target(out: Path, config: SynthConfig) -> bool:
     params = json.loads(params.read_text())
     saved = {**asdict(SynthConfig()), "world": "simple",   # a field added since: its default (a dataset without a world is simple)
              **current_couplings(params.get("config") or {})}
-    written_since = any((out / "ground_truth").glob("*_scr.csv"))   # a dataset written before SCR onsets were recorded is written again
+    written_since = all(any((out / "ground_truth").glob(f"*_{kind}.csv")) for kind in ("scr", "pulse"))   # one written before SCR onsets or the pulse were recorded is written again
     return params.get("complete", False) and saved == asdict(config) and written_since
 
 def _write_params(out: Path, config: SynthConfig, complete: bool):
