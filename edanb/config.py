@@ -39,6 +39,7 @@ class DatasetConfig:
     tasks: str = "T1,T2,T3"   # tasks to use, comma-separated
     eda_quality: str = "mask" # mask: implausible EDA samples (motion spikes, dropouts) are never trained on or scored | keep: used as recorded
     exclude: str = ""         # a file of recordings (s40_T3) and subjects (s56) to leave out, one per line, # comments (empty: none)
+    bvp_source: str = "contact" # the BVP that models and the BVP-only reference read: contact (the wrist sensor) | video:pos | video:chrom | video:green (the camera pulse, `edanb.pulse`; the cache needs --pulse)
 
     def task_list(self) -> list[str]:
         "The tasks as a list: 'T1, T2' -> ['T1', 'T2']."
@@ -119,6 +120,7 @@ class TrainConfig(DatasetConfig):
         if self.model not in MODELS: raise ValueError(f"unknown model {self.model!r}: registered models are {sorted(MODELS)}")
         check_model_args(self.model, self.overrides())  # a bad JSON string or argument fails here, not after the data is loaded
         coerce_numbers(self); check_limits(self); check_method(self.phasic_method)
+        from edanb.pulse import bvp_method; bvp_method(self.bvp_source)   # 'contact' or 'video:<an rPPG method>'
 
     def overrides(self) -> dict:
         "The model's argument overrides (`model_args`) as a dict."
@@ -129,7 +131,7 @@ class TrainConfig(DatasetConfig):
 
 # %% ../nbs/02a_config.ipynb #c014
 RENAMED = {"target": "eda_scaling", "frames": "frame_scaling"}   # old name -> field: run folders and grids written before
-ADDED = {"eda_quality": "keep", "exclude": "", "phasic_method": "highpass"}   # field -> what a run saved before the field existed did
+ADDED = {"eda_quality": "keep", "exclude": "", "phasic_method": "highpass", "bvp_source": "contact"}   # field -> what a run saved before the field existed did
 
 def current_names(config: dict) -> dict:
     "A saved run configuration (config.json, metrics.json) with fields of an older edanb under their current names, and fields added since as that run had them (`ADDED`)."

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from .config import EDA_QUALITIES, EDA_SCALINGS, FRAME_SCALINGS, REST_TASK, DatasetConfig
 from .data import PARTS, TASKS, DataError, check_split, eda_quality, is_excluded, load_split, read_exclusions, subject_number
 from .preprocess import load_cached, read_meta
+from .pulse import camera_signals
 
 # %% auto #0
 __all__ = ['EVAL_COVERAGE', 'OLD_NORMALISER_KEYS', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index',
@@ -300,10 +301,11 @@ class ClipDataset(Dataset):
                  augment: ClipAugment | None = None, # training only
                  diff: bool = False,                # return 'diff' (normalised frame differences)
                  landmarks: bool = False,           # return 'landmarks'
-                 eda_quality: str = "mask"):        # mask: no training clip holds a flagged EDA sample (`training_eda`) | keep
+                 eda_quality: str = "mask",         # mask: no training clip holds a flagged EDA sample (`training_eda`) | keep
+                 bvp_source: str = "contact"):      # contact | video:<rPPG method> (`edanb.pulse.camera_signals`)
         self.cache, self.normaliser, self.window, self.pad = Path(cache), normaliser, window, pad
         self.stride = evaluation_stride(window, stride) if pad else stride
-        self.augment, self.diff, self.landmarks = augment, diff, landmarks
+        self.augment, self.diff, self.landmarks, self.bvp_source = augment, diff, landmarks, bvp_source
         self.meta, self.targets, self.bvp, self.marks, self.flagged = {}, {}, {}, {}, {}
         self._frames = {}  # memory maps, opened per process on first use
         for name in names:
@@ -317,7 +319,7 @@ class ClipDataset(Dataset):
                 raise DataError(self.cache / name, f"cached at {entry['meta'].get('frame_hz')} frames/s, {names[0]} at "
                                                    f"{self.meta[names[0]].get('frame_hz')}: use one preprocessing per cache folder")
             self.targets[name] = normaliser.transform(eda, name).astype(np.float32)
-            self.bvp[name] = _zscore(entry["bvp"])
+            self.bvp[name] = _zscore(entry["bvp"] if bvp_source == "contact" else camera_signals(entry, bvp_source, self.cache / name)["bvp"])
             if landmarks: self.marks[name] = entry["landmarks"].astype(np.float32)
         # frame_scaling='recording': each recording's mean frame (its own video only, never a label), subtracted from its clips
         self.mean_frames = ({name: recording_mean_frame(self.frames_of(name)) for name in names}
@@ -443,6 +445,6 @@ def make_datasets(cache: str | Path,                       # cache folder writte
     augment = ClipAugment(config.augment_p) if config.augment_p > 0 else None
     datasets = {part: ClipDataset(cache, names, normaliser, config.window, config.stride, pad=part != "train",
                                   augment=augment if part == "train" else None, diff=config.diff,
-                                  landmarks=config.landmarks, eda_quality=config.eda_quality)
+                                  landmarks=config.landmarks, eda_quality=config.eda_quality, bvp_source=config.bvp_source)
                 for part, names in parts.items()}
     return datasets, normaliser

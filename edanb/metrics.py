@@ -21,6 +21,7 @@ from .core import format_interval, pearson
 from .data import group_order, is_synthetic, subject_groups
 from .dataset import Normaliser, baseline_recording, clip_starts, evaluation_stride, reflect_index
 from .preprocess import load_cached
+from .pulse import camera_signals
 from .synth import CUE_COLUMNS, lagged_cues, lowpass
 
 # %% auto #0
@@ -475,19 +476,23 @@ def task_profile(targets: dict[str, np.ndarray], # training recordings ('s3_T2',
 # %% ../nbs/05_metrics.ipynb #c047
 HR_TIME_CONSTANTS = (3.0, 10.0, 30.0)  # s: heart rate low-passed with these time constants, beside the rate itself
 
-def heart_rate_features(cache: str | Path, hz: float = 4.0) -> Callable[[str], np.ndarray]:
-    "recording -> (n, 4): its cached heart rate (bpm; gaps filled with its median) and that rate low-passed (`HR_TIME_CONSTANTS`)."
+def heart_rate_features(cache: str | Path, hz: float = 4.0,
+                        source: str = "contact",   # contact: the cached `hr` | video:<method>: the camera pulse's (`edanb.pulse.camera_signals`)
+                       ) -> Callable[[str], np.ndarray]:
+    "recording -> (n, 4): its heart rate (bpm; gaps filled with its median) and that rate low-passed (`HR_TIME_CONSTANTS`)."
     @functools.cache
     def features(name: str) -> np.ndarray:
-        hr = np.asarray(load_cached(cache, name)["hr"], np.float64)
+        entry = load_cached(cache, name)
+        hr = np.asarray(entry["hr"] if source == "contact" else camera_signals(entry, source, Path(cache) / name)["hr"], np.float64)
         hr = np.where(np.isfinite(hr), hr, np.nanmedian(hr)) if np.isfinite(hr).any() else np.zeros_like(hr)
         return np.column_stack([hr] + [lowpass(hr, 1 / hz, tau) for tau in HR_TIME_CONSTANTS])
     return features
 
-def has_heart_rate(cache: str | Path, names: Sequence[str], eda_scaling: str) -> bool:
-    "Whether the cache holds a heart rate for every recording and every recording its centre comes from (the BVP-only reference needs them)."
+def has_heart_rate(cache: str | Path, names: Sequence[str], eda_scaling: str, source: str = "contact") -> bool:
+    "Whether the cache holds a heart rate (contact: `hr`; video: the pulse trace) for every recording and every recording its centre comes from (the BVP-only reference needs them)."
     sources = {baseline_recording(eda_scaling, name) for name in names} - {None}
-    return bool(cache) and all((Path(cache) / name / "hr.npy").is_file() for name in {*names, *sources})
+    array = "hr.npy" if source == "contact" else "rgb.npy"
+    return bool(cache) and all((Path(cache) / name / array).is_file() for name in {*names, *sources})
 
 # %% ../nbs/05_metrics.ipynb #c049
 def reference_series(datasets: dict,          # a fold's train / val / test `ClipDataset`s
@@ -506,8 +511,9 @@ def reference_series(datasets: dict,          # a fold's train / val / test `Cli
                elapsed_task={n: per_task(n, len(y)) for n, y in test.items()},
                task_profile={n: profile(n, len(y)) for n, y in test.items()},
                elapsed={n: pooled(len(y)) for n, y in test.items()})
-    if has_heart_rate(cache, [*train, *test], normaliser.eda_scaling):
-        out["bvp_only"] = linear_reference(heart_rate_features(cache, hz), train, list(test), normaliser.eda_scaling)
+    source = getattr(datasets["train"], "bvp_source", "contact")   # the BVP the run's models read: the reference reads the same
+    if has_heart_rate(cache, [*train, *test], normaliser.eda_scaling, source):
+        out["bvp_only"] = linear_reference(heart_rate_features(cache, hz, source), train, list(test), normaliser.eda_scaling)
     return out
 
 def reference_predictions(datasets: dict,          # a fold's train / val / test `ClipDataset`s

@@ -25,8 +25,8 @@ from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Rec
 # %% auto #0
 __all__ = ['REDUCED', 'CHEEKS', 'PULSE_MIN_HZ', 'MAX_MISSING', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'ARRAY_KINDS',
            'OPTIONAL_ARRAYS', 'FEW_FACES', 'sample_count', 'frame_indices', 'resample', 'bandpass', 'pulse_frequency',
-           'heart_rate', 'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'detect_face', 'box_path',
-           'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'cheek_pixels', 'trace_reduction',
+           'fundamental', 'heart_rate', 'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'detect_face',
+           'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'cheek_pixels', 'trace_reduction',
            'fill_missing', 'skin_trace', 'source_stamp', 'cache_key', 'read_meta', 'entry_bytes', 'write_entry',
            'preprocess_recording', 'array_header', 'array_problem', 'array_record', 'changed_arrays', 'entry_problems',
            'load_cached', 'entry_warning', 'preprocess_job', 'preprocess_dataset', 'preprocess_locked']
@@ -68,10 +68,17 @@ def pulse_frequency(bvp: np.ndarray, hz: float) -> float:
     f, power = scipy.signal.welch(scipy.signal.detrend(bvp), hz, nperseg=min(len(bvp), int(hz * 16)))
     band = (f >= 0.6) & (f <= 3.5)
     if not band.any(): return 1.0
-    f, power = f[band], power[band]
+    return fundamental(f[band], power[band])
+
+def fundamental(f: np.ndarray,       # frequencies of a spectrum, within a band
+                power: np.ndarray,   # its power
+                tolerance_hz: float | None = None,  # how near a third or a half of the peak a sub-peak must be (default: one bin)
+               ) -> float:
+    "The spectrum's strongest peak, or a third or a half of it where that holds at least a fifth of the peak's power (the peak was a harmonic)."
     peak = f[np.argmax(power)]
+    tolerance = tolerance_hz if tolerance_hz is not None else (f[1] - f[0] if len(f) > 1 else 0)
     for k in (3, 2):
-        near = np.abs(f - peak / k) <= (f[1] - f[0] if len(f) > 1 else 0)
+        near = np.abs(f - peak / k) <= tolerance
         if near.any() and power[near].max() >= 0.2 * power.max(): return float(f[near][np.argmax(power[near])])
     return float(peak)
 

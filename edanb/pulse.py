@@ -13,13 +13,13 @@ import scipy.signal
 
 from .core import pearson, progress_bar
 from .data import BVP_HZ, DataError, Recording, scan, subject_number
-from .preprocess import bandpass, heart_rate, load_cached, resample
+from .preprocess import bandpass, fundamental, heart_rate, load_cached, resample
 
 # %% auto #0
 __all__ = ['POS_WINDOW_S', 'RPPG_METHODS', 'HR_BAND_HZ', 'SNR_BAND_HZ', 'SNR_HALF_WIDTH_BPM', 'PULSE_METRICS', 'overlap_add',
            'green', 'chrom', 'pos', 'rppg', 'periodogram', 'spectrum_hr', 'peak_hr', 'snr_db', 'window_starts',
            'window_rates', 'contact_bvp', 'truth_rates', 'trace_of', 'recording_pulse', 'with_mean_hr',
-           'evaluate_pulse', 'pulse_scores', 'pulse_table', 'readable_pulse_table']
+           'evaluate_pulse', 'pulse_scores', 'pulse_table', 'readable_pulse_table', 'bvp_method', 'camera_signals']
 
 # %% ../nbs/02b_pulse.ipynb #c006
 POS_WINDOW_S = 1.6   # CHROM's and POS's window (Wang et al. 2017: l = 1.6 s x fs, about one cardiac cycle at 40 bpm)
@@ -85,10 +85,10 @@ def periodogram(x: np.ndarray, fs: float, resolution_bpm: float = 0.5) -> tuple[
     return scipy.signal.periodogram(scipy.signal.detrend(x), fs, window="hann", nfft=n)
 
 def spectrum_hr(x: np.ndarray, fs: float) -> float:
-    "Heart rate (bpm) as the periodogram's peak within `HR_BAND_HZ`."
+    "Heart rate (bpm) as the periodogram's peak within `HR_BAND_HZ`, or the fundamental below it where the peak is a harmonic (`fundamental`)."
     f, power = periodogram(x, fs)
     band = (f >= HR_BAND_HZ[0]) & (f <= HR_BAND_HZ[1])
-    return float(60 * f[band][np.argmax(power[band])])
+    return 60 * fundamental(f[band], power[band], tolerance_hz=fs / len(x))   # within the window's own resolution
 
 def peak_hr(x: np.ndarray, fs: float) -> float:
     "Heart rate (bpm) as the mean beat-to-beat rate over `x` (`edanb.preprocess.heart_rate`); NaN with too few beats."
@@ -230,3 +230,26 @@ def readable_pulse_table(table: pd.DataFrame) -> pd.DataFrame:
         out[metric] = [f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(v) else "n/a"
                        for v, lo, hi in zip(table[metric], table[f"{metric}_low"], table[f"{metric}_high"])]
     return out
+
+# %% ../nbs/02b_pulse.ipynb #c016
+def bvp_method(source: str) -> str | None:
+    "The rPPG method of a BVP source: None for 'contact', 'pos' for 'video:pos'; a `ValueError` for anything else."
+    if source == "contact": return None
+    kind, _, method = source.partition(":")
+    if kind != "video" or method not in RPPG_METHODS:
+        raise ValueError(f"bvp_source {source!r}: 'contact' or one of {[f'video:{m}' for m in RPPG_METHODS]}")
+    return method
+
+def camera_signals(entry: dict,        # a cache entry (`load_cached`) built with --pulse
+                   source: str,        # 'video:<method>'
+                   folder: str | Path, # the entry's folder, named in errors
+                  ) -> dict[str, np.ndarray]:  # bvp (float32) and hr (bpm, float32) on the entry's EDA clock
+    "The camera pulse and its heart rate on the entry's clock, as preprocessing puts the contact BVP and heart rate there."
+    method = bvp_method(source)
+    if "rgb" not in entry: raise DataError(folder, f"bvp_source {source}: no pulse trace in this cache entry (preprocess with --pulse)")
+    meta = entry["meta"]
+    fs, hz, n = float(meta["trace_hz"]), float(meta["target_hz"]), int(meta["samples"])
+    pulse = rppg(entry["rgb"], fs, method)
+    bvp = resample(pulse, fs, hz)[:n]
+    bvp = np.pad(bvp, (0, n - len(bvp)), mode="edge")   # the trace ends at the last sampled frame, a fraction of a sample early
+    return dict(bvp=bvp.astype(np.float32), hr=heart_rate(pulse, fs, np.arange(n) / hz))

@@ -157,7 +157,7 @@ def transfer_predictions(run: str | Path,   # a finished run folder
         normaliser = Normaliser.load(run / f"fold{fold}" / "normaliser.json")   # the run's scaling, not one fitted on the other labels
         fitted = datasets["test"]
         test = ClipDataset(cache, list(fitted.targets), normaliser, config.window, config.stride, pad=True, diff=fitted.diff,
-                           landmarks=fitted.landmarks, eda_quality=config.eda_quality)   # centres of its own recordings added
+                           landmarks=fitted.landmarks, eda_quality=config.eda_quality, bvp_source=fitted.bvp_source)   # centres of its own recordings added
         predictions = predict(model, test, config, torch.device("cpu"))
         parts.append(score(test, predictions, normaliser, config).assign(model=config.model, fold=fold))
     return pd.concat(parts, ignore_index=True)
