@@ -26,7 +26,7 @@ $(STAMP): requirements.txt
 demo: venv  ## the whole study on synthetic data: generate, preprocess (three caches), run experiments/demo.yaml and demo-questions.yaml, summarise (reruns reuse all)
 	@start=$$(date +%s); set -e; \
 	$(BIN)/edanb synth $(DEMO)/ubfc-synth --size 128 --quiet; \
-	$(BIN)/edanb preprocess $(DEMO)/ubfc-synth --out $(DEMO)/cache --size 32 --landmarks --quiet | tail -n 1; \
+	$(BIN)/edanb preprocess $(DEMO)/ubfc-synth --out $(DEMO)/cache --size 32 --landmarks --pulse --quiet | tail -n 1; \
 	$(BIN)/edanb preprocess $(DEMO)/ubfc-synth --out $(DEMO)/cache-none --size 32 --crop none --quiet | tail -n 1; \
 	$(BIN)/edanb preprocess $(DEMO)/ubfc-synth --out $(DEMO)/cache-none-8fps --size 32 --crop none --frame-hz 8 --quiet | tail -n 1; \
 	status=0; $(BIN)/edanb run experiments/demo.yaml --results $(DEMO)/results --jobs $(JOBS) --quiet || status=$$?; \
@@ -38,7 +38,7 @@ demo: venv  ## the whole study on synthetic data: generate, preprocess (three ca
 demo-null: venv  ## the demo grid again on null data (faces carry no EDA): every model should score r ~ 0; then the summary pairs each run with its null twin
 	@start=$$(date +%s); set -e; \
 	$(BIN)/edanb synth $(DEMO)/ubfc-null --size 128 --coupling 0 --quiet | tail -n 1; \
-	$(BIN)/edanb preprocess $(DEMO)/ubfc-null --out $(DEMO)/cache-null --size 32 --landmarks --quiet | tail -n 1; \
+	$(BIN)/edanb preprocess $(DEMO)/ubfc-null --out $(DEMO)/cache-null --size 32 --landmarks --pulse --quiet | tail -n 1; \
 	status=0; $(BIN)/edanb run experiments/demo.yaml --results $(DEMO)/results/null --jobs $(JOBS) --quiet \
 		--set data=$(DEMO)/ubfc-null --set cache=$(DEMO)/cache-null || status=$$?; \
 	$(BIN)/edanb summary $(DEMO)/results; \

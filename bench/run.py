@@ -48,12 +48,13 @@ def edanb_decode(rec, wanted: np.ndarray, reduction: int) -> float:
     return time.perf_counter() - start
 
 
-def preprocess_cost(root: Path, cache: Path, frame_hz: float = 0.0) -> tuple[float, float]:
-    "Peak RSS (MB) and wall time (s) of a fresh process that preprocesses s1_T1 of `root` (face crops, landmarks)."
+def preprocess_cost(root: Path, cache: Path, frame_hz: float = 0.0, **config) -> tuple[float, float]:
+    "Peak RSS (MB) and wall time (s) of a fresh process that preprocesses s1_T1 of `root` (face crops, landmarks unless `config` says otherwise)."
+    settings = ", ".join(f"{k}={v!r}" for k, v in {"landmarks": True, "frame_hz": frame_hz, **config}.items())
     code = ("import resource, sys, time; from edanb.data import load_recording; "
             "from edanb.preprocess import PreprocessConfig, preprocess_recording; "
             f"rec = load_recording({str(root)!r}, 's1', 'T1'); start = time.perf_counter(); "
-            f"preprocess_recording(rec, {str(cache)!r}, PreprocessConfig(landmarks=True, frame_hz={frame_hz})); "
+            f"preprocess_recording(rec, {str(cache)!r}, PreprocessConfig({settings})); "
             "print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     import shutil; shutil.rmtree(cache, ignore_errors=True)
     seconds, rss = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-2:]
@@ -180,7 +181,7 @@ def frames():
     rows = {}
     for frame_hz in (0.0, 16.0):
         for seconds, root in roots.items():
-            rows[frame_hz, seconds] = preprocess_cost(root, BENCH / f"cache-{seconds}s-{frame_hz:g}fps", frame_hz)
+            rows[frame_hz, seconds] = preprocess_cost(root, BENCH / f"cache-{seconds}s-{frame_hz:g}fps", frame_hz)   # with landmarks
             print(f"{frame_hz or 4:g} frames/s, {seconds} s: {rows[frame_hz, seconds][1]:.1f} s, peak {rows[frame_hz, seconds][0]:.0f} MB")
     for seconds in roots:
         print(f"{seconds} s recording: 16 vs 4 frames/s costs {rows[16.0, seconds][1] / rows[0.0, seconds][1]:.2f}x the time "
@@ -188,7 +189,38 @@ def frames():
     print(f"16 frames/s, 180 s vs 60 s: peak memory ratio {rows[16.0, 180][0] / rows[16.0, 60][0]:.2f} (flat in the length: ~1)")
 
 
-SECTIONS = dict(preprocessing=preprocessing, models=models, training=training, frames=frames)
+def pulse():
+    "The camera pulse's trace (--pulse) at 1024x1024, 35 fps, 120 s: its cost against preprocessing without it and against decoding every frame; rPPG throughput; POS's heart rate."
+    from edanb.pulse import RPPG_METHODS, evaluate_pulse, pulse_table, rppg
+    root = BENCH / "real-size-120s"
+    generate(root, SynthConfig(subjects=1, seconds=120, size=1024), progress=False)
+    rec = load_recording(root, "s1", "T1")
+    base = baseline_decode(rec, frame_indices(sample_count(rec), rec.fps))
+    print(f"\n== camera pulse: s1_T1 at 1024x1024, {rec.fps:g} fps, {rec.n_frames / rec.fps:.0f} s (fresh process, face crops, no landmarks)")
+    costs = {pulse: preprocess_cost(root, BENCH / f"cache-pulse-{pulse}", landmarks=False, pulse=pulse) for pulse in (False, True)}
+    meta = json.loads((BENCH / "cache-pulse-True" / "s1_T1" / "meta.json").read_text())
+    without, with_trace = costs[False][1], costs[True][1]
+    print(f"baseline read() every frame: {base:.1f} s")
+    print(f"edanb preprocess without the trace: {without:.1f} s ({base / without:.1f}x faster than the baseline), peak {costs[False][0]:.0f} MB")
+    print(f"edanb preprocess --pulse: {with_trace:.1f} s ({base / with_trace:.1f}x faster than the baseline; target >= 3x), peak {costs[True][0]:.0f} MB")
+    print(f"the trace costs {with_trace / without - 1:.0%} more than preprocessing without it (target <= 100%): "
+          f"{meta['trace_samples']} frames at {meta['trace_hz']:g} Hz, {meta['trace_samples'] / max(with_trace - without, 1e-9):.0f} trace frames/s, "
+          f"{meta['trace_missing']} missing")
+    rgb = np.load(BENCH / "cache-pulse-True" / "s1_T1" / "rgb.npy")
+    for method in RPPG_METHODS:
+        start = time.perf_counter()
+        for _ in range(5): rppg(rgb, meta["trace_hz"], method)
+        print(f"rPPG {method}: {5 * len(rgb) / (time.perf_counter() - start):,.0f} trace frames/s")
+    from edanb.preprocess import preprocess_dataset
+    cache = BENCH / "cache-pulse-all"
+    preprocess_dataset(root, cache, PreprocessConfig(pulse=True), workers=2, progress=False)   # reused when cached
+    windows, problems = evaluate_pulse(root, cache, progress=False)
+    table = pulse_table(windows, n_boot=200)
+    print("heart rate over 30 s windows against the contact BVP, the 3 recordings of this subject:")
+    print(table[["method", "windows", "mae", "rmse", "mape", "r", "snr"]].round(2).to_string(index=False))
+
+
+SECTIONS = dict(preprocessing=preprocessing, models=models, training=training, frames=frames, pulse=pulse)
 
 def main(names: list[str]) -> int:
     "Run the named sections (all by default): `python bench/run.py models`."

@@ -33,8 +33,9 @@ __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'COMPONEN
            'comparison_claim', 'null_runs', 'tested_p', 'beats', 'uses_pulse', 'face_only_runs', 'answer_face',
            'answer_pulse', 'answer_null_twins', 'scored', 'null_twins', 'answer_components', 'task_levels',
            'task_level_r', 'confound_verdict', 'answer_task_confound', 'answer_models', 'answer_physnet_bvp',
-           'answer_factor', 'study_answers', 'run_groups', 'run_stress', 'summary_table', 'group_rows', 'group_table',
-           'group_answer', 'unfinished_runs', 'summary_key', 'run_summary', 'reference_table', 'decomposition_ceiling']
+           'pairs_apart_in', 'answer_camera_pulse', 'answer_factor', 'study_answers', 'run_groups', 'run_stress',
+           'summary_table', 'group_rows', 'group_table', 'group_answer', 'unfinished_runs', 'summary_key',
+           'run_summary', 'reference_table', 'decomposition_ceiling']
 
 # %% ../nbs/08_study.ipynb #c005
 CONDITIONS = ("model", "model_args", "loss", "crop", "frames", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
@@ -451,6 +452,21 @@ def answer_physnet_bvp(results: Path, runs: pd.DataFrame) -> list[str]:
     order = lambda x, y: (x, y) if "bvp" in str(by_run.model_args[x]) else (y, x)
     return [comparison_claim(f"{label} ", compare_runs(results, *order(x, y))) for x, y in pairs]
 
+def pairs_apart_in(runs: pd.DataFrame, keys: set[str]) -> list[tuple[str, str]]:
+    "Every pair of runs whose configurations are equal once the fields `keys` are left out."
+    groups = runs.assign(_rest=runs.config.map(lambda c: config_without(c, keys))).groupby("_rest", sort=False)
+    return [pair for _, g in groups for pair in itertools.combinations(g.run, 2)]
+
+def answer_camera_pulse(results: Path, runs: pd.DataFrame) -> list[str]:
+    "SeqCNN reading the camera pulse (bvp_source video:<method>) against SeqCNN without BVP, in runs that differ in the model and its BVP source alone."
+    label, by_run = "**Does the camera pulse help (SeqCNN)?**", runs.set_index("run")
+    source = by_run.config.map(lambda c: json.loads(c).get("bvp_source", "contact"))
+    camera = lambda run: by_run.model[run] == "seqcnn_bvp" and source[run] != "contact"
+    pairs = [(x, y) if camera(x) else (y, x) for x, y in pairs_apart_in(runs, {"model", "bvp_source"}) if camera(x) != camera(y)]
+    pairs = [(run, other) for run, other in pairs if by_run.model[other] == "seqcnn"]
+    if not pairs: return [f"{label} Not answered: no seqcnn_bvp run with bvp_source video:<method> beside a seqcnn run that differs in nothing else."]
+    return [comparison_claim(f"{label} ({source[run]}) ", compare_runs(results, run, other)) for run, other in pairs]
+
 def answer_factor(results: Path, runs: pd.DataFrame, key: str, label: str) -> list[str]:
     "Every pair of runs that differ in `key` alone."
     pairs = runs_differing_in(runs, key)
@@ -463,7 +479,8 @@ MODEL_QUESTIONS = (("seqcnn_bvp", "seqcnn", "Does BVP help (SeqCNN)?"),
 FACTOR_QUESTIONS = (("augment_p", "What does the study's augmentation change?"), ("crop", "What does face cropping change?"),
                     ("eda_scaling", "What does the EDA scaling change?"),
                     ("frame_scaling", "What does the frame normalisation change?"),
-                    ("frames", "Do the video models gain from more frames per EDA sample (nearer their native rate)?"))
+                    ("frames", "Do the video models gain from more frames per EDA sample (nearer their native rate)?"),
+                    ("bvp_source", "How much of the BVP benefit survives without the wrist sensor (the camera pulse against the contact BVP)?"))
 
 def study_answers(results: str | Path,    # results folder of `edanb run`
                   table: pd.DataFrame,    # study_table(runs)
@@ -477,6 +494,7 @@ def study_answers(results: str | Path,    # results folder of `edanb run`
     out += answer_task_confound(results, table, null)
     for a, b, label in MODEL_QUESTIONS: out += answer_models(results, others, a, b, label)
     out += answer_physnet_bvp(results, others)
+    out += answer_camera_pulse(results, others)
     out += answer_models(results, others, "seqcnn", "landmarks", "Do frames carry more than the landmarks?")
     for key, label in FACTOR_QUESTIONS: out += answer_factor(results, others, key, label)
     return write_claims(out)

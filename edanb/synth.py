@@ -498,8 +498,7 @@ def write_recording(out: str | Path,     # dataset folder
                   cues_from_physiology(phys, subject, phys.t[eda_idx], video_coupling), behaviour if world == "rich" else None, touched)
     scr_table(phys).to_csv(out / "ground_truth" / f"{subject.name}_{task}_scr.csv", index=False, float_format="%.6g")
     pulse_table(times, cues, phys).to_csv(out / "ground_truth" / f"{subject.name}_{task}_pulse.csv", index=False, float_format="%.6g")
-    _write_csv(paths["eda"], eda, "%.6f")
-    _write_csv(paths["bvp"], phys.bvp, "%.3f")
+    _write_csv(paths["eda"], eda, "%.6f"); _write_csv(paths["bvp"], phys.bvp, "%.3f")
     return dict(recording=f"{subject.name}_{task}", frames=n_frames, eda_mean_us=float(eda.mean()),
                 scr=phys.n_scr, hr_mean=float(phys.heart_rate.mean()))
 
