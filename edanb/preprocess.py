@@ -25,8 +25,8 @@ from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Rec
 # %% auto #0
 __all__ = ['REDUCED', 'CHEEKS', 'PULSE_MIN_HZ', 'MAX_MISSING', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'ARRAY_KINDS',
            'OPTIONAL_ARRAYS', 'FEW_FACES', 'sample_count', 'frame_indices', 'resample', 'bandpass', 'pulse_frequency',
-           'fundamental', 'heart_rate', 'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'detect_face',
-           'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'cheek_pixels', 'trace_reduction',
+           'heart_rate', 'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'detect_face', 'box_path',
+           'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'cheek_pixels', 'trace_reduction',
            'fill_missing', 'skin_trace', 'source_stamp', 'cache_key', 'read_meta', 'entry_bytes', 'write_entry',
            'preprocess_recording', 'array_header', 'array_problem', 'array_record', 'changed_arrays', 'entry_problems',
            'load_cached', 'entry_warning', 'preprocess_job', 'preprocess_dataset', 'preprocess_locked']
@@ -68,17 +68,10 @@ def pulse_frequency(bvp: np.ndarray, hz: float) -> float:
     f, power = scipy.signal.welch(scipy.signal.detrend(bvp), hz, nperseg=min(len(bvp), int(hz * 16)))
     band = (f >= 0.6) & (f <= 3.5)
     if not band.any(): return 1.0
-    return fundamental(f[band], power[band])
-
-def fundamental(f: np.ndarray,       # frequencies of a spectrum, within a band
-                power: np.ndarray,   # its power
-                tolerance_hz: float | None = None,  # how near a third or a half of the peak a sub-peak must be (default: one bin)
-               ) -> float:
-    "The spectrum's strongest peak, or a third or a half of it where that holds at least a fifth of the peak's power (the peak was a harmonic)."
+    f, power = f[band], power[band]
     peak = f[np.argmax(power)]
-    tolerance = tolerance_hz if tolerance_hz is not None else (f[1] - f[0] if len(f) > 1 else 0)
     for k in (3, 2):
-        near = np.abs(f - peak / k) <= tolerance
+        near = np.abs(f - peak / k) <= (f[1] - f[0] if len(f) > 1 else 0)
         if near.any() and power[near].max() >= 0.2 * power.max(): return float(f[near][np.argmax(power[near])])
     return float(peak)
 
@@ -311,7 +304,7 @@ def source_stamp(rec: Recording) -> dict:
 KEY_ADDED = {"frame_hz": 0.0, "pulse": False, "pulse_every": 2}   # a field added since, at the value entries built before it had: left out of the key, so they stay valid
 
 def cache_key(rec: Recording, config: PreprocessConfig) -> dict:
-    fields = {k: v for k, v in asdict(config).items() if KEY_ADDED.get(k, object()) != v}
+    fields = {k: v for k, v in asdict(config).items() if KEY_ADDED.get(k, object()) != v and (k != "pulse_every" or config.pulse)}
     return dict(version=CACHE_VERSION, config=fields, sources=source_stamp(rec))
 
 def read_meta(folder: Path) -> dict | None:
@@ -349,8 +342,10 @@ def _face_path(rec: Recording, config: PreprocessConfig, index: np.ndarray, prog
         for i in progress_bar(attempts, progress, desc=f"{rec.name} faces", leave=False):
             box = detect_face(reader.read(int(index[i])), r, config)
             if box is not None: at.append(i); found.append(box)
-    if not at: raise DataError(rec.video, f"no face found in any of its {len(attempts)} detection attempts ({rec.width}x{rec.height} "
-                                          f"video, {config.detector} detector): check the video, or use --crop none for the frame's centre")
+    if not at:
+        remedy = "preprocess without --pulse (the camera pulse needs a face)" if config.crop == "none" else "use --crop none for the frame's centre"
+        raise DataError(rec.video, f"no face found in any of its {len(attempts)} detection attempts ({rec.width}x{rec.height} "
+                                   f"video, {config.detector} detector): check the video, or {remedy}")
     path = box_path(np.array(at, int), np.array(found).reshape(-1, 3), n, config.smooth_s * config.target_hz * k)
     nearest = attempts[np.minimum((np.arange(n) + step // 2) // step, len(attempts) - 1)]
     lost = ~np.isin(nearest, at)   # frames whose nearest detection attempt found no face
@@ -433,8 +428,9 @@ def preprocess_recording(rec: Recording,            # a validated recording (`ed
     if n == 0: raise DataError(rec.video, "no sample of the EDA clock falls inside the video")
     if config.frame_hz > rec.fps + 1e-9: raise DataError(rec.video, f"--frame-hz {config.frame_hz:g} is above the video's frame rate ({rec.fps:g} fps)")
     if config.pulse and rec.fps / config.pulse_every < PULSE_MIN_HZ:
+        remedy = f"use --pulse-every {int(rec.fps // PULSE_MIN_HZ)}" if rec.fps >= PULSE_MIN_HZ else "the video is too slow for a camera pulse"
         raise DataError(rec.video, f"its pulse trace would be {rec.fps / config.pulse_every:g} Hz (every {config.pulse_every} frame(s) of "
-                                   f"{rec.fps:g} fps); a pulse needs at least {PULSE_MIN_HZ:g} Hz: lower --pulse-every")
+                                   f"{rec.fps:g} fps); a pulse needs at least {PULSE_MIN_HZ:g} Hz: {remedy}")
     built = {}
     write_atomic(final, lambda folder: built.update(write_entry(folder, rec, config, n, key, progress)))
     return {**built, "status": "rebuilt", "damage": "; ".join(damage)} if damage else {**built, "status": "built"}

@@ -13,13 +13,14 @@ import scipy.signal
 
 from .core import pearson, progress_bar
 from .data import BVP_HZ, DataError, Recording, scan, subject_number
-from .preprocess import bandpass, fundamental, heart_rate, load_cached, resample
+from .preprocess import bandpass, heart_rate, load_cached, resample
 
 # %% auto #0
-__all__ = ['POS_WINDOW_S', 'RPPG_METHODS', 'HR_BAND_HZ', 'SNR_BAND_HZ', 'SNR_HALF_WIDTH_BPM', 'PULSE_METRICS', 'overlap_add',
-           'green', 'chrom', 'pos', 'rppg', 'periodogram', 'spectrum_hr', 'peak_hr', 'snr_db', 'window_starts',
-           'window_rates', 'contact_bvp', 'truth_rates', 'trace_of', 'recording_pulse', 'with_mean_hr',
-           'evaluate_pulse', 'pulse_scores', 'pulse_table', 'readable_pulse_table', 'bvp_method', 'camera_signals']
+__all__ = ['POS_WINDOW_S', 'RPPG_METHODS', 'HR_BAND_HZ', 'SNR_BAND_HZ', 'SNR_HALF_WIDTH_BPM', 'SUBHARMONIC_SHARE',
+           'PULSE_METRICS', 'overlap_add', 'green', 'chrom', 'pos', 'rppg', 'periodogram', 'spectrum_hr', 'peak_hr',
+           'snr_db', 'window_starts', 'window_rates', 'contact_bvp', 'truth_rates', 'trace_of', 'recording_pulse',
+           'with_mean_hr', 'evaluate_pulse', 'pulse_scores', 'pulse_table', 'readable_pulse_table', 'bvp_method',
+           'camera_signals']
 
 # %% ../nbs/02b_pulse.ipynb #c006
 POS_WINDOW_S = 1.6   # CHROM's and POS's window (Wang et al. 2017: l = 1.6 s x fs, about one cardiac cycle at 40 bpm)
@@ -29,7 +30,9 @@ def overlap_add(rgb: np.ndarray,                       # (m, 3) RGB trace
                 project: Callable[[np.ndarray], np.ndarray], # (l, 3) normalised window -> (l,) pulse of that window
                 window_s: float = POS_WINDOW_S,
                ) -> np.ndarray:                        # (m,) the windows' zero-mean pulses, Hann-weighted and summed
-    "Each window of the trace divided by its own mean (temporal normalisation), projected, and overlap-added at half-window steps."
+    """Each window of the trace divided by its own mean (temporal normalisation), projected, and overlap-added with a Hann weight at
+    half-window steps (a variant of Wang et al.'s unweighted one-sample steps; the summed weight is about 1 away from the trace's first
+    and last half window, and the heart rate does not depend on it)."""
     rgb = np.asarray(rgb, np.float64)
     length = max(2, int(round(window_s * fs)))
     if len(rgb) < length: raise ValueError(f"a trace of {len(rgb)} samples is shorter than one {window_s:g} s window ({length} samples)")
@@ -84,11 +87,20 @@ def periodogram(x: np.ndarray, fs: float, resolution_bpm: float = 0.5) -> tuple[
     n = max(len(x), int(np.ceil(fs * 60 / resolution_bpm)))
     return scipy.signal.periodogram(scipy.signal.detrend(x), fs, window="hann", nfft=n)
 
+SUBHARMONIC_SHARE = 0.5   # a spectral peak at a half or a third of the strongest holds at least this share of its power: the fundamental
+
 def spectrum_hr(x: np.ndarray, fs: float) -> float:
-    "Heart rate (bpm) as the periodogram's peak within `HR_BAND_HZ`, or the fundamental below it where the peak is a harmonic (`fundamental`)."
+    """Heart rate (bpm) as the periodogram's strongest peak within `HR_BAND_HZ`; where a local peak at a third or a half of it
+    (within the window's resolution) holds `SUBHARMONIC_SHARE` of its power, that one (the strongest was a harmonic). NaN for a flat window."""
     f, power = periodogram(x, fs)
     band = (f >= HR_BAND_HZ[0]) & (f <= HR_BAND_HZ[1])
-    return 60 * fundamental(f[band], power[band], tolerance_hz=fs / len(x))   # within the window's own resolution
+    f, power = f[band], power[band]
+    if not power.max() > 0: return float("nan")
+    top, peaks = np.argmax(power), scipy.signal.find_peaks(power)[0]
+    for k in (3, 2):
+        near = peaks[np.abs(f[peaks] - f[top] / k) <= fs / len(x)]
+        if len(near) and power[near].max() >= SUBHARMONIC_SHARE * power[top]: return float(60 * f[near[np.argmax(power[near])]])
+    return float(60 * f[top])
 
 def peak_hr(x: np.ndarray, fs: float) -> float:
     "Heart rate (bpm) as the mean beat-to-beat rate over `x` (`edanb.preprocess.heart_rate`); NaN with too few beats."

@@ -38,7 +38,7 @@ __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'COMPONEN
            'run_summary', 'reference_table', 'decomposition_ceiling']
 
 # %% ../nbs/08_study.ipynb #c005
-CONDITIONS = ("model", "model_args", "loss", "crop", "frames", "eda_scaling", "frame_scaling", "augment_p", "data")  # what a study table is broken down by
+CONDITIONS = ("model", "model_args", "loss", "crop", "frames", "eda_scaling", "frame_scaling", "augment_p", "data", "bvp_source")  # what a study table is broken down by
 
 def run_config(metrics: dict) -> dict:
     "A run's configuration from its metrics.json, under today's names (`before_provenance` for a run that recorded none)."
