@@ -122,12 +122,16 @@ def window_starts(n: int, fs: float, window_s: float, step_s: float) -> np.ndarr
     starts = np.unique(np.rint(np.arange(0, (n - length) / fs + 1e-9, step_s) * fs).astype(int))
     return starts[starts <= n - length]
 
-def window_rates(x: np.ndarray, fs: float, window_s: float = 30.0, step_s: float = 1.0) -> pd.DataFrame:
-    "Heart rate of each window (`t`: its centre, s) by spectrum and by peaks."
-    length = int(round(window_s * fs))
-    rows = [dict(t=(m + length / 2) / fs, hr=spectrum_hr(x[m:m + length], fs), hr_peaks=peak_hr(x[m:m + length], fs))
-            for m in window_starts(len(x), fs, window_s, step_s)]
-    return pd.DataFrame(rows, columns=["t", "hr", "hr_peaks"])
+def window_rates(x: np.ndarray, fs: float, window_s: float = 30.0, step_s: float = 1.0,
+                 reference_bpm: np.ndarray | None = None,  # a reference rate per window: its first windows only, each with its SNR (`snr_db`)
+                ) -> pd.DataFrame:
+    "Heart rate of each window (`t`: its centre, s) by spectrum and by peaks, and with `reference_bpm` the window's SNR."
+    length, starts = int(round(window_s * fs)), window_starts(len(x), fs, window_s, step_s)
+    if reference_bpm is not None: starts = starts[:len(reference_bpm)]
+    rows = [dict(t=(m + length / 2) / fs, hr=spectrum_hr(x[m:m + length], fs), hr_peaks=peak_hr(x[m:m + length], fs),
+                 **({} if reference_bpm is None else dict(snr=snr_db(x[m:m + length], fs, reference_bpm[i]))))
+            for i, m in enumerate(starts)]
+    return pd.DataFrame(rows, columns=["t", "hr", "hr_peaks"] + ([] if reference_bpm is None else ["snr"]))
 
 # %% ../nbs/02b_pulse.ipynb #c013
 def contact_bvp(rec: Recording) -> tuple[np.ndarray, float]:
@@ -164,12 +168,8 @@ def recording_pulse(data: str | Path,     # the dataset folder (contact BVP; gro
     truth = truth_rates(data, rec.name, reference.t.to_numpy(), window_s)
     rows = []
     for method in methods:
-        pulse = rppg(rgb, fs, method)
-        rates = window_rates(pulse, fs, window_s, step_s).iloc[:len(reference)]
-        starts = window_starts(len(pulse), fs, window_s, step_s)[:len(reference)]
-        length = int(round(window_s * fs))
-        snr = [snr_db(pulse[m:m + length], fs, r) for m, r in zip(starts, reference.contact_hr)]
-        rows.append(rates.assign(method=method, snr=snr, **reference.drop(columns="t").iloc[:len(rates)].to_dict("list")))
+        rates = window_rates(rppg(rgb, fs, method), fs, window_s, step_s, reference.contact_hr.to_numpy())
+        rows.append(rates.assign(method=method, snr=rates.pop("snr"), **reference.drop(columns="t").iloc[:len(rates)].to_dict("list")))
     out = pd.concat(rows, ignore_index=True).assign(recording=rec.name, subject=rec.subject, task=rec.task,
                                                     missing=meta["trace_missing"] / max(meta["trace_samples"], 1))
     if truth is not None: out["truth_hr"] = np.tile(truth[:len(rows[0])], len(rows))

@@ -29,11 +29,11 @@ __all__ = ['CONDITIONS', 'REFERENCES', 'TABLE_METRICS', 'TABLE_TESTS', 'COMPONEN
            'FACTOR_QUESTIONS', 'REFERENCE_MODELS', 'run_config', 'crop_of', 'frames_of', 'current_provenance',
            'staleness', 'metrics_problem', 'finished_runs', 'baseline_test', 'run_labels', 'collect_runs', 'load_fold',
            'fold_model', 'transfer_predictions', 'study_row', 'study_table', 'config_without', 'seed_spread',
-           'per_subject', 'compare_runs', 'runs_differing_in', 'verdict', 'holm', 'Claim', 'write_claims',
-           'comparison_claim', 'null_runs', 'tested_p', 'beats', 'uses_pulse', 'face_only_runs', 'answer_face',
-           'answer_pulse', 'answer_null_twins', 'scored', 'null_twins', 'answer_components', 'task_levels',
-           'task_level_r', 'confound_verdict', 'answer_task_confound', 'answer_models', 'answer_physnet_bvp',
-           'pairs_apart_in', 'answer_camera_pulse', 'answer_factor', 'study_answers', 'run_groups', 'run_stress',
+           'per_subject', 'compare_runs', 'runs_differing_in', 'pairs_apart_in', 'verdict', 'holm', 'Claim',
+           'write_claims', 'comparison_claim', 'null_runs', 'tested_p', 'beats', 'uses_pulse', 'face_only_runs',
+           'answer_face', 'answer_pulse', 'answer_null_twins', 'scored', 'null_twins', 'answer_components',
+           'task_levels', 'task_level_r', 'confound_verdict', 'answer_task_confound', 'answer_models',
+           'answer_physnet_bvp', 'answer_camera_pulse', 'answer_factor', 'study_answers', 'run_groups', 'run_stress',
            'summary_table', 'group_rows', 'group_table', 'group_answer', 'unfinished_runs', 'summary_key',
            'run_summary', 'reference_table', 'decomposition_ceiling']
 
@@ -226,12 +226,14 @@ def runs_differing_in(table: pd.DataFrame,  # study_table(...)
     ignored = {key, "cache"} if key in ("crop", "data", "frames") else {key}   # another crop, dataset or frame rate is another cache
     if key == "frames": ignored.add("data_on_device")                            # ... read by the DataLoader
     same = [k for k in ("crop", "frames") if k != key and k in table]            # what else a cache says: equal in a pair
-    pairs = []
-    for _, g in table.assign(_rest=table.config.map(lambda c: config_without(c, ignored))).groupby("_rest", sort=False):
-        for i, j in itertools.combinations(range(len(g)), 2):
-            if str(g[key].iat[i]) != str(g[key].iat[j]) and all(str(g[k].iat[i]) == str(g[k].iat[j]) for k in same):
-                pairs.append((g.run.iat[i], g.run.iat[j]))
-    return pairs
+    value = table.set_index("run")[[key, *same]].astype(str)
+    return [(x, y) for x, y in pairs_apart_in(table, ignored)
+            if value.at[x, key] != value.at[y, key] and all(value.at[x, k] == value.at[y, k] for k in same)]
+
+def pairs_apart_in(runs: pd.DataFrame, keys: set[str]) -> list[tuple[str, str]]:
+    "Every pair of runs whose configurations are equal once the fields `keys` are left out."
+    groups = runs.assign(_rest=runs.config.map(lambda c: config_without(c, keys))).groupby("_rest", sort=False)
+    return [pair for _, g in groups for pair in itertools.combinations(g.run, 2)]
 
 def verdict(c: dict,                        # compare_runs(...)
             adjusted: float | None = None,  # its p adjusted for the family of tests it belongs to (`holm`): the wording follows it
@@ -452,15 +454,10 @@ def answer_physnet_bvp(results: Path, runs: pd.DataFrame) -> list[str]:
     order = lambda x, y: (x, y) if "bvp" in str(by_run.model_args[x]) else (y, x)
     return [comparison_claim(f"{label} ", compare_runs(results, *order(x, y))) for x, y in pairs]
 
-def pairs_apart_in(runs: pd.DataFrame, keys: set[str]) -> list[tuple[str, str]]:
-    "Every pair of runs whose configurations are equal once the fields `keys` are left out."
-    groups = runs.assign(_rest=runs.config.map(lambda c: config_without(c, keys))).groupby("_rest", sort=False)
-    return [pair for _, g in groups for pair in itertools.combinations(g.run, 2)]
-
 def answer_camera_pulse(results: Path, runs: pd.DataFrame) -> list[str]:
     "SeqCNN reading the camera pulse (bvp_source video:<method>) against SeqCNN without BVP, in runs that differ in the model and its BVP source alone."
     label, by_run = "**Does the camera pulse help (SeqCNN)?**", runs.set_index("run")
-    source = by_run.config.map(lambda c: json.loads(c).get("bvp_source", "contact"))
+    source = by_run.bvp_source   # a study condition: 'contact' for runs saved before it existed (`edanb.config.ADDED`)
     camera = lambda run: by_run.model[run] == "seqcnn_bvp" and source[run] != "contact"
     pairs = [(x, y) if camera(x) else (y, x) for x, y in pairs_apart_in(runs, {"model", "bvp_source"}) if camera(x) != camera(y)]
     pairs = [(run, other) for run, other in pairs if by_run.model[other] == "seqcnn"]
