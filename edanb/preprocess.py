@@ -6,11 +6,15 @@
 from __future__ import annotations
 import json
 import shutil
+import threading
+import os
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -25,11 +29,12 @@ from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Rec
 # %% auto #0
 __all__ = ['REDUCED', 'CHEEKS', 'PULSE_MIN_HZ', 'MAX_MISSING', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'ARRAY_KINDS',
            'OPTIONAL_ARRAYS', 'FEW_FACES', 'sample_count', 'frame_indices', 'resample', 'bandpass', 'pulse_frequency',
-           'heart_rate', 'FrameReader', 'PreprocessConfig', 'quiet_face_recognition', 'detect_face', 'box_path',
-           'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'cheek_pixels', 'trace_reduction',
-           'fill_missing', 'skin_trace', 'source_stamp', 'cache_key', 'read_meta', 'entry_bytes', 'write_entry',
-           'preprocess_recording', 'array_header', 'array_problem', 'array_record', 'changed_arrays', 'entry_problems',
-           'load_cached', 'entry_warning', 'preprocess_job', 'preprocess_dataset', 'preprocess_locked']
+           'heart_rate', 'FrameReader', 'decode_pool', 'read_frames', 'PreprocessConfig', 'face_models', 'thread_model',
+           'face_boxes', 'detect_face', 'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68',
+           'cheek_pixels', 'trace_reduction', 'fill_missing', 'skin_trace', 'source_stamp', 'cache_key', 'read_meta',
+           'entry_bytes', 'write_entry', 'preprocess_recording', 'array_header', 'array_problem', 'array_record',
+           'changed_arrays', 'entry_problems', 'load_cached', 'entry_warning', 'preprocess_job', 'preprocess_dataset',
+           'preprocess_locked']
 
 # %% ../nbs/02_preprocess.ipynb #c006
 def sample_count(rec: Recording, target_hz: float = EDA_HZ) -> int:
@@ -140,6 +145,42 @@ class FrameReader:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
+_decode_pool: ThreadPoolExecutor | None = None   # shared by every recording of the process, one thread per core
+
+def decode_pool() -> ThreadPoolExecutor:
+    global _decode_pool
+    if _decode_pool is None: _decode_pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="edanb-decode")
+    return _decode_pool
+
+def read_frames(video: str | Path,           # the video file
+                frames: np.ndarray,          # ascending frame numbers
+                work: Callable[[FrameReader, int, int], None],  # work(reader, i, frames[i]): sets the reduction, reads, stores by i
+                progress: bool = False,      # a progress bar over the frames
+                desc: str = "",
+                min_piece: int = 16,         # frames a piece has at least
+               ):
+    """Call `work` on every frame. An MJPEG video (each frame a JPEG of its own) is cut into contiguous pieces, one per
+    core, that run on the shared decode pool, each with its own reader: the reader skips to its first frame by reading the
+    packets undecoded (about 7 µs a frame), which is exact, where OpenCV's seek in this mode can land one frame late.
+    Any other video is read here, in order, since reaching a frame means decoding the ones before it."""
+    with FrameReader(video) as probe: raw = probe.raw
+    pieces = max(1, min(os.cpu_count() or 1, len(frames) // min_piece)) if raw else 1
+    bar = progress_bar(None, progress, total=len(frames), desc=desc, leave=False)
+    def piece(span: range):
+        with FrameReader(video) as reader:
+            for i in span: work(reader, i, int(frames[i])); bar.update()
+    spans = [range(len(frames) * p // pieces, len(frames) * (p + 1) // pieces) for p in range(pieces)]
+    try:
+        if pieces == 1: piece(spans[0])
+        else:
+            futures = [decode_pool().submit(piece, span) for span in spans]
+            try:
+                for future in futures: future.result()
+            finally:
+                for future in futures: future.cancel()
+    finally: bar.close()
+
+
 # %% ../nbs/02_preprocess.ipynb #c014
 @dataclass
 class PreprocessConfig:
@@ -174,13 +215,38 @@ class PreprocessConfig:
         "Frames cached per EDA-clock sample (`frame_hz` / `target_hz`; 1 when `frame_hz` is 0)."
         return int(round(self.frame_hz / self.target_hz)) if self.frame_hz else 1
 
-def quiet_face_recognition():
-    "Import `face_recognition` without the deprecation warning its model package prints."
-    import warnings
+def face_models():
+    "`face_recognition_models`, the model files of `face_recognition`, imported without the deprecation warning it prints."
+    import sys, warnings
+    if "face_recognition_models" in sys.modules: return sys.modules["face_recognition_models"]   # no warnings filter changed from a thread
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-        import face_recognition
-    return face_recognition
+        import face_recognition_models
+    return face_recognition_models
+
+_thread_models = threading.local()
+
+def thread_model(name: str):
+    """This thread's own dlib model, loaded on first use: `face_recognition`'s "hog" or "cnn" face detector, or its
+    "landmarks_68" shape predictor. dlib's detectors are not safe to share between threads, and preprocessing runs
+    recordings in threads. Loading only what is used also skips `import face_recognition`, which loads all four of its
+    networks (a second per process)."""
+    models = _thread_models.__dict__
+    if name not in models:
+        import dlib
+        files = face_models()
+        load = dict(hog=dlib.get_frontal_face_detector,
+                    cnn=lambda: dlib.cnn_face_detection_model_v1(files.cnn_face_detector_model_location()),
+                    landmarks_68=lambda: dlib.shape_predictor(files.pose_predictor_model_location()))
+        models[name] = load[name]()
+    return models[name]
+
+def face_boxes(image: np.ndarray, upsample: int, model: str) -> list[tuple[int, int, int, int]]:
+    "`face_recognition.face_locations`: (top, right, bottom, left) of each face, clipped to the image, found by this thread's detector."
+    found = thread_model(model)(image, upsample)
+    rects = [face.rect for face in found] if model == "cnn" else found
+    h, w = image.shape[:2]
+    return [(max(r.top(), 0), min(r.right(), w), min(r.bottom(), h), max(r.left(), 0)) for r in rects]
 
 def detect_face(image: np.ndarray,         # RGB frame decoded at 1/`reduction` scale
                 reduction: int,            # the JPEG decode scale of `image`
@@ -189,7 +255,7 @@ def detect_face(image: np.ndarray,         # RGB frame decoded at 1/`reduction` 
     "Run `face_recognition`'s detector on `image` shrunk to at most `detect_width` wide; None when it finds no face."
     shrink = max(1.0, image.shape[1] / config.detect_width)
     small = image if shrink == 1 else cv2.resize(image, None, fx=1 / shrink, fy=1 / shrink, interpolation=cv2.INTER_AREA)
-    faces = quiet_face_recognition().face_locations(np.ascontiguousarray(small), config.upsample, config.detector)
+    faces = face_boxes(np.ascontiguousarray(small), config.upsample, config.detector)
     if not faces: return None
     top, right, bottom, left = max(faces, key=lambda f: (f[2] - f[0]) * (f[1] - f[3]))
     return np.array([(left + right) / 2, (top + bottom) / 2, max(right - left, bottom - top)], float) * shrink * reduction
@@ -231,7 +297,7 @@ def reduction_for(side: int, size: int) -> int:
 def landmarks_68(image: np.ndarray, box: np.ndarray, reduction: int, window: tuple[int, int, int]) -> np.ndarray:
     "68 (x, y) landmarks of the face in `box` (full-res centre x, centre y, side), normalised to the crop `window`."
     import dlib
-    pose_predictor_68_point = quiet_face_recognition().api.pose_predictor_68_point
+    pose_predictor_68_point = thread_model("landmarks_68")
     cx, cy, side = np.asarray(box) / reduction
     rect = dlib.rectangle(int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2))
     shape = pose_predictor_68_point(np.ascontiguousarray(image), rect)
@@ -281,11 +347,11 @@ def skin_trace(video: str | Path,     # the video file
     missing = lost[np.rint(position).astype(int)].copy()
     rgb = np.full((len(frames), 3), np.nan)
     r = trace_reduction(path)
-    with FrameReader(video) as reader:
+    def cheeks(reader: FrameReader, i: int, frame_no: int):
         reader.reduction = r
-        for i, frame in enumerate(progress_bar(frames, progress, desc=f"{Path(video).name} pulse", leave=False)):
-            pixels = cheek_pixels(reader.read(int(frame)), boxes[i], r)
-            if len(pixels): rgb[i] = pixels.mean(0, dtype=np.float64)
+        pixels = cheek_pixels(reader.read(frame_no), boxes[i], r)
+        if len(pixels): rgb[i] = pixels.mean(0, dtype=np.float64)
+    read_frames(video, frames, cheeks, progress, desc=f"{Path(video).name} pulse")
     missing |= ~np.isfinite(rgb).all(1)
     if missing.mean() > MAX_MISSING:
         raise DataError(video, f"no face on {missing.mean():.0%} of its pulse trace's {len(frames)} frames (at most {MAX_MISSING:.0%} "
@@ -335,18 +401,21 @@ def _face_path(rec: Recording, config: PreprocessConfig, index: np.ndarray, prog
     n, k = len(index), config.frames_per_sample()   # frames, and frames per sample: the detector runs as often per second
     if config.crop == "none" and not config.pulse: return dict(path=None, lost=None, attempts=0, detections=0, fallback=0, reductions=[])
     step = config.detect_every * k
-    attempts, at, found = np.arange(0, n, step), [], []
+    attempts = np.arange(0, n, step)
     r = reduction_for(rec.width, config.detect_width)  # the detector needs `detect_width` pixels, not the crop's
-    with FrameReader(rec.video) as reader:
+    boxes = np.full((len(attempts), 3), np.nan)
+    def detect(reader: FrameReader, j: int, frame_no: int):
         reader.reduction = r
-        for i in progress_bar(attempts, progress, desc=f"{rec.name} faces", leave=False):
-            box = detect_face(reader.read(int(index[i])), r, config)
-            if box is not None: at.append(i); found.append(box)
-    if not at:
+        box = detect_face(reader.read(frame_no), r, config)
+        if box is not None: boxes[j] = box
+    read_frames(rec.video, index[attempts], detect, progress, desc=f"{rec.name} faces")
+    hit = np.isfinite(boxes[:, 0])
+    at, found = attempts[hit], boxes[hit]
+    if not len(at):
         remedy = "preprocess without --pulse (the camera pulse needs a face)" if config.crop == "none" else "use --crop none for the frame's centre"
         raise DataError(rec.video, f"no face found in any of its {len(attempts)} detection attempts ({rec.width}x{rec.height} "
                                    f"video, {config.detector} detector): check the video, or {remedy}")
-    path = box_path(np.array(at, int), np.array(found).reshape(-1, 3), n, config.smooth_s * config.target_hz * k)
+    path = box_path(at, found, n, config.smooth_s * config.target_hz * k)
     nearest = attempts[np.minimum((np.arange(n) + step // 2) // step, len(attempts) - 1)]
     lost = ~np.isin(nearest, at)   # frames whose nearest detection attempt found no face
     return dict(path=path, lost=lost, attempts=len(attempts), detections=len(at), fallback=int(lost.sum()) // k, reductions=[r])
@@ -357,19 +426,19 @@ def _crop_frames(rec: Recording, config: PreprocessConfig, index: np.ndarray, fr
     path = faces["path"] if config.crop == "face" else None
     reductions = set(faces["reductions"])
     faces = {k: v for k, v in faces.items() if k not in ("path", "lost", "reductions")}
-    boxes = np.zeros((len(index), 3), np.int32)
+    boxes, used = np.zeros((len(index), 3), np.int32), np.zeros(len(index), np.int8)
     marks = np.full((len(index), 68, 2), np.nan, np.float32) if config.landmarks else None
-    with FrameReader(rec.video) as reader:
-        for i, frame_no in enumerate(progress_bar(index, progress, desc=rec.name, leave=False)):
-            box = None if path is None else path[i]
-            x0, y0, side = crop_window(box, rec.width, rec.height, config.box_scale)
-            reader.reduction = r = reduction_for(side, config.size)
-            reductions.add(r)
-            image = reader.read(int(frame_no))
-            patch = image[y0 // r:(y0 + side) // r, x0 // r:(x0 + side) // r]
-            frames[i] = cv2.resize(patch, (config.size, config.size), interpolation=cv2.INTER_AREA)
-            boxes[i] = x0, y0, side
-            if marks is not None and box is not None: marks[i] = landmarks_68(image, box, r, (x0, y0, side))
+    def crop(reader: FrameReader, i: int, frame_no: int):
+        box = None if path is None else path[i]
+        x0, y0, side = crop_window(box, rec.width, rec.height, config.box_scale)
+        reader.reduction = r = used[i] = reduction_for(side, config.size)
+        image = reader.read(frame_no)
+        patch = image[y0 // r:(y0 + side) // r, x0 // r:(x0 + side) // r]
+        frames[i] = cv2.resize(patch, (config.size, config.size), interpolation=cv2.INTER_AREA)
+        boxes[i] = x0, y0, side
+        if marks is not None and box is not None: marks[i] = landmarks_68(image, box, r, (x0, y0, side))
+    read_frames(rec.video, index, crop, progress, desc=rec.name)
+    reductions |= set(np.unique(used).tolist())
     return dict(boxes=boxes, landmarks=marks, **faces, reductions=sorted(reductions))
 
 def _pulse_trace(rec: Recording, config: PreprocessConfig, faces: dict, progress: bool) -> dict:
@@ -521,7 +590,7 @@ def preprocess_job(rec: Recording, cache: str, config: PreprocessConfig, progres
 def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
                        cache: str | Path,      # cache folder
                        config: PreprocessConfig | None = None, # parameters
-                       workers: int = 2,       # parallel processes
+                       workers: int = 2,       # recordings at a time, each in a thread
                        progress: bool = True,  # progress bars
                        scheduler: str | None = None, # a Dask distributed scheduler: one task per recording on its workers
                        exclude: str | Path = "",     # an exclusion file (`edanb.data.read_exclusions`): its recordings and subjects are left out
@@ -546,9 +615,10 @@ def preprocess_locked(root, cache: Path, config: PreprocessConfig, workers: int,
                               f"({slow[0].video}: {slow[0].fps:g} fps)")
     rows = excluded + [dict(recording=p.path.name, status="gap" if isinstance(p, DataGap) else "failed", error=str(p)) for p in problems]
     jobs = [(r, str(cache), config, progress and workers <= 1 and not scheduler) for r in recordings]
-    from edanb import preprocess  # spawned workers import the function by name
+    from edanb import preprocess  # Dask workers import the function by name
     lost = lambda job, e: dict(recording=job[0].name, status="failed", error=f"{type(e).__name__}: {e}")  # e.g. its worker died
-    done = parallel_map(preprocess.preprocess_job, jobs, workers, scheduler, on_error=lost)
+    if config.crop == "face" or config.pulse or config.landmarks: face_models()   # imported once, before the threads
+    done = parallel_map(preprocess.preprocess_job, jobs, workers, scheduler, on_error=lost, threads=True)
     order = {r.name: i for i, r in enumerate(recordings)}
     rows += sorted(progress_bar(done, progress, total=len(jobs), desc="preprocess"), key=lambda row: order[row["recording"]])
     columns = ["recording", "status", "samples", "face_rate", "fallback", "seconds", "error"]
