@@ -24,9 +24,9 @@ from .synth import SynthConfig, generate
 # %% auto #0
 __all__ = ['COMMANDS', 'dataclass_arguments', 'dataclass_from_args', 'print_table', 'readable_summary', 'finite_count',
            'subcommand', 'add_workers', 'add_scheduler', 'cmd_synth', 'add_synth', 'cmd_info', 'add_info', 'cmd_split',
-           'add_split', 'cmd_preprocess', 'add_preprocess', 'cmd_pulse', 'add_pulse', 'cmd_models', 'add_models',
-           'cmd_train', 'add_train', 'cmd_run', 'add_run', 'cmd_summary', 'add_summary', 'parser', 'one_line_warning',
-           'main']
+           'add_split', 'cmd_preprocess', 'add_preprocess', 'cmd_pulse', 'add_pulse', 'cmd_predict', 'add_predict',
+           'cmd_export', 'add_export', 'cmd_models', 'add_models', 'cmd_train', 'add_train', 'cmd_run', 'add_run',
+           'cmd_summary', 'add_summary', 'parser', 'one_line_warning', 'main']
 
 # %% ../nbs/90_cli.ipynb #c005
 def dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -204,6 +204,41 @@ def add_pulse(sub):
     pulse.add_argument("--quiet", action="store_true", help="no progress bar")
     return pulse
 
+# %% ../nbs/90_cli.ipynb #c045
+def cmd_predict(args) -> int:
+    "Predict EDA from a video with a trained run or bundle: eda.csv (time_s, prediction, spread across folds, face) and eda.png."
+    from edanb.predict import plot_prediction, predict_video
+    folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+    table = predict_video(args.video, args.model, folds, args.device, progress=not args.quiet)
+    out = Path(args.out or Path(args.video).with_suffix("").name + "-eda"); out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "eda.csv", index=False)
+    plot_prediction(table, out / "eda.png")
+    face = f", face found in {table.attrs['face_rate']:.0%} of detection attempts" if table.face.notna().all() else ""
+    print(f"{len(table)} samples ({table.time_s.iat[-1]:.1f} s){face}; {table.attrs['units']}, mean of folds {table.attrs['folds']}")
+    print(f"written: {out / 'eda.csv'}, {out / 'eda.png'}")
+    return 0
+
+def add_predict(sub):
+    predict = subcommand(sub, "predict", cmd_predict)
+    predict.add_argument("video", help="any video OpenCV/FFmpeg reads (MJPEG AVI, MP4/H.264, MOV, WebM)")
+    predict.add_argument("--model", required=True, help="a finished run folder (`edanb train`) or a bundle (`edanb export`)")
+    predict.add_argument("--out", default="", help="output folder (default: <video name>-eda)")
+    predict.add_argument("--folds", default="", help="fold models to average, comma-separated (default: all)")
+    predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    predict.add_argument("--quiet", action="store_true", help="no progress bars")
+
+def cmd_export(args) -> int:
+    "Write what prediction needs from a finished run into one folder: bundle.json and each fold's weights and normaliser."
+    from edanb.predict import export_bundle
+    out = export_bundle(args.run_folder, args.out)
+    print(f"bundle written: {out} (`edanb predict VIDEO --model {out}`)")
+    return 0
+
+def add_export(sub):
+    export = subcommand(sub, "export", cmd_export)
+    export.add_argument("run_folder", metavar="RUN", help="a finished run folder whose cache is still there (the preprocessing is read from it)")
+    export.add_argument("out", help="a new folder for the bundle")
+
 # %% ../nbs/90_cli.ipynb #c030
 def cmd_models(args) -> int:
     "List the registered models: inputs, parameters, and (with --time) CPU forward time for one batch."
@@ -291,7 +326,7 @@ def add_summary(sub):
     return summary
 
 # %% ../nbs/90_cli.ipynb #c011
-COMMANDS = (add_info, add_synth, add_split, add_preprocess, add_pulse, add_models, add_train, add_run, add_summary)   # in --help order
+COMMANDS = (add_info, add_synth, add_split, add_preprocess, add_pulse, add_models, add_train, add_run, add_summary, add_export, add_predict)   # in --help order
 
 def parser() -> argparse.ArgumentParser:
     "The `edanb` command and its subcommands (no torch is imported to build it)."

@@ -454,18 +454,22 @@ def entry_bytes(n: int, config: PreprocessConfig, fps: float = 35.0) -> int:
     trace = int(n / config.target_hz * fps / config.pulse_every + 1) * (12 + 8 + 1) if config.pulse else 0   # rgb, rgb_t, rgb_missing
     return frames * per_frame + n * (8 + 4 + 1 + 4 + 4) + trace + 2**16                            # t, eda, eda_flagged, bvp, hr
 
-def write_entry(folder: Path, rec: Recording, config: PreprocessConfig, n: int, key: dict, progress: bool) -> dict:
+def write_entry(folder: Path, rec: Recording, config: PreprocessConfig, n: int, key: dict, progress: bool,
+                signals: dict | None = None,  # the per-sample signals; None: read and resampled from the recording (`_signals`)
+                lost: list | None = None,     # receives, if given, where each cached frame's nearest detection found no face
+               ) -> dict:
     "Write a new cache entry of `n` samples into `folder` (meta.json last); return its metadata."
     check_space(folder, entry_bytes(n, config, rec.fps))   # a full disk fails before the work, naming the entry and what it needs
     folder.mkdir(parents=True)
     k = config.frames_per_sample()
     index = frame_indices(n, rec.fps, config.target_hz, k, rec.n_frames - 1)
-    signals = _signals(rec, config, n)
+    signals = _signals(rec, config, n) if signals is None else signals
     frames = np.lib.format.open_memmap(folder / "frames.npy", "w+", np.uint8, (n * k, config.size, config.size, 3))
     reserve_file(folder / "frames.npy")   # a disk that fills meanwhile is an error here, not a SIGBUS in the memory map
     faces = _face_path(rec, config, index, progress)
     crops = _crop_frames(rec, config, index, frames, faces, progress)
     frames.flush(); del frames
+    if lost is not None: lost.append(faces["lost"])
     trace = _pulse_trace(rec, config, faces, progress) if config.pulse else {}
     arrays = dict(signals, frame_index=index, boxes=crops.pop("boxes"), landmarks=crops.pop("landmarks"), **trace)
     for name, array in arrays.items():

@@ -1,0 +1,104 @@
+"`edanb export` and `edanb predict`: a trained run on a video of its own; bad videos and bad bundles are one line and exit 1."
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from edanb.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(small, tmp_path_factory) -> dict:
+    "A SeqCNN and a SeqCNN+BVP (contact), one epoch each on the small dataset, and a bundle of the first."
+    out = tmp_path_factory.mktemp("predict")
+    for model in ("seqcnn", "seqcnn_bvp"):
+        assert main(["train", "--data", small["data"], "--cache", small["cache"], "--out", str(out / model), "--model", model,
+                     "--folds", "3", "--epochs", "1", "--window", "16", "--no-progress"]) == 0
+    assert main(["export", str(out / "seqcnn"), str(out / "bundle")]) == 0
+    return dict(small, run=out / "seqcnn", bvp_run=out / "seqcnn_bvp", bundle=out / "bundle")
+
+
+def _video(small: dict, name: str) -> Path:
+    return Path(small["data"]) / name.split("_")[0] / f"vid_{name}.avi"
+
+
+def test_predict_writes_the_csv_and_the_plot_and_matches_the_evaluation(trained, tmp_path, capsys):
+    tested = pd.read_parquet(trained["run"] / "fold1" / "predictions.parquet").query("model == 'seqcnn'")
+    name = tested.recording.iat[-1]
+    assert main(["predict", str(_video(trained, name)), "--model", str(trained["bundle"]), "--folds", "1", "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    assert "face found in 100% of detection attempts" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "eda.csv")
+    assert list(table.columns) == ["time_s", "eda_change_us", "spread", "face"] and (tmp_path / "eda.png").stat().st_size > 10_000
+    mine = tested[tested.recording == name]
+    scale = __import__("json").loads((trained["run"] / "fold1" / "normaliser.json").read_text())["scale"]
+    assert np.allclose(table.eda_change_us.to_numpy()[mine["sample"]], mine.pred * scale, atol=1e-5)
+    assert np.allclose(table.time_s[:3], [0, 0.25, 0.5]) and (table.spread == 0).all()   # one fold: no spread
+
+
+def test_a_bundle_predicts_without_the_run_or_its_cache(trained, tmp_path):
+    bundle = Path(shutil.copytree(trained["bundle"], tmp_path / "bundle"))
+    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "fold0", "fold1", "fold2"]
+    from edanb.predict import predict_video
+    table = predict_video(_video(trained, "s2_T2"), bundle)
+    assert table.attrs["folds"] == [0, 1, 2] and (table.spread > 0).all() and np.isfinite(table.eda_change_us).all()
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_not_a_video_is_one_line(trained, capsys):
+    eda = Path(trained["data"]) / "s1" / "eda_s1_T1.csv"
+    assert main(["predict", str(eda), "--model", str(trained["bundle"]), "--quiet"]) == 1
+    assert _one_error_line(capsys) == f"edanb predict: error: {eda}: cannot be opened as a video (OpenCV/FFmpeg cannot read it)"
+
+
+def test_a_video_without_a_face_is_one_line(trained, tmp_path, capsys):
+    video = tmp_path / "wall.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 35, (128, 72))
+    for frame in np.random.default_rng(0).integers(100, 160, (35 * 6, 72, 128, 3), dtype=np.uint8): writer.write(frame)
+    writer.release()
+    assert main(["predict", str(video), "--model", str(trained["bundle"]), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"edanb predict: error: {video}: no face found in any of its") and "128x72 video" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_video_shorter_than_one_window_is_one_line(trained, tmp_path, capsys):
+    source, video = cv2.VideoCapture(str(_video(trained, "s1_T1"))), tmp_path / "short.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 35, (96, 96))
+    for _ in range(35 * 3): writer.write(source.read()[1])
+    writer.release()
+    assert main(["predict", str(video), "--model", str(trained["bundle"]), "--quiet"]) == 1
+    assert _one_error_line(capsys) == (f"edanb predict: error: {video}: 3.0 s long: shorter than one window of the model (4 s)")
+
+
+def test_an_incomplete_or_damaged_bundle_is_one_line(trained, tmp_path, capsys):
+    video = str(_video(trained, "s1_T1"))
+    bundle = Path(shutil.copytree(trained["bundle"], tmp_path / "bundle"))
+    (bundle / "fold2" / "best.pt").unlink()
+    assert main(["predict", video, "--model", str(bundle), "--quiet"]) == 1
+    assert _one_error_line(capsys).startswith(f"edanb predict: error: {bundle / 'fold2' / 'best.pt'}: missing: the model is incomplete")
+    (bundle / "fold2" / "best.pt").write_bytes(b"not a checkpoint")
+    assert main(["predict", video, "--model", str(bundle), "--quiet"]) == 1
+    assert _one_error_line(capsys).startswith(f"edanb predict: error: {bundle / 'fold2' / 'best.pt'}: cannot be loaded as weights")
+    shutil.copyfile(trained["bvp_run"] / "fold2" / "best.pt", bundle / "fold2" / "best.pt")   # another model's weights
+    assert main(["predict", video, "--model", str(bundle), "--quiet"]) == 1
+    assert "does not fit the model 'seqcnn'" in _one_error_line(capsys)
+    (bundle / "bundle.json").write_text("{")
+    assert main(["predict", video, "--model", str(bundle), "--quiet"]) == 1
+    assert _one_error_line(capsys).startswith(f"edanb predict: error: {bundle / 'bundle.json'}: not a valid bundle description")
+    assert main(["predict", video, "--model", str(tmp_path / "nothing"), "--quiet"]) == 1
+    assert "no such model folder" in _one_error_line(capsys)
+
+
+def test_a_model_of_the_contact_bvp_is_refused(trained, capsys):
+    assert main(["predict", str(_video(trained, "s1_T1")), "--model", str(trained["bvp_run"]), "--quiet"]) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"edanb predict: error: {trained['bvp_run']}: the model 'seqcnn_bvp' reads the contact BVP") and "--bvp-source video:pos" in line
