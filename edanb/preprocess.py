@@ -457,12 +457,13 @@ def entry_bytes(n: int, config: PreprocessConfig, fps: float = 35.0) -> int:
 def write_entry(folder: Path, rec: Recording, config: PreprocessConfig, n: int, key: dict, progress: bool,
                 signals: dict | None = None,  # the per-sample signals; None: read and resampled from the recording (`_signals`)
                 lost: list | None = None,     # receives, if given, where each cached frame's nearest detection found no face
+                index: np.ndarray | None = None, # the frame of each cached frame; None: from the frame rate (`frame_indices`)
                ) -> dict:
     "Write a new cache entry of `n` samples into `folder` (meta.json last); return its metadata."
     check_space(folder, entry_bytes(n, config, rec.fps))   # a full disk fails before the work, naming the entry and what it needs
     folder.mkdir(parents=True)
     k = config.frames_per_sample()
-    index = frame_indices(n, rec.fps, config.target_hz, k, rec.n_frames - 1)
+    index = frame_indices(n, rec.fps, config.target_hz, k, rec.n_frames - 1) if index is None else index
     signals = _signals(rec, config, n) if signals is None else signals
     frames = np.lib.format.open_memmap(folder / "frames.npy", "w+", np.uint8, (n * k, config.size, config.size, 3))
     reserve_file(folder / "frames.npy")   # a disk that fills meanwhile is an error here, not a SIGBUS in the memory map

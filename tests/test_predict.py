@@ -102,3 +102,27 @@ def test_a_model_of_the_contact_bvp_is_refused(trained, capsys):
     assert main(["predict", str(_video(trained, "s1_T1")), "--model", str(trained["bvp_run"]), "--quiet"]) == 1
     line = _one_error_line(capsys)
     assert line.startswith(f"edanb predict: error: {trained['bvp_run']}: the model 'seqcnn_bvp' reads the contact BVP") and "--bvp-source video:pos" in line
+
+
+def _ffmpeg(*args: str):
+    import subprocess
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")   # installed by `make test` (dev requirements)
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", *args], check=True)
+
+
+def test_a_variable_frame_rate_video_lands_on_the_clock_by_its_timestamps(trained, tmp_path):
+    """Every third frame dropped, the others kept at their own times (H.264 in MP4, millisecond timestamps): each tick of
+    the clock gets the kept frame nearest it, which placing frames by the nominal rate would not give."""
+    from edanb.predict import frame_times, predict_video, sample_frames
+    source, video = _video(trained, "s2_T2"), tmp_path / "vfr.mp4"
+    _ffmpeg("-i", str(source), "-vf", "select='not(eq(mod(n\\,3)\\,2))'", "-fps_mode", "passthrough", "-enc_time_base", "1/1000",
+            "-video_track_timescale", "1000", "-c:v", "libx264", "-crf", "0", "-pix_fmt", "yuv444p", str(video))
+    kept = np.array([j for j in range(int(cv2.VideoCapture(str(source)).get(cv2.CAP_PROP_FRAME_COUNT))) if j % 3 != 2])
+    times = frame_times(video)
+    assert len(times) == len(kept) and np.allclose(times, kept / 35, atol=1e-3), times[:6]
+    n, index = sample_frames(times, cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FPS), 4.0)
+    ticks = np.arange(n) / 4
+    nearest = np.abs(kept[None, :] / 35 - ticks[:, None]).argmin(1)   # the kept frame nearest each tick, by its original time
+    assert n == 47 and (index == nearest).all()   # the last kept frame, 418, starts at 11.94 s: 47 ticks of 4 Hz reach it
+    table = predict_video(video, trained["bundle"], folds=[0])
+    assert len(table) == n and np.isfinite(table.eda_change_us).all() and table.face.all()
