@@ -229,15 +229,19 @@ def add_predict(sub):
 
 def cmd_export(args) -> int:
     "Write what prediction needs from a finished run into one folder: bundle.json and each fold's weights and normaliser."
-    from edanb.predict import export_bundle
+    from edanb.predict import export_bundle, export_onnx
     out = export_bundle(args.run_folder, args.out)
     print(f"bundle written: {out} (`edanb predict VIDEO --model {out}`)")
+    if args.onnx:
+        files = export_onnx(out, out)
+        print(f"ONNX: {len(files)} fold model(s) ({', '.join(str(f.relative_to(out)) for f in files)}), each equal to torch within 1e-4")
     return 0
 
 def add_export(sub):
     export = subcommand(sub, "export", cmd_export)
     export.add_argument("run_folder", metavar="RUN", help="a finished run folder whose cache is still there (the preprocessing is read from it)")
     export.add_argument("out", help="a new folder for the bundle")
+    export.add_argument("--onnx", action="store_true", help="also write each fold's model as fold<k>/model.onnx (checked with onnxruntime)")
 
 # %% ../nbs/90_cli.ipynb #c030
 def cmd_models(args) -> int:

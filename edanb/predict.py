@@ -20,14 +20,15 @@ from .data import DataError, Recording
 from .dataset import ClipDataset, Normaliser
 from .metrics import stitch, stitch_shapes
 from .models import OnEdaClock
-from .preprocess import PreprocessConfig, cache_key, frame_indices, read_meta, write_entry
+from .preprocess import PreprocessConfig, cache_key, check_rates, frame_indices, read_meta, write_entry
 from .train import build_model, predict, resolve_device, saved_config
 
 # %% auto #0
-__all__ = ['BUNDLE_FILE', 'UNITS', 'SHAPE_UNITS', 'MIN_FPS', 'FEW_FACES_PREDICT', 'VIDEO_NAME', 'Bundle', 'bundle_folds',
-           'run_bundle', 'load_bundle', 'export_bundle', 'load_weights', 'fold_model', 'output_units',
-           'to_output_units', 'frame_times', 'constant_rate', 'sample_frames', 'video_recording', 'video_entry',
-           'check_inputs', 'predict_video', 'plot_prediction', 'runs_of']
+__all__ = ['BUNDLE_FILE', 'UNITS', 'SHAPE_UNITS', 'MIN_FPS', 'FEW_FACES_PREDICT', 'VIDEO_NAME', 'ONNX_TOLERANCE', 'Bundle',
+           'bundle_folds', 'preprocess_config', 'training_preprocessing', 'run_bundle', 'load_bundle', 'export_bundle',
+           'load_weights', 'fold_model', 'output_units', 'to_output_units', 'frame_times', 'constant_rate',
+           'sample_frames', 'video_recording', 'video_entry', 'check_inputs', 'predict_video', 'plot_prediction',
+           'runs_of', 'TensorInputs', 'example_inputs', 'export_onnx']
 
 # %% ../nbs/06b_predict.ipynb #c004
 BUNDLE_FILE = "bundle.json"
@@ -57,18 +58,31 @@ def bundle_folds(folder: Path, expected: int) -> list[int]:
                                                               "train it to the end, or export a finished run")
     return list(range(expected))
 
+def preprocess_config(settings: dict) -> PreprocessConfig:
+    "A `PreprocessConfig` from recorded settings (a cache key's, a run's provenance), ignoring names it no longer has."
+    return PreprocessConfig(**{k: v for k, v in settings.items() if k in {f.name for f in dataclasses.fields(PreprocessConfig)}})
+
+def training_preprocessing(run: Path, config: dict, raw: dict) -> dict:
+    """The preprocessing the run trained on: recorded in its provenance.json when it trained (a cache rebuilt since with
+    other settings does not change it); for a run older than that record, the cache's entries, if they are still there."""
+    try: recorded = json.loads((run / "provenance.json").read_text()).get("preprocessing")
+    except (OSError, json.JSONDecodeError): recorded = None
+    if recorded: return recorded
+    cache = Path(config["cache"])
+    meta = next((m for m in (read_meta(cache / name) for name in raw.get("recordings", [])) if m is not None), None)
+    if meta is None: raise DataError(run, f"no record of the preprocessing it trained on (no provenance.json, and its cache {cache} "
+                                          "is gone)")
+    return meta["key"]["config"]
+
 def run_bundle(run: str | Path) -> Bundle:
-    "A finished run folder as a bundle: its config.json, and the preprocessing recorded in the cache it trained on."
+    "A finished run folder as a bundle: its config.json, and the preprocessing it trained on (`training_preprocessing`)."
     run = Path(run)
     if not (run / "config.json").is_file(): raise DataError(run, "not a run folder or a bundle (no config.json or bundle.json)")
     try: config, raw = saved_config(run), json.loads((run / "config.json").read_text())
     except json.JSONDecodeError as e: raise DataError(run / "config.json", f"not valid JSON ({e})") from None
-    cache = Path(config["cache"])
-    meta = next((m for m in (read_meta(cache / name) for name in raw.get("recordings", [])) if m is not None), None)
-    if meta is None: raise DataError(run, f"its cache {cache} is gone, and with it the preprocessing it trained on: "
-                                          "export the run where the cache is (`edanb export RUN OUT`)")
-    return Bundle(run, config, meta["key"]["config"], int(meta.get("frames_per_sample", 1)), int(meta["key"]["config"]["size"]),
-                  bundle_folds(run, int(config["folds"])))
+    settings = training_preprocessing(run, config, raw)
+    preprocessing = preprocess_config(settings)
+    return Bundle(run, config, settings, preprocessing.frames_per_sample(), preprocessing.size, bundle_folds(run, int(config["folds"])))
 
 def load_bundle(path: str | Path) -> Bundle:
     "A bundle folder (`export_bundle`) or a finished run folder, checked to be complete."
@@ -91,7 +105,9 @@ def export_bundle(run: str | Path, out: str | Path) -> Path:
         (out / f"fold{fold}").mkdir(parents=True, exist_ok=True)
         state = load_weights(bundle, fold)
         torch.save({"model": state}, out / f"fold{fold}" / "best.pt")
-        shutil.copyfile(bundle.fold_file(fold, "normaliser.json"), out / f"fold{fold}" / "normaliser.json")
+        normaliser = Normaliser.load(bundle.fold_file(fold, "normaliser.json"))
+        normaliser.baselines = {}   # each recording's mean EDA, the test subjects' too: labels prediction never reads
+        normaliser.save(out / f"fold{fold}" / "normaliser.json")
     saved = dict(config=bundle.config, preprocess=bundle.preprocess, frames_per_sample=bundle.frames_per_sample,
                  size=bundle.size, folds=bundle.folds, source=str(Path(run).resolve()))
     (out / BUNDLE_FILE).write_text(json.dumps(saved, indent=1) + "\n")
@@ -109,10 +125,10 @@ def load_weights(bundle: Bundle, fold: int) -> dict:
 def fold_model(bundle: Bundle, fold: int) -> torch.nn.Module:
     "The fold's model with its best weights, on the EDA clock (`OnEdaClock`) when its cache had several frames per sample."
     model = build_model(bundle.train_config(), bundle.size)
+    model = OnEdaClock(model, bundle.frames_per_sample) if bundle.frames_per_sample > 1 else model   # as trained, so as saved
     try: model.load_state_dict(load_weights(bundle, fold))
     except RuntimeError as e: raise DataError(bundle.fold_file(fold, "best.pt"), f"does not fit the model {bundle.config['model']!r} "
                                                                                f"({str(e).splitlines()[0][:200]})") from None
-    model = OnEdaClock(model, bundle.frames_per_sample) if bundle.frames_per_sample > 1 else model
     return model.eval()
 
 # %% ../nbs/06b_predict.ipynb #c007
@@ -130,7 +146,7 @@ def output_units(bundle: Bundle) -> tuple[str, str]:
 
 def to_output_units(series: np.ndarray, normaliser: Normaliser, bundle: Bundle) -> np.ndarray:
     "A fold's stitched prediction (normalised units) in the output's units (`output_units`)."
-    if bundle.config["loss"] == "npc": return series
+    if bundle.config["loss"] == "npc": return (series - np.nanmean(series)) / (np.nanstd(series) or 1.0)   # each fold's shape on one scale
     if bundle.config["eda_scaling"] in ("recording", "subject"): return series * normaliser.scale   # no label gives the level
     return series * normaliser.scale + normaliser.centre
 
@@ -189,9 +205,10 @@ def video_recording(video: str | Path) -> Recording:
 def video_entry(rec: Recording, bundle: Bundle, work: Path, progress: bool) -> tuple[int, np.ndarray, dict]:
     """Preprocess the video into the temporary cache `work` with the bundle's preprocessing and the same code as
     `edanb preprocess` (the face path, the crops, the landmarks and the pulse trace): samples, per-sample face flags, meta."""
-    config = PreprocessConfig(**{k: v for k, v in bundle.preprocess.items() if k in {f.name for f in dataclasses.fields(PreprocessConfig)}})
+    config = preprocess_config(bundle.preprocess)
     window, times = int(bundle.config["window"]), frame_times(rec.video)
     rec = dataclasses.replace(rec, n_frames=len(times))   # the frames there are, not the header's estimate
+    check_rates(rec, config)
     n, index = sample_frames(times, rec.fps, config.target_hz, config.frames_per_sample())
     if n < window: raise DataError(rec.video, f"{len(times) / rec.fps:.1f} s long: shorter than one window of the model "
                                               f"({window / config.target_hz:g} s)")
@@ -275,3 +292,51 @@ def runs_of(mask: np.ndarray) -> list[tuple[int, int]]:
     "(start, stop) of each run of True in `mask`."
     edges = np.flatnonzero(np.diff(np.r_[0, mask.astype(np.int8), 0]))
     return list(zip(edges[::2], edges[1::2]))
+
+# %% ../nbs/06b_predict.ipynb #c020
+ONNX_TOLERANCE = 1e-4
+
+class TensorInputs(torch.nn.Module):
+    "A model of a dict batch as a model of positional tensors, in the order of its `inputs` (ONNX has no dict inputs)."
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.inputs = model, tuple(model.inputs)
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor: return self.model(dict(zip(self.inputs, tensors)))
+
+def example_inputs(bundle: Bundle, inputs: tuple[str, ...], batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    "Random clips of the bundle's shapes for each of `inputs`."
+    g = torch.Generator().manual_seed(seed)
+    window, k, size = int(bundle.config["window"]), bundle.frames_per_sample, bundle.size
+    shapes = dict(frames=(batch, window * k, 3, size, size), diff=(batch, window * k, 3, size, size), bvp=(batch, window),
+                  landmarks=(batch, window * k, 68, 2))
+    return tuple(torch.randn(shapes[name], generator=g) for name in inputs)
+
+def export_onnx(bundle: str | Path | Bundle, out: str | Path) -> list[Path]:
+    "Each fold's model as `out/fold<k>/model.onnx`, checked against torch with onnxruntime (`ONNX_TOLERANCE`)."
+    try: import onnxruntime
+    except ImportError: raise DataError(Path(out), "ONNX export needs onnx and onnxruntime (pip install onnx onnxruntime)") from None
+    bundle, written = bundle if isinstance(bundle, Bundle) else load_bundle(bundle), []
+    for fold in bundle.folds:
+        model = TensorInputs(fold_model(bundle, fold))
+        path = Path(out) / f"fold{fold}" / "model.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        names, dynamic = list(model.inputs), {name: {0: "batch"} for name in (*model.inputs, "eda")}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # the TorchScript exporter's deprecation and tracer warnings
+                torch.onnx.export(model, example_inputs(bundle, model.inputs, 2), str(path), input_names=names, output_names=["eda"],
+                                  dynamic_axes=dynamic, opset_version=17, dynamo=False)
+        except Exception as e:
+            raise DataError(path, f"the model {bundle.config['model']!r} cannot be exported to ONNX ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:300]})") from None
+        model.eval()   # the exporter restores the training flag it found; the wrapper's was True
+        clips = example_inputs(bundle, model.inputs, 3, seed=1)
+        with torch.no_grad(): expected = model(*clips).numpy()
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {name: x.numpy() for name, x in zip(names, clips)})[0]
+        error = float(np.abs(got - expected).max())
+        if not error <= ONNX_TOLERANCE:
+            path.unlink()
+            raise DataError(path, f"the ONNX model {bundle.config['model']!r} differs from torch by {error:.2g} (more than {ONNX_TOLERANCE:g})")
+        written.append(path)
+    return written

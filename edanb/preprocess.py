@@ -32,9 +32,9 @@ __all__ = ['REDUCED', 'CHEEKS', 'PULSE_MIN_HZ', 'MAX_MISSING', 'CACHE_VERSION', 
            'heart_rate', 'FrameReader', 'decode_pool', 'read_frames', 'PreprocessConfig', 'face_models', 'thread_model',
            'face_boxes', 'detect_face', 'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68',
            'cheek_pixels', 'trace_reduction', 'fill_missing', 'skin_trace', 'source_stamp', 'cache_key', 'read_meta',
-           'entry_bytes', 'write_entry', 'preprocess_recording', 'array_header', 'array_problem', 'array_record',
-           'changed_arrays', 'entry_problems', 'load_cached', 'entry_warning', 'preprocess_job', 'preprocess_dataset',
-           'preprocess_locked']
+           'entry_bytes', 'write_entry', 'check_rates', 'preprocess_recording', 'array_header', 'array_problem',
+           'array_record', 'changed_arrays', 'entry_problems', 'load_cached', 'entry_warning', 'preprocess_job',
+           'preprocess_dataset', 'preprocess_locked']
 
 # %% ../nbs/02_preprocess.ipynb #c006
 def sample_count(rec: Recording, target_hz: float = EDA_HZ) -> int:
@@ -487,6 +487,14 @@ def write_entry(folder: Path, rec: Recording, config: PreprocessConfig, n: int, 
     (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
+def check_rates(rec: Recording, config: PreprocessConfig):
+    "Refuse a video slower than the frames the configuration caches per second, or than a pulse trace needs (`--pulse`)."
+    if config.frame_hz > rec.fps + 1e-9: raise DataError(rec.video, f"--frame-hz {config.frame_hz:g} is above the video's frame rate ({rec.fps:g} fps)")
+    if config.pulse and rec.fps / config.pulse_every < PULSE_MIN_HZ:
+        remedy = f"use --pulse-every {int(rec.fps // PULSE_MIN_HZ)}" if rec.fps >= PULSE_MIN_HZ else "the video is too slow for a camera pulse"
+        raise DataError(rec.video, f"its pulse trace would be {rec.fps / config.pulse_every:g} Hz (every {config.pulse_every} frame(s) of "
+                                   f"{rec.fps:g} fps); a pulse needs at least {PULSE_MIN_HZ:g} Hz: {remedy}")
+
 def preprocess_recording(rec: Recording,            # a validated recording (`edanb.data.load_recording`)
                          cache: str | Path,         # cache folder; the entry goes to cache/<recording name>/
                          config: PreprocessConfig | None = None, # parameters
@@ -500,11 +508,7 @@ def preprocess_recording(rec: Recording,            # a validated recording (`ed
     if meta is not None and meta["key"] == key and not damage: return {**meta, "status": "cached"}
     n = sample_count(rec, config.target_hz)
     if n == 0: raise DataError(rec.video, "no sample of the EDA clock falls inside the video")
-    if config.frame_hz > rec.fps + 1e-9: raise DataError(rec.video, f"--frame-hz {config.frame_hz:g} is above the video's frame rate ({rec.fps:g} fps)")
-    if config.pulse and rec.fps / config.pulse_every < PULSE_MIN_HZ:
-        remedy = f"use --pulse-every {int(rec.fps // PULSE_MIN_HZ)}" if rec.fps >= PULSE_MIN_HZ else "the video is too slow for a camera pulse"
-        raise DataError(rec.video, f"its pulse trace would be {rec.fps / config.pulse_every:g} Hz (every {config.pulse_every} frame(s) of "
-                                   f"{rec.fps:g} fps); a pulse needs at least {PULSE_MIN_HZ:g} Hz: {remedy}")
+    check_rates(rec, config)
     built = {}
     write_atomic(final, lambda folder: built.update(write_entry(folder, rec, config, n, key, progress)))
     return {**built, "status": "rebuilt", "damage": "; ".join(damage)} if damage else {**built, "status": "built"}

@@ -126,3 +126,65 @@ def test_a_variable_frame_rate_video_lands_on_the_clock_by_its_timestamps(traine
     assert n == 47 and (index == nearest).all()   # the last kept frame, 418, starts at 11.94 s: 47 ticks of 4 Hz reach it
     table = predict_video(video, trained["bundle"], folds=[0])
     assert len(table) == n and np.isfinite(table.eda_change_us).all() and table.face.all()
+
+
+def test_onnx_export_equals_torch(trained, tmp_path, capsys):
+    import onnxruntime, torch
+    from edanb.predict import example_inputs, fold_model, load_bundle
+    out = tmp_path / "bundle"
+    assert main(["export", str(trained["run"]), str(out), "--onnx"]) == 0
+    assert "ONNX: 3 fold model(s)" in capsys.readouterr().out
+    bundle = load_bundle(out)
+    for fold in bundle.folds:
+        (frames,) = example_inputs(bundle, ("frames",), 4, seed=fold + 10)
+        session = onnxruntime.InferenceSession(str(out / f"fold{fold}" / "model.onnx"), providers=["CPUExecutionProvider"])
+        with torch.no_grad(): expected = fold_model(bundle, fold)({"frames": frames}).numpy()
+        assert np.abs(session.run(None, {"frames": frames.numpy()})[0] - expected).max() < 1e-4
+    assert json_of(out / "fold0" / "normaliser.json")["baselines"] == {}   # no recording's mean EDA travels with the model
+
+
+def json_of(path: Path) -> dict:
+    import json
+    return json.loads(path.read_text())
+
+
+def test_a_run_whose_cache_is_gone_predicts_with_the_preprocessing_it_trained_on(trained, tmp_path):
+    from edanb.predict import load_bundle
+    run = Path(shutil.copytree(trained["run"], tmp_path / "run"))
+    config = json_of(run / "config.json")
+    (run / "config.json").write_text(__import__("json").dumps({**config, "cache": str(tmp_path / "gone")}))
+    bundle = load_bundle(run)
+    assert bundle.preprocess == json_of(run / "provenance.json")["preprocessing"] and bundle.size == 32
+
+
+@pytest.fixture(scope="module")
+def frame_hz_run(small, tmp_path_factory) -> dict:
+    "DeepPhys on a cache of 8 frames a second (2 per EDA sample, the whole frame), one epoch."
+    from edanb.preprocess import PreprocessConfig, preprocess_dataset
+    out = tmp_path_factory.mktemp("frame-hz")
+    preprocess_dataset(small["data"], out / "cache", PreprocessConfig(size=16, crop="none", frame_hz=8), workers=2, progress=False)
+    assert main(["train", "--data", small["data"], "--cache", str(out / "cache"), "--out", str(out / "run"), "--model", "deepphys",
+                 "--folds", "3", "--epochs", "1", "--window", "16", "--no-progress"]) == 0
+    return dict(small, run=out / "run")
+
+
+def test_a_model_of_several_frames_per_sample_predicts_as_it_was_evaluated(frame_hz_run):
+    from edanb.predict import predict_video
+    tested = pd.read_parquet(frame_hz_run["run"] / "fold2" / "predictions.parquet").query("model == 'deepphys'")
+    name = tested.recording.iat[0]
+    table = predict_video(_video(frame_hz_run, name), frame_hz_run["run"], folds=[2])
+    mine = tested[tested.recording == name]
+    scale = json_of(frame_hz_run["run"] / "fold2" / "normaliser.json")["scale"]
+    assert np.allclose(table.eda_change_us.to_numpy()[mine["sample"]], mine.pred * scale, atol=1e-5)
+    assert table.face.isna().all()   # the whole frame: no detector ran
+
+
+def test_a_video_slower_than_the_model_s_frames_is_refused(frame_hz_run, tmp_path, capsys):
+    source, video = cv2.VideoCapture(str(_video(frame_hz_run, "s1_T1"))), tmp_path / "slow.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 6, (96, 96))
+    for i in range(35 * 12):
+        ok, frame = source.read()
+        if i % 6 == 0: writer.write(frame)
+    writer.release()
+    assert main(["predict", str(video), "--model", str(frame_hz_run["run"]), "--quiet"]) == 1
+    assert _one_error_line(capsys) == f"edanb predict: error: {video}: --frame-hz 8 is above the video's frame rate (6 fps)"
