@@ -240,7 +240,37 @@ def pulse():
     print(pulse_table(windows, n_boot=200)[["method", "windows", "mae", "rmse", "mape", "r", "snr"]].round(2).to_string(index=False))
 
 
-SECTIONS = dict(preprocessing=preprocessing, models=models, training=training, frames=frames, pulse=pulse)
+def predict():
+    "edanb predict on a 3-minute 1024x1024 35 fps MJPEG recording and on the same clip as 720p H.264: seconds of video per second of compute."
+    import shutil, resource
+    from edanb.cli import main as edanb
+    from edanb.predict import load_bundle, predict_video
+    video = real_size_recordings()[180] / "s1" / "vid_s1_T2.avi"
+    train = BENCH / "predict-model"
+    if not (train / "run" / "done.json").exists():   # a tiny SeqCNN, one epoch: the speed does not depend on what it learned
+        shutil.rmtree(train, ignore_errors=True)
+        generate(train / "ubfc", SynthConfig(subjects=6, seconds=12, size=192), progress=False)
+        from edanb.preprocess import preprocess_dataset
+        preprocess_dataset(train / "ubfc", train / "cache", PreprocessConfig(), workers=2, progress=False)
+        edanb(["train", "--data", str(train / "ubfc"), "--cache", str(train / "cache"), "--out", str(train / "run"), "--model", "seqcnn",
+               "--preset", "tiny", "--folds", "3", "--epochs", "1", "--no-progress"])
+    h264 = BENCH / "predict-720p.mp4"
+    if not h264.exists():
+        import imageio_ffmpeg
+        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(video), "-vf",
+                        "scale=720:720,pad=1280:720:280:0", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(h264)], check=True)
+    bundle = load_bundle(train / "run")
+    print(f"\n== predict: the tiny SeqCNN, 3 fold models averaged, CPU ({resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB so far)")
+    for label, path in (("1024x1024 MJPEG", video), ("1280x720 H.264", h264)):
+        start, cpu = time.perf_counter(), time.process_time()
+        table = predict_video(path, bundle, device="cpu")
+        seconds, used = time.perf_counter() - start, time.process_time() - cpu
+        length = len(table) / 4
+        print(f"{label:16s}: {length:.0f} s of video in {seconds:5.1f} s ({used:5.1f} CPU-s): {length / seconds:5.1f}x real time "
+              f"(goal for MJPEG: >= 10x); face in {table.attrs['face_rate']:.0%} of detection attempts")
+
+
+SECTIONS = dict(preprocessing=preprocessing, models=models, training=training, frames=frames, pulse=pulse, predict=predict)
 
 def main(names: list[str]) -> int:
     "Run the named sections (all by default): `python bench/run.py models`."

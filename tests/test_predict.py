@@ -188,3 +188,27 @@ def test_a_video_slower_than_the_model_s_frames_is_refused(frame_hz_run, tmp_pat
     writer.release()
     assert main(["predict", str(video), "--model", str(frame_hz_run["run"]), "--quiet"]) == 1
     assert _one_error_line(capsys) == f"edanb predict: error: {video}: --frame-hz 8 is above the video's frame rate (6 fps)"
+
+
+def test_an_h264_phone_video_is_read_and_cropped_like_the_original(trained, tmp_path):
+    """The original re-encoded as a phone writes it: H.264 in MP4, 30 fps, 640x480 (letterboxed, the face 5x larger).
+    OpenCV reads it, the face is found, and the crops the model reads follow the original's (their brightness over time).
+    The trained models themselves are not that robust: see the README (a 1-epoch SeqCNN's trace correlates r ~0.4)."""
+    from edanb.predict import load_bundle, predict_video, video_entry, video_recording
+    source, video = _video(trained, "s4_T3"), tmp_path / "phone.mp4"
+    _ffmpeg("-i", str(source), "-r", "30", "-vf", "scale=480:480,pad=640:480:80:0", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(video))
+    rec = video_recording(video)
+    assert (rec.width, rec.height, rec.fps) == (640, 480, 30.0)
+    bundle, crops, boxes = load_bundle(trained["bundle"]), {}, {}
+    for name, path in (("original", source), ("phone", video)):
+        n, face, meta = video_entry(video_recording(path), bundle, tmp_path / name, False)
+        crops[name] = np.load(tmp_path / name / "video_T1" / "frames.npy").astype(float)
+        boxes[name] = np.load(tmp_path / name / "video_T1" / "boxes.npy").astype(float)
+        assert n == 48 and face.mean() >= 0.9, (name, face.mean())
+    # the crop windows as fractions of the picture (the phone's 480 px square starts at x = 80): the same face path
+    apart = np.abs(boxes["original"] / 96 - (boxes["phone"] - [80, 0, 0]) / 480).mean(0)
+    assert (apart < 0.1).all(), apart   # measured 0.01-0.08 of the picture on four recordings
+    brightness = {name: frames.mean((1, 2, 3)) for name, frames in crops.items()}
+    assert np.corrcoef(brightness["original"], brightness["phone"])[0, 1] > 0.7   # measured 0.80-0.97
+    table = predict_video(video, bundle)
+    assert len(table) == 48 and np.isfinite(table.eda_change_us).all()
