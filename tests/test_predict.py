@@ -212,3 +212,13 @@ def test_an_h264_phone_video_is_read_and_cropped_like_the_original(trained, tmp_
     assert np.corrcoef(brightness["original"], brightness["phone"])[0, 1] > 0.7   # measured 0.80-0.97
     table = predict_video(video, bundle)
     assert len(table) == 48 and np.isfinite(table.eda_change_us).all()
+
+
+def test_a_model_onnx_cannot_export_is_named_with_the_reason(trained, tmp_path, capsys, monkeypatch):
+    import torch
+    def unsupported(*args, **kwargs): raise RuntimeError("Exporting the operator 'aten::fancy' to ONNX opset 17 is not supported.\nmore")
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    assert main(["export", str(trained["run"]), str(tmp_path / "bundle"), "--onnx"]) == 1
+    assert _one_error_line(capsys) == (f"edanb export: error: {tmp_path / 'bundle' / 'fold0' / 'model.onnx'}: the model 'seqcnn' cannot be "
+                                       "exported to ONNX (RuntimeError: Exporting the operator 'aten::fancy' to ONNX opset 17 is not supported.)")
+    assert (tmp_path / "bundle" / "bundle.json").exists()   # the bundle itself is kept
