@@ -72,8 +72,8 @@ def subcommand(sub, name: str, run):
     command.set_defaults(run=run)
     return command
 
-def add_workers(command):
-    command.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
+def add_workers(command, unit: str = "processes"):
+    command.add_argument("--workers", type=int, default=2, help=f"parallel {unit} (default: %(default)s)")
 
 def add_scheduler(command, what: str):
     "The `--scheduler ADDRESS` option of a command that can run its jobs on a Dask cluster."
@@ -165,7 +165,7 @@ def add_preprocess(sub):
     prep.add_argument("root", help="dataset folder")
     prep.add_argument("--out", required=True, help="cache folder")
     dataclass_arguments(prep, PreprocessConfig)
-    add_workers(prep)
+    add_workers(prep, "recordings, each in a thread")
     add_scheduler(prep, "one task per recording")
     prep.add_argument("--exclude", default="", metavar="FILE", help="leave out the recordings (s40_T3) and subjects (s56) this file names, one per line")
     prep.add_argument("--quiet", action="store_true", help="no progress bars; print the failed recordings and one line")

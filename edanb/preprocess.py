@@ -5,9 +5,9 @@
 # %% ../nbs/02_preprocess.ipynb #c003
 from __future__ import annotations
 import json
+import os
 import shutil
 import threading
-import os
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
