@@ -48,6 +48,10 @@ def edanb_decode(rec, wanted: np.ndarray, reduction: int) -> float:
     return time.perf_counter() - start
 
 
+# this process's own peak resident memory (kB): /proc's VmHWM. Not ru_maxrss: Linux carries it across exec, so a child
+# started by this (large) benchmark process would report at least this process's peak.
+PEAK_KB = "[l.split()[1] for l in open('/proc/self/status').read().splitlines() if l.startswith('VmHWM')][0]"
+
 def preprocess_cost(root: Path, cache: Path, frame_hz: float = 0.0, **config) -> tuple[float, float]:
     "Peak RSS (MB) and wall time (s) of a fresh process that preprocesses s1_T1 of `root` (face crops, landmarks unless `config` says otherwise)."
     settings = ", ".join(f"{k}={v!r}" for k, v in {"landmarks": True, "frame_hz": frame_hz, **config}.items())
@@ -55,7 +59,7 @@ def preprocess_cost(root: Path, cache: Path, frame_hz: float = 0.0, **config) ->
             "from edanb.preprocess import PreprocessConfig, preprocess_recording; "
             f"rec = load_recording({str(root)!r}, 's1', 'T1'); start = time.perf_counter(); "
             f"preprocess_recording(rec, {str(cache)!r}, PreprocessConfig({settings})); "
-            "print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            f"print(time.perf_counter() - start, {PEAK_KB})")
     import shutil; shutil.rmtree(cache, ignore_errors=True)
     seconds, rss = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-2:]
     return int(rss) / 1024, float(seconds)
@@ -268,6 +272,12 @@ def predict():
         length = len(table) / 4
         print(f"{label:16s}: {length:.0f} s of video in {seconds:5.1f} s ({used:5.1f} CPU-s): {length / seconds:5.1f}x real time "
               f"(goal for MJPEG: >= 10x); face in {table.attrs['face_rate']:.0%} of detection attempts")
+    rss = {}
+    for seconds, root in real_size_recordings().items():   # peak memory of a fresh process: flat in the video's length?
+        code = ("from edanb.predict import predict_video; "
+                f"predict_video({str(root / 's1' / 'vid_s1_T2.avi')!r}, {str(train / 'run')!r}, device='cpu'); print({PEAK_KB})")
+        rss[seconds] = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]) / 1024
+    print(f"peak memory of a fresh process: {rss[60]:.0f} MB for 60 s, {rss[180]:.0f} MB for 180 s (ratio {rss[180] / rss[60]:.2f}; flat: ~1)")
 
 
 SECTIONS = dict(preprocessing=preprocessing, models=models, training=training, frames=frames, pulse=pulse, predict=predict)
