@@ -45,9 +45,7 @@ class Bundle:
 
     def fold_file(self, fold: int, name: str) -> Path: return self.folder / f"fold{fold}" / name
 
-    def train_config(self) -> TrainConfig:
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in self.config.items() if k in fields})
+    def train_config(self) -> TrainConfig: return TrainConfig(**self.config)   # `saved_config`'s fields, as `edanb.study` rebuilds a run
 
 def bundle_folds(folder: Path, expected: int) -> list[int]:
     "The fold numbers 0..expected-1, each checked for its best weights and its normaliser."
@@ -159,7 +157,8 @@ def frame_times(video: str | Path) -> np.ndarray:
     """Each frame's presentation time in seconds from the first frame, from the container's packets: read without decoding
     (OpenCV's raw mode; sorted, since a codec with B-frames stores them out of order), or decoded where raw mode is refused."""
     cap = cv2.VideoCapture(str(video), cv2.CAP_FFMPEG)
-    raw, times = cap.set(cv2.CAP_PROP_FORMAT, -1), []
+    cap.set(cv2.CAP_PROP_FORMAT, -1)   # packets, not decoded frames, where the codec allows it
+    times = []
     while cap.grab(): times.append(cap.get(cv2.CAP_PROP_POS_MSEC) / 1000)
     cap.release()
     t = np.sort(np.asarray(times, float))
