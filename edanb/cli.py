@@ -16,17 +16,19 @@ from fastcore.docments import docments
 from . import __version__
 from .config import TrainConfig
 from .core import Diverged, FolderBusy, NoSpace, format_fraction, format_p
-from .data import (DURATION_TOLERANCE_S, DataError, DataGap, SplitError, exclude_recordings, kfold_subjects, recordings_table, save_split, scan,
-                        split_subjects, subject_number, subjects_table)
+from .data import (DURATION_TOLERANCE_S, DataError, DataGap, SplitError, exclude_recordings, kfold_subjects, recordings_table, save_split,
+                        split_subjects, subject_order)
+from .layouts import LAYOUTS, convert_to_bids, dataset_subjects, scan_dataset, synth_bids
 from .preprocess import PreprocessConfig, preprocess_dataset
 from .synth import SynthConfig, generate
 
 # %% auto #0
 __all__ = ['COMMANDS', 'dataclass_arguments', 'dataclass_from_args', 'print_table', 'readable_summary', 'finite_count',
-           'subcommand', 'add_workers', 'add_scheduler', 'cmd_synth', 'add_synth', 'cmd_info', 'add_info', 'cmd_split',
-           'add_split', 'cmd_preprocess', 'add_preprocess', 'cmd_pulse', 'add_pulse', 'cmd_predict', 'add_predict',
-           'cmd_export', 'add_export', 'cmd_models', 'add_models', 'cmd_train', 'add_train', 'cmd_run', 'add_run',
-           'cmd_summary', 'add_summary', 'parser', 'one_line_warning', 'main']
+           'subcommand', 'add_workers', 'add_scheduler', 'add_layout', 'cmd_synth', 'add_synth', 'cmd_info', 'add_info',
+           'cmd_split', 'add_split', 'cmd_convert', 'add_convert', 'cmd_preprocess', 'add_preprocess', 'cmd_pulse',
+           'add_pulse', 'cmd_predict', 'add_predict', 'cmd_export', 'add_export', 'cmd_models', 'add_models',
+           'cmd_train', 'add_train', 'cmd_run', 'add_run', 'cmd_summary', 'add_summary', 'parser', 'one_line_warning',
+           'main']
 
 # %% ../nbs/90_cli.ipynb #c005
 def dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -80,12 +82,20 @@ def add_scheduler(command, what: str):
     command.add_argument("--scheduler", default=None, metavar="ADDRESS",
                          help=f"run on the workers of this Dask distributed scheduler (e.g. tcp://host:8786), {what}")
 
+def add_layout(command):
+    "The `--layout` option of a command that reads a dataset folder (`edanb.layouts.detect_layout`)."
+    command.add_argument("--layout", choices=("auto",) + LAYOUTS, default="auto",
+                         help="the dataset's layout (default: auto, BIDS where dataset_description.json is, else UBFC-Phys)")
+
 # %% ../nbs/90_cli.ipynb #c018
 def cmd_synth(args) -> int:
     "Generate a synthetic UBFC-Phys-format dataset and print its summary (with --quiet, one line)."
     if args.coupling is not None: args.video_coupling = args.pulse_coupling = args.coupling
     config = dataclass_from_args(SynthConfig, args)
-    table = generate(args.out, config, workers=args.workers, progress=not args.quiet, force=args.force)
+    if args.layout == "bids":
+        table = synth_bids(args.out, config, args.eda_hz, args.eda_start, workers=args.workers, progress=not args.quiet, force=args.force)
+    elif args.eda_hz or args.eda_start: raise ValueError("--eda-hz and --eda-start need --layout bids (UBFC-Phys's EDA is 4 Hz, from the video's start)")
+    else: table = generate(args.out, config, workers=args.workers, progress=not args.quiet, force=args.force)
     if not args.quiet: print_table(table); print()
     print(f"{len(table)} recording(s) in {args.out}; oracle ceiling r = {table.oracle_r.mean():.3f} "
           f"(see {Path(args.out) / 'ground_truth' / 'oracle.json'})")
@@ -97,6 +107,9 @@ def add_synth(sub):
     dataclass_arguments(synth, SynthConfig)
     synth.add_argument("--coupling", type=float, help="sets --video-coupling and --pulse-coupling together "
                                                       "(0: the null control, no input carries EDA)")
+    synth.add_argument("--layout", choices=LAYOUTS, default="ubfc", help="write UBFC-Phys's folders or a BIDS physio dataset (default: %(default)s)")
+    synth.add_argument("--eda-hz", type=float, default=None, help="BIDS: the EDA's sampling rate, e.g. 128 (default: 4, as the E4)")
+    synth.add_argument("--eda-start", type=float, default=0.0, help="BIDS: the physio's StartTime, s; < 0: it starts before the video (default: 0)")
     add_workers(synth)
     synth.add_argument("--force", action="store_true", help="regenerate even if OUT already holds this dataset")
     synth.add_argument("--quiet", action="store_true", help="no progress bar, one line of output")
@@ -105,17 +118,18 @@ def add_synth(sub):
 # %% ../nbs/90_cli.ipynb #c021
 def cmd_info(args) -> int:
     "Validate a dataset folder: one line per recording, per gap and per problem, then one per subject (gender, group, anxiety)."
-    recordings, problems = scan(args.root, tolerance_s=args.tolerance)
+    recordings, problems = scan_dataset(args.root, args.layout, tolerance_s=args.tolerance)
     print_table(recordings_table(recordings, problems).fillna(""))
-    subjects = sorted({r.subject for r in recordings}, key=subject_number)
-    if subjects: print(); print_table(subjects_table(args.root, subjects).fillna(""))
+    subjects = sorted({r.subject for r in recordings}, key=subject_order)
+    if subjects: print(); print_table(dataset_subjects(args.root, subjects, args.layout).fillna(""))
     gaps = sum(isinstance(p, DataGap) for p in problems)
     print(f"\n{len(recordings)} recording(s) ok, {gaps} gap(s), {len(problems) - gaps} problem(s)")
     return 1 if len(problems) > gaps else 0
 
 def add_info(sub):
     info = subcommand(sub, "info", cmd_info)
-    info.add_argument("root", help="dataset folder holding s1/, s2/, ...")
+    info.add_argument("root", help="dataset folder: UBFC-Phys (s1/, s2/, ...) or BIDS (dataset_description.json)")
+    add_layout(info)
     info.add_argument("--tolerance", type=float, default=DURATION_TOLERANCE_S,
                       help="allowed disagreement of video, EDA and BVP durations, seconds (default: %(default)s)")
     return info
@@ -123,7 +137,7 @@ def add_info(sub):
 # %% ../nbs/90_cli.ipynb #c024
 def cmd_split(args) -> int:
     "Write a subject-disjoint split (or k of them) of the valid recordings' subjects as JSON."
-    recordings, problems, left_out = exclude_recordings(*scan(args.root), args.exclude)
+    recordings, problems, left_out = exclude_recordings(*scan_dataset(args.root, args.layout), args.exclude)
     for p in problems: print(f"skipped: {p}", file=sys.stderr)
     if left_out: print(f"left out {len(left_out)} recording(s) named by {args.exclude}")
     subjects = sorted({r.subject for r in recordings})   # a subject with any recording left stays
@@ -141,17 +155,34 @@ def cmd_split(args) -> int:
 def add_split(sub):
     split = subcommand(sub, "split", cmd_split)
     split.add_argument("root", help="dataset folder")
+    add_layout(split)
     split.add_argument("--out", required=True, help="JSON file to write (a folder of fold*.json with --kfold)")
     split.add_argument("--seed", type=int, default=0, help="shuffling seed (default: %(default)s)")
     split.add_argument("--kfold", type=int, default=0, help="write k folds by subject instead of one split")
     split.add_argument("--exclude", default="", metavar="FILE", help="leave out the recordings (s40_T3) and subjects (s56) this file names, one per line")
     return split
 
+# %% ../nbs/90_cli.ipynb #c046
+def cmd_convert(args) -> int:
+    "Write a UBFC-Phys-format folder (real or synthetic) as a BIDS physio dataset; videos are linked, not copied, where the file system allows."
+    table = convert_to_bids(args.source, args.out, args.eda_hz, args.start)
+    print(f"{len(table)} recording(s) written to {args.out} (BIDS; EDA at {table.eda_hz.iat[0]:g} Hz, StartTime {args.start:g} s)")
+    return 0
+
+def add_convert(sub):
+    convert = subcommand(sub, "convert", cmd_convert)
+    convert.add_argument("source", help="a UBFC-Phys-format dataset folder")
+    convert.add_argument("out", help="the BIDS dataset folder to write (absent or empty)")
+    convert.add_argument("--to", choices=("bids",), default="bids", help="the layout to write (default: %(default)s)")
+    convert.add_argument("--eda-hz", type=float, default=None, help="write the EDA at this rate (default: as recorded)")
+    convert.add_argument("--start", type=float, default=0.0, help="the physio files' StartTime, s (<= 0; default: 0)")
+    return convert
+
 # %% ../nbs/90_cli.ipynb #c027
 def cmd_preprocess(args) -> int:
     "Sample every recording to the EDA clock, crop faces and cache them; exit 1 if any recording failed (--quiet: those only)."
     table = preprocess_dataset(args.root, args.out, dataclass_from_args(PreprocessConfig, args), workers=args.workers,
-                               progress=not args.quiet, scheduler=args.scheduler, exclude=args.exclude)
+                               progress=not args.quiet, scheduler=args.scheduler, exclude=args.exclude, layout=args.layout)
     failed = table.status == "failed"
     shown = table[failed] if args.quiet else table
     if len(shown): print_table(shown.fillna("")); print()
@@ -163,6 +194,7 @@ def cmd_preprocess(args) -> int:
 def add_preprocess(sub):
     prep = subcommand(sub, "preprocess", cmd_preprocess)
     prep.add_argument("root", help="dataset folder")
+    add_layout(prep)
     prep.add_argument("--out", required=True, help="cache folder")
     dataclass_arguments(prep, PreprocessConfig)
     add_workers(prep, "recordings, each in a thread")
@@ -330,7 +362,7 @@ def add_summary(sub):
     return summary
 
 # %% ../nbs/90_cli.ipynb #c011
-COMMANDS = (add_info, add_synth, add_split, add_preprocess, add_pulse, add_models, add_train, add_run, add_summary, add_export, add_predict)   # in --help order
+COMMANDS = (add_info, add_synth, add_convert, add_split, add_preprocess, add_pulse, add_models, add_train, add_run, add_summary, add_export, add_predict)   # in --help order
 
 def parser() -> argparse.ArgumentParser:
     "The `edanb` command and its subcommands (no torch is imported to build it)."

@@ -13,12 +13,14 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
 from .core import pearson
-from .data import EDA_HZ, eda_quality, read_signal, recording_paths
+from .data import EDA_HZ, DataError, eda_quality, read_signal, recording_paths
+from .layouts import detect_layout, scan_dataset
+from .preprocess import eda_on_clock
 
 # %% auto #0
 __all__ = ['PHASIC_METHODS', 'MIN_SAMPLES', 'SCR_MIN_AMPLITUDE', 'SCR_MIN_US', 'SCR_TOLERANCE_S', 'check_method', 'decompose',
            'scr_responses', 'scr_onsets', 'scr_floor', 'matched_onsets', 'detection_scores', 'component_series',
-           'truth_components', 'decomposition_scores']
+           'recorded_eda', 'truth_components', 'decomposition_scores']
 
 # %% ../nbs/05c_components.ipynb #c005
 PHASIC_METHODS = ("highpass", "smoothmedian", "cvxeda")   # neurokit2's eda_phasic methods that edanb offers
@@ -110,13 +112,21 @@ def component_series(pred: np.ndarray,     # one recording's prediction, in the 
     return out
 
 # %% ../nbs/05c_components.ipynb #c018
+def recorded_eda(data: str | Path, recording: str) -> np.ndarray:
+    "A recording's EDA as recorded, from the video's start on the 4 Hz clock: UBFC-Phys's file, or a BIDS physio column (a faster sensor through `eda_on_clock`)."
+    subject, task = recording.split("_", 1)
+    if detect_layout(data) == "ubfc": return read_signal(recording_paths(data, subject, task)["eda"])
+    rec = next((r for r in scan_dataset(data, subjects=[subject])[0] if r.name == recording), None)
+    if rec is None: raise DataError(Path(data), f"no valid recording {recording} (`edanb info {data}`)")
+    eda = rec.read_eda()
+    return eda if rec.eda_hz == EDA_HZ else eda_on_clock(eda, rec.eda_hz, EDA_HZ, int(len(eda) * EDA_HZ / rec.eda_hz))[0]
+
 def truth_components(data: str | Path, recording: str) -> dict | None:
     "A synthetic recording's recorded EDA, and the generator's own tonic and phasic parts (µS, EDA clock) and SCR onsets (s); None without them."
     truth = Path(data) / "ground_truth"
     signals, scr = truth / f"{recording}_signals.csv", truth / f"{recording}_scr.csv"
     if not signals.is_file() or not scr.is_file(): return None
-    table, (subject, task) = pd.read_csv(signals), recording.split("_")
-    recorded = read_signal(recording_paths(data, subject, task)["eda"])
+    table, recorded = pd.read_csv(signals), recorded_eda(data, recording)
     true_eda = table.true_eda_us.to_numpy() if "true_eda_us" in table else recorded   # the simple world records it as it is
     responses = pd.read_csv(scr)   # those under the floor (a non-responder's) are not responses any reading could find
     return dict(recorded=recorded, tonic=true_eda - table.phasic_us.to_numpy(), phasic=table.phasic_us.to_numpy(),

@@ -18,11 +18,12 @@ import pandas as pd
 # %% auto #0
 __all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOLERANCE_S', 'GENDERS', 'GROUPS', 'ANXIETY_SCALES',
            'EDA_RANGE_US', 'MAX_EDA_SLOPE_US_S', 'UBFC_SPLIT', 'PARTS', 'DataError', 'read_signal', 'VideoInfo',
-           'probe_video', 'subject_number', 'recording_paths', 'Recording', 'MetadataWarning', 'metadata_paths',
-           'read_info_file', 'read_anxiety_file', 'subject_metadata', 'eda_quality', 'load_recording',
-           'subject_folders', 'DataGap', 'scan', 'discover', 'recordings_table', 'subjects_table', 'subject_groups',
-           'group_order', 'SplitError', 'split_counts', 'check_split', 'split_subjects', 'kfold_subjects', 'save_split',
-           'load_split', 'read_exclusions', 'recording_of', 'is_excluded', 'exclude_recordings', 'is_synthetic',
+           'probe_video', 'subject_number', 'subject_order', 'recording_paths', 'read_physio', 'read_column',
+           'from_video_start', 'Recording', 'MetadataWarning', 'metadata_paths', 'read_info_file', 'read_anxiety_file',
+           'subject_metadata', 'eda_quality', 'load_recording', 'subject_folders', 'DataGap', 'scan', 'discover',
+           'recordings_table', 'subjects_table', 'subject_groups', 'group_order', 'SplitError', 'split_counts',
+           'check_split', 'split_subjects', 'kfold_subjects', 'save_split', 'load_split', 'read_exclusions',
+           'bids_task_name', 'bids_entities', 'recording_of', 'is_excluded', 'exclude_recordings', 'is_synthetic',
            'current_couplings', 'synthetic_couplings']
 
 # %% ../nbs/00_data.ipynb #c005
@@ -93,12 +94,49 @@ def subject_number(subject: str) -> int:
     if not match: raise ValueError(f"{subject!r} is not a subject name like 's1'")
     return int(match.group(1))
 
+def subject_order(subject: str) -> tuple:
+    "A natural sort key for any subject label: s2 before s10 (as `subject_number`), 2 before 10, P7 before P12."
+    parts = re.split(r"(\d+)", subject)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)) + (subject,)
+
 def recording_paths(root: str | Path, subject: str, task: str) -> dict[str, Path]:
     "Where UBFC-Phys keeps the video, BVP and EDA of `subject` doing `task`."
     folder = Path(root) / subject
     return dict(video=folder / f"vid_{subject}_{task}.avi",
                 bvp=folder / f"bvp_{subject}_{task}.csv",
                 eda=folder / f"eda_{subject}_{task}.csv")
+
+# %% ../nbs/00_data.ipynb #c053
+def read_physio(path: str | Path,   # a BIDS `_physio.tsv.gz`: tab-separated numbers, no header
+                columns: int,       # how many columns its sidecar names
+               ) -> np.ndarray:     # samples x columns, float64
+    "Read a headerless physio table; `DataError` naming the file when it is unreadable, not numeric, or its column count differs."
+    path = Path(path)
+    if not path.is_file(): raise DataError(path, "file is missing")
+    try: table = pd.read_csv(path, sep="\t", header=None, dtype=float, compression="infer")
+    except (ValueError, OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise DataError(path, f"is not a table of numbers ({str(e).splitlines()[0][:80]})") from None
+    if table.shape[1] != columns: raise DataError(path, f"has {table.shape[1]} column(s) but its sidecar names {columns}")
+    if not len(table): raise DataError(path, "file is empty (no samples)")
+    return table.to_numpy()
+
+def read_column(path: Path, column: int | None) -> np.ndarray:
+    "A signal file's values: the one-value-per-line file (`column` None) or one column of a physio table."
+    if column is None: return read_signal(path)
+    values = pd.read_csv(path, sep="\t", header=None, usecols=[column], dtype=float).iloc[:, 0].to_numpy()
+    if not np.isfinite(values).all(): raise DataError(path, f"column {column + 1}: {int((~np.isfinite(values)).sum())} value(s) missing or not finite")
+    return values
+
+def from_video_start(values: np.ndarray, # a signal as recorded
+                     hz: float,          # its rate
+                     start: float,       # s from the video's first frame to its first sample (< 0: it began earlier)
+                     path: Path | None = None, # its file, for the error
+                    ) -> np.ndarray:     # the samples at t = 0, 1/hz, ... of the video's clock
+    "Drop what a signal recorded before the video began; between samples (a start that is not a whole sample) by linear interpolation."
+    if start > 1e-9: raise DataError(path, f"starts {start:g} s after the video: the video's first {start:g} s have no signal (cut the video to match)")
+    shift = -start * hz
+    if abs(shift - round(shift)) < 1e-6: return values[int(round(shift)):]
+    return np.interp(np.arange(shift, len(values) - 1, 1.0), np.arange(len(values)), values)
 
 # %% ../nbs/00_data.ipynb #c032
 @dataclass(frozen=True)
@@ -108,7 +146,7 @@ class Recording:
     task: str
     video: Path
     eda: Path
-    bvp: Path
+    bvp: Path | None   # None: a BIDS recording without a pulse column
     n_frames: int
     fps: float
     width: int
@@ -119,21 +157,36 @@ class Recording:
     eda_flagged: int = 0   # EDA samples that a skin cannot produce (`eda_quality`): artefacts of the sensor
     gender: str | None = None  # from info_s{N}.txt (`subject_metadata`), when it says
     group: str | None = None   # test | ctrl (the ctrl group did milder T2 and T3), when info_s{N}.txt says
+    eda_hz: float = EDA_HZ     # the EDA file's sampling rate (UBFC-Phys: the E4's 4 Hz; a BIDS sidecar's SamplingFrequency)
+    bvp_hz: float = BVP_HZ
+    eda_start: float = 0.0     # s from the video's first frame to the EDA's first sample (BIDS StartTime; < 0: it began before the video)
+    bvp_start: float = 0.0
+    eda_column: int | None = None  # the signal's column in a BIDS `_physio.tsv.gz` (None: a one-value-per-line file)
+    bvp_column: int | None = None
 
     @property
     def name(self) -> str: return f"{self.subject}_{self.task}"
     @property
     def video_seconds(self) -> float: return self.n_frames / self.fps
     @property
-    def eda_seconds(self) -> float: return self.eda_len / EDA_HZ
+    def eda_seconds(self) -> float:
+        "Seconds of the video the EDA covers (it ends then)."
+        return self.eda_start + self.eda_len / self.eda_hz
     @property
-    def bvp_seconds(self) -> float: return self.bvp_len / BVP_HZ
+    def bvp_seconds(self) -> float:
+        "Seconds of the video the BVP covers (a recording without a pulse: no limit)."
+        return float("inf") if self.bvp is None else self.bvp_start + self.bvp_len / self.bvp_hz
     @property
     def duration(self) -> float:
         "Seconds covered by all three streams."
         return min(self.video_seconds, self.eda_seconds, self.bvp_seconds)
-    def read_eda(self) -> np.ndarray: return read_signal(self.eda)
-    def read_bvp(self) -> np.ndarray: return read_signal(self.bvp)
+    def read_eda(self) -> np.ndarray:
+        "The EDA from the video's first frame on (`from_video_start`), at `eda_hz`."
+        return from_video_start(read_column(self.eda, self.eda_column), self.eda_hz, self.eda_start, self.eda)
+    def read_bvp(self) -> np.ndarray | None:
+        "The BVP from the video's first frame on, at `bvp_hz`; None for a recording without one."
+        if self.bvp is None: return None
+        return from_video_start(read_column(self.bvp, self.bvp_column), self.bvp_hz, self.bvp_start, self.bvp)
 
 # %% ../nbs/00_data.ipynb #c045
 GENDERS, GROUPS = ("m", "f"), ("test", "ctrl")
@@ -237,7 +290,7 @@ def subject_folders(root: str | Path) -> list[Path]:
     if not root.is_dir(): raise DataError(root, "dataset folder does not exist")
     folders = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"s\d+", p.name)]
     if not folders: raise DataError(root, "no subject folders (s1, s2, ...) found")
-    return sorted(folders, key=lambda p: subject_number(p.name))
+    return sorted(folders, key=lambda p: subject_order(p.name))
 
 class DataGap(DataError):
     "A recording whose video is missing while its EDA and BVP are there (UBFC-Phys's s40 T3): listed, not a failure; the subject's other recordings are used."
@@ -283,14 +336,15 @@ def discover(root: str | Path,                              # dataset folder
 
 # %% ../nbs/00_data.ipynb #c016
 def recordings_table(recordings: Sequence[Recording], problems: Sequence[DataError] = ()) -> pd.DataFrame:
-    "One row per recording (and per problem), ready to print."
+    "One row per recording (and per problem), ready to print: its streams' durations (s of the video each covers), rates and the physio's start (s; < 0: before the video)."
     rows = [dict(recording=r.name, subject=r.subject, task=r.task, frames=r.n_frames, fps=round(r.fps, 3),
                  size=f"{r.width}x{r.height}", video_s=round(r.video_seconds, 2), eda_s=round(r.eda_seconds, 2),
-                 bvp_s=round(r.bvp_seconds, 2), eda_flagged=r.eda_flagged, gender=r.gender, group=r.group, problem="")
+                 bvp_s=round(r.bvp_seconds, 2) if r.bvp else None, eda_hz=r.eda_hz, bvp_hz=r.bvp_hz if r.bvp else None,
+                 start_s=r.eda_start, eda_flagged=r.eda_flagged, gender=r.gender, group=r.group, problem="")
             for r in recordings]
     rows += [dict(recording=p.path.name, problem=str(p)) for p in problems]
     return pd.DataFrame(rows, columns=["recording", "subject", "task", "frames", "fps", "size",
-                                       "video_s", "eda_s", "bvp_s", "eda_flagged", "gender", "group", "problem"])
+                                       "video_s", "eda_s", "bvp_s", "eda_hz", "bvp_hz", "start_s", "eda_flagged", "gender", "group", "problem"])
 
 def subjects_table(root: str | Path, subjects: Sequence[str]) -> pd.DataFrame:
     "One row per subject: gender, group, session date and start, and the six anxiety scores (empty where its files do not say)."
@@ -325,7 +379,7 @@ def split_counts(n: int,                                  # number of subjects
     return n - n_val - n_test, n_val, n_test
 
 # %% ../nbs/00_data.ipynb #c037
-def _by_number(subjects) -> list[str]: return sorted(subjects, key=subject_number)
+def _by_number(subjects) -> list[str]: return sorted(subjects, key=subject_order)
 
 def check_split(split: dict[str, Sequence[str]], source: str = "split") -> dict[str, list[str]]:
     "Raise `SplitError` if a part is missing or a subject is in two parts; return the split with sorted parts."
@@ -393,14 +447,28 @@ def read_exclusions(path: str | Path) -> frozenset[str]:
     for number, line in enumerate(lines, 1):
         name = line.split("#", 1)[0].strip()
         if not name: continue
-        if not re.fullmatch(r"s\d+(_T\d+)?", name): raise DataError(path, f"line {number}: {name[:40]!r} is neither a subject (s56) nor a recording (s40_T3)")
+        if not re.fullmatch(r"[A-Za-z0-9]+(_[A-Za-z0-9-]+)?", name):
+            raise DataError(path, f"line {number}: {name[:40]!r} is neither a subject (s56) nor a recording (s40_T3, 07_rest)")
         names.add(name)
     return frozenset(names)
 
+def bids_task_name(task: str, session: str | None = None, run: str | None = None) -> str:
+    "A BIDS recording's task as the pipeline names it: the task label, with its session and run where the file has them ('rest-ses2-run1')."
+    return "-".join([task] + ([f"ses{session}"] if session else []) + ([f"run{run}"] if run else []))
+
+def bids_entities(name: str) -> dict[str, str]:
+    "The key-value entities of a BIDS file name: 'sub-07_task-rest_run-1_physio.tsv.gz' -> {'sub': '07', 'task': 'rest', 'run': '1'}."
+    return dict(re.findall(r"(?:^|_)([a-z]+)-([A-Za-z0-9]+)(?=_|$)", name.split(".")[0]))
+
 def recording_of(path: str | Path) -> str | None:
-    "The recording a file belongs to (`s40/vid_s40_T3.avi` -> 's40_T3'), its subject for a subject folder ('s40'), else None."
-    found = re.search(r"(s\d+)_(T\d+)", Path(path).name)
-    return f"{found.group(1)}_{found.group(2)}" if found else (Path(path).name if re.fullmatch(r"s\d+", Path(path).name) else None)
+    """The recording a file belongs to (`s40/vid_s40_T3.avi` -> 's40_T3'; `sub-07_task-rest_physio.tsv.gz` -> '07_rest'),
+    its subject for a subject folder ('s40', 'sub-07' -> '07'), else None."""
+    name = Path(path).name
+    if name.startswith("sub-") and "task" in (bids := bids_entities(name)):
+        return f"{bids['sub']}_{bids_task_name(bids['task'], bids.get('ses'), bids.get('run'))}"
+    if found := re.search(r"(s\d+)_(T\d+)", name): return f"{found.group(1)}_{found.group(2)}"
+    if folder := re.fullmatch(r"(?:sub-)?([A-Za-z0-9]+)", name): return folder.group(1) if name.startswith("sub-") or re.fullmatch(r"s\d+", name) else None
+    return None
 
 def is_excluded(recording: str, exclusions: frozenset[str]) -> bool:
     "Whether a recording (`s40_T3`) is left out, by its own name or its subject's."

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import EDA_QUALITIES, EDA_SCALINGS, FRAME_SCALINGS, REST_TASK, DatasetConfig
-from .data import PARTS, TASKS, DataError, check_split, eda_quality, is_excluded, load_split, read_exclusions, subject_number
+from .data import PARTS, TASKS, DataError, check_split, eda_quality, is_excluded, load_split, read_exclusions, subject_order
 from .preprocess import load_cached, read_meta
 from .pulse import camera_signals
 
@@ -23,8 +23,8 @@ from .pulse import camera_signals
 __all__ = ['EVAL_COVERAGE', 'OLD_NORMALISER_KEYS', 'MIRROR_68', 'clip_starts', 'evaluation_stride', 'reflect_index',
            'baseline_recording', 'Normaliser', 'frame_difference', 'recording_mean_frame', 'eda_centre_and_scale',
            'fit_normaliser', 'entry_flags', 'bridge_flagged', 'training_eda', 'cached_eda', 'record_baseline',
-           'ClipAugment', 'augment_clip', 'ClipDataset', 'cached_recordings', 'exclusions_of', 'usable_recordings',
-           'split_recordings', 'check_baselines_kept', 'check_window', 'make_datasets']
+           'ClipAugment', 'recording_bvp', 'augment_clip', 'ClipDataset', 'cached_recordings', 'exclusions_of',
+           'usable_recordings', 'split_recordings', 'check_baselines_kept', 'check_window', 'make_datasets']
 
 # %% ../nbs/03_dataset.ipynb #c006
 def clip_starts(n: int,                 # samples in the recording
@@ -274,6 +274,15 @@ def _zscore(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     return ((x - x.mean()) / (x.std() if x.std() > 1e-9 else 1.0)).astype(np.float32)
 
+def recording_bvp(entry: dict, bvp_source: str, folder: Path,
+                  without_pulse: list[str],  # the recording's name is added here when it has no contact pulse (its BVP is then zeros)
+                 ) -> np.ndarray:
+    "The BVP a model reads, standardised: the contact sensor's, or the camera's (`edanb.pulse.camera_signals`)."
+    bvp = entry["bvp"] if bvp_source == "contact" else camera_signals(entry, bvp_source, folder)["bvp"]
+    if np.isfinite(bvp).all(): return _zscore(bvp)
+    without_pulse.append(folder.name)
+    return np.zeros(len(bvp), np.float32)
+
 def augment_clip(augment: ClipAugment | None,        # the training augmentation, or None
                  raw: torch.Tensor,                    # (T, 3, H, W) uint8 frames of one clip
                  marks: torch.Tensor | None = None,    # (T, 68, 2) landmarks, or None
@@ -307,7 +316,7 @@ class ClipDataset(Dataset):
         self.stride = evaluation_stride(window, stride) if pad else stride
         self.augment, self.diff, self.landmarks, self.bvp_source = augment, diff, landmarks, bvp_source
         self.meta, self.targets, self.bvp, self.marks, self.flagged = {}, {}, {}, {}, {}
-        self._frames = {}  # memory maps, opened per process on first use
+        self._frames, self.without_pulse = {}, []  # memory maps, opened per process on first use; recordings without a contact BVP (`recording_bvp`)
         for name in names:
             entry = load_cached(self.cache, name)
             if landmarks and "landmarks" not in entry:
@@ -319,7 +328,7 @@ class ClipDataset(Dataset):
                 raise DataError(self.cache / name, f"cached at {entry['meta'].get('frame_hz')} frames/s, {names[0]} at "
                                                    f"{self.meta[names[0]].get('frame_hz')}: use one preprocessing per cache folder")
             self.targets[name] = normaliser.transform(eda, name).astype(np.float32)
-            self.bvp[name] = _zscore(entry["bvp"] if bvp_source == "contact" else camera_signals(entry, bvp_source, self.cache / name)["bvp"])
+            self.bvp[name] = recording_bvp(entry, bvp_source, self.cache / name, self.without_pulse)
             if landmarks: self.marks[name] = entry["landmarks"].astype(np.float32)
         # frame_scaling='recording': each recording's mean frame (its own video only, never a label), subtracted from its clips
         self.mean_frames = ({name: recording_mean_frame(self.frames_of(name)) for name in names}
@@ -383,7 +392,7 @@ def cached_recordings(cache: str | Path) -> pd.DataFrame:
         rows.append(dict(recording=meta["recording"], subject=meta["subject"], task=meta["task"],
                          samples=meta["samples"], size=meta["key"]["config"]["size"], target_hz=meta["target_hz"]))
     table = pd.DataFrame(rows, columns=["recording", "subject", "task", "samples", "size", "target_hz"])
-    order = sorted(range(len(table)), key=lambda i: (subject_number(table.subject.iat[i]), table.task.iat[i]))
+    order = sorted(range(len(table)), key=lambda i: (subject_order(table.subject.iat[i]), table.task.iat[i]))
     return table.iloc[order].reset_index(drop=True)
 
 def exclusions_of(config: DatasetConfig) -> frozenset[str]:
@@ -406,7 +415,7 @@ def split_recordings(cache: str | Path,            # cache folder
     if table["size"].nunique() > 1 or table.target_hz.nunique() > 1:
         raise DataError(cache, f"entries were built with different sizes {sorted(table['size'].unique())} or "
                                f"clocks {sorted(table.target_hz.unique())}: use one preprocessing per cache folder")
-    missing = sorted(set(s for part in PARTS for s in split[part]) - set(table.subject), key=subject_number)
+    missing = sorted(set(s for part in PARTS for s in split[part]) - set(table.subject), key=subject_order)
     if missing: raise DataError(cache, f"no cache entries for subjects {missing} of the split (tasks {list(tasks)}"
                                        f"{', less the exclusions' if exclude else ''})")
     return {part: table.recording[table.subject.isin(split[part])].tolist() for part in PARTS}

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from .components import (MIN_SAMPLES as MIN_COMPONENT_SAMPLES, SCR_TOLERANCE_S, component_series, decompose,
                               decomposition_scores, detection_scores, scr_floor)
 from .core import format_interval, pearson
-from .data import group_order, is_synthetic, subject_groups
+from .data import group_order, is_synthetic
+from .layouts import dataset_groups, detect_layout, task_roles
 from .dataset import Normaliser, baseline_recording, clip_starts, evaluation_stride, reflect_index
 from .preprocess import load_cached
 from .pulse import camera_signals
@@ -642,9 +643,10 @@ def run_metrics(samples: pd.DataFrame,  # pooled test predictions of a run (pred
     if ceiling is not None: out["ceiling_fraction"] = _records(ceiling)
     decomposition = component_ceiling(data, recordings, phasic_method, n_boot) if data else None
     if decomposition is not None: out["component_ceiling"] = decomposition
-    known = subject_groups(data, sorted(set(samples.subject))) if data else {}
+    known = dataset_groups(data, sorted(set(samples.subject))) if data else {}
     groups = {s: known.get(s, "unknown") for s in sorted(set(samples.subject))} if known else {}   # no subject left out unsaid
     if groups: out |= dict(groups=groups, by_group=_records(group_summary(subjects, groups, data, n_boot, recordings)))
+    if data and Path(data).is_dir() and detect_layout(data) == "bids": out["task_roles"] = task_roles(data)   # which tasks rest-vs-stress compares
     return out
 
 GROUP_METRICS = ("r", "r_lag", "clip_r", "ccc", "mse")

@@ -24,7 +24,8 @@ import scipy.signal
 
 from .core import NoSpace, check_space, folder_lock, parallel_map, progress_bar, reserve_file, write_atomic
 from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Recording, eda_quality, exclude_recordings,
-                        load_recording, read_exclusions, scan, subject_folders)
+                        load_recording, read_exclusions)
+from .layouts import detect_layout, scan_dataset
 
 # %% auto #0
 __all__ = ['REDUCED', 'CHEEKS', 'PULSE_MIN_HZ', 'MAX_MISSING', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'ARRAY_KINDS',
@@ -32,9 +33,9 @@ __all__ = ['REDUCED', 'CHEEKS', 'PULSE_MIN_HZ', 'MAX_MISSING', 'CACHE_VERSION', 
            'heart_rate', 'FrameReader', 'decode_pool', 'read_frames', 'PreprocessConfig', 'face_models', 'thread_model',
            'face_boxes', 'detect_face', 'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68',
            'cheek_pixels', 'trace_reduction', 'fill_missing', 'skin_trace', 'source_stamp', 'cache_key', 'read_meta',
-           'entry_bytes', 'write_entry', 'check_rates', 'preprocess_recording', 'array_header', 'array_problem',
-           'array_record', 'changed_arrays', 'entry_problems', 'load_cached', 'entry_warning', 'preprocess_job',
-           'preprocess_dataset', 'preprocess_locked']
+           'eda_on_clock', 'entry_bytes', 'write_entry', 'check_rates', 'preprocess_recording', 'array_header',
+           'array_problem', 'array_record', 'changed_arrays', 'entry_problems', 'load_cached', 'entry_warning',
+           'preprocess_job', 'preprocess_dataset', 'preprocess_locked']
 
 # %% ../nbs/02_preprocess.ipynb #c006
 def sample_count(rec: Recording, target_hz: float = EDA_HZ) -> int:
@@ -57,10 +58,12 @@ def frame_indices(n: int,          # number of samples
     return np.clip(index, 0, last)
 
 # %% ../nbs/02_preprocess.ipynb #c008
-def resample(x: np.ndarray, src_hz: float, dst_hz: float) -> np.ndarray:
+def resample(x: np.ndarray, src_hz: float, dst_hz: float,
+             padtype: str = "constant", # how the filter sees beyond the ends: zeros (a pulse), or 'line' (a level such as EDA's µS)
+            ) -> np.ndarray:
     "Resample with scipy's polyphase filter (anti-aliased), keeping t = 0 aligned."
     ratio = Fraction(dst_hz / src_hz).limit_denominator(1000)
-    return scipy.signal.resample_poly(x, ratio.numerator, ratio.denominator)
+    return scipy.signal.resample_poly(x, ratio.numerator, ratio.denominator, padtype=padtype)
 
 def bandpass(x: np.ndarray, hz: float, low: float = 0.7, high: float = 4.0) -> np.ndarray:
     "Zero-phase Butterworth band-pass (the heart-rate band by default)."
@@ -363,9 +366,9 @@ CACHE_VERSION = 4  # 2: box path interpolated between detections and smoothed wi
 ARRAYS = ("frames", "eda", "eda_flagged", "bvp", "hr", "t", "frame_index", "boxes", "landmarks", "rgb", "rgb_t", "rgb_missing")
 
 def source_stamp(rec: Recording) -> dict:
-    "Size and modification time of the three source files: a change to any of them invalidates the cache."
+    "Size and modification time of the source files (video, EDA, BVP where there is one): a change to any of them invalidates the cache."
     return {kind: [p.stat().st_size, p.stat().st_mtime_ns] for kind, p in
-            (("video", rec.video), ("eda", rec.eda), ("bvp", rec.bvp))}
+            (("video", rec.video), ("eda", rec.eda), ("bvp", rec.bvp)) if p is not None}
 
 KEY_ADDED = {"frame_hz": 0.0, "pulse": False, "pulse_every": 2}   # a field added since, at the value entries built before it had: left out of the key, so they stay valid
 
@@ -382,19 +385,31 @@ def read_meta(folder: Path) -> dict | None:
     return meta if complete else None
 
 # %% ../nbs/02_preprocess.ipynb #c022
+def eda_on_clock(eda: np.ndarray,  # EDA from the video's start (`Recording.read_eda`), µS
+                 hz: float,        # its rate
+                 target_hz: float, # the sampling clock
+                 n: int,           # samples on it
+                ) -> tuple[np.ndarray, np.ndarray]:  # EDA, and where it is implausible (`edanb.data.eda_quality`)
+    """EDA on the clock: taken as it is where the rates agree (UBFC-Phys's 4 Hz); from a faster sensor (a Shimmer's 128 Hz,
+    a BIOPAC's 1000 Hz) through `resample`'s anti-aliasing filter, judged by `eda_quality` after it (a fast sensor's noise
+    is not a skin's slope); from a slower one interpolated, a sample flagged where a flagged one takes part."""
+    if hz == target_hz: flagged = eda_quality(eda, hz); return eda[:n], flagged[:n]
+    if hz > target_hz:
+        eda = resample(eda, hz, target_hz, padtype="line")[:n]
+        return eda, eda_quality(eda, target_hz)
+    times, eda_t = np.arange(n) / target_hz, np.arange(len(eda)) / hz
+    return np.interp(times, eda_t, eda), np.interp(times, eda_t, eda_quality(eda, hz).astype(float)) > 0
+
 def _signals(rec: Recording, config: PreprocessConfig, n: int) -> dict[str, np.ndarray]:
-    "EDA, its quality flags (`edanb.data.eda_quality`, found on the EDA as recorded), BVP and heart rate on the sampling clock."
+    "EDA, its quality flags, BVP and heart rate on the sampling clock, each from the video's first frame on (`Recording.read_eda`)."
     times = np.arange(n) / config.target_hz
-    eda = rec.read_eda()
-    flagged = eda_quality(eda)
-    if config.target_hz == EDA_HZ: eda, flagged = eda[:n], flagged[:n]
-    else:   # a sample is flagged when a flagged recorded sample takes part in its interpolation
-        eda_t = np.arange(len(eda)) / EDA_HZ
-        eda, flagged = np.interp(times, eda_t, eda), np.interp(times, eda_t, flagged.astype(float)) > 0
+    eda, flagged = eda_on_clock(rec.read_eda(), rec.eda_hz, config.target_hz, n)
     raw_bvp = rec.read_bvp()
-    bvp = resample(bandpass(raw_bvp, BVP_HZ) if config.bvp_bandpass else raw_bvp, BVP_HZ, config.target_hz)[:n]
+    if raw_bvp is None:   # a BIDS recording without a pulse: NaN, which a model that reads the contact BVP refuses
+        return dict(t=times, eda=eda.astype(np.float32), eda_flagged=flagged, bvp=np.full(n, np.nan, np.float32), hr=np.full(n, np.nan, np.float32))
+    bvp = resample(bandpass(raw_bvp, rec.bvp_hz) if config.bvp_bandpass else raw_bvp, rec.bvp_hz, config.target_hz)[:n]
     return dict(t=times, eda=eda.astype(np.float32), eda_flagged=flagged, bvp=bvp.astype(np.float32),
-                hr=heart_rate(raw_bvp, BVP_HZ, times))
+                hr=heart_rate(raw_bvp, rec.bvp_hz, times))
 
 def _face_path(rec: Recording, config: PreprocessConfig, index: np.ndarray, progress: bool) -> dict:
     "Pass 1: detect on every `detect_every`-th sample's frame only; return the smoothed box path, where its nearest attempt found no face, and the counts."
@@ -596,27 +611,28 @@ def preprocess_job(rec: Recording, cache: str, config: PreprocessConfig, progres
                    else f"{type(e).__name__}: {e}")
     return {**row, "seconds": round(time.perf_counter() - start, 2)}
 
-def preprocess_dataset(root: str | Path,       # UBFC-Phys-format dataset folder
+def preprocess_dataset(root: str | Path,       # dataset folder, UBFC-Phys or BIDS (`edanb.layouts`)
                        cache: str | Path,      # cache folder
                        config: PreprocessConfig | None = None, # parameters
                        workers: int = 2,       # recordings at a time, each in a thread
                        progress: bool = True,  # progress bars
                        scheduler: str | None = None, # a Dask distributed scheduler: one task per recording on its workers
                        exclude: str | Path = "",     # an exclusion file (`edanb.data.read_exclusions`): its recordings and subjects are left out
+                       layout: str = "auto",         # auto | ubfc | bids (`edanb.layouts.detect_layout`)
                       ) -> pd.DataFrame:
     "Preprocess every recording under `root` into `cache`; one summary row per recording (failed ones included)."
     config, cache = config or PreprocessConfig(), Path(cache).resolve()
-    subject_folders(root); read_exclusions(exclude) if exclude else None   # a bad dataset or exclusion file fails before the cache is touched
-    with folder_lock(cache): return preprocess_locked(root, cache, config, workers, progress, scheduler, exclude)
+    layout = detect_layout(root, layout); read_exclusions(exclude) if exclude else None   # a bad dataset or exclusion file fails before the cache is touched
+    with folder_lock(cache): return preprocess_locked(root, cache, config, workers, progress, scheduler, exclude, layout)
 
 def preprocess_locked(root, cache: Path, config: PreprocessConfig, workers: int, progress: bool, scheduler: str | None,
-                      exclude: str | Path) -> pd.DataFrame:
+                      exclude: str | Path, layout: str = "auto") -> pd.DataFrame:
     "`preprocess_dataset`'s work, with the cache's lock held (one writer per cache)."
     if scheduler: root = Path(root).resolve()   # workers elsewhere see the same shared folders, not our cwd
     cache.mkdir(parents=True, exist_ok=True)
     for pattern in (".*.tmp-*", ".*.old-*"):  # left by a killed run
         for stale in cache.glob(pattern): shutil.rmtree(stale, ignore_errors=True)
-    recordings, problems = scan(root, tolerance_s=config.tolerance_s)
+    recordings, problems = scan_dataset(root, layout, tolerance_s=config.tolerance_s)
     recordings, problems, left_out = exclude_recordings(recordings, problems, exclude)
     excluded = [dict(recording=n, status="excluded", error=f"named by {exclude}") for n in left_out]
     slow = [r for r in recordings if config.frame_hz > r.fps + 1e-9]

@@ -12,7 +12,8 @@ import pandas as pd
 import scipy.signal
 
 from .core import pearson, progress_bar
-from .data import BVP_HZ, DataError, Recording, scan, subject_number
+from .data import BVP_HZ, DataError, Recording, subject_number
+from .layouts import scan_dataset
 from .preprocess import bandpass, heart_rate, load_cached, resample
 
 # %% auto #0
@@ -136,7 +137,7 @@ def window_rates(x: np.ndarray, fs: float, window_s: float = 30.0, step_s: float
 # %% ../nbs/02b_pulse.ipynb #c013
 def contact_bvp(rec: Recording) -> tuple[np.ndarray, float]:
     "The contact BVP at the rate it was recorded (UBFC-Phys: the E4's 64 Hz)."
-    return rec.read_bvp(), float(BVP_HZ)
+    return rec.read_bvp(), float(rec.bvp_hz)
 
 def truth_rates(data: str | Path, name: str, centres: np.ndarray, window_s: float) -> np.ndarray | None:
     "On synthetic data, the heart rate the generator rendered, averaged over each window; None without `ground_truth/<name>_pulse.csv`."
@@ -191,7 +192,7 @@ def evaluate_pulse(data: str | Path, cache: str | Path,
     "`recording_pulse` over every recording of `data` that `cache` holds, plus the `mean_hr` reference; a failed recording is a line, the others go on."
     unknown = sorted(set(methods) - set(RPPG_METHODS))
     if unknown: raise ValueError(f"unknown rPPG method(s) {unknown}: choose from {sorted(RPPG_METHODS)}")
-    recordings, _ = scan(data)
+    recordings, _ = scan_dataset(data)
     frames, problems = [], []
     for rec in progress_bar(recordings, progress, desc="pulse"):
         if not (Path(cache) / rec.name).is_dir(): continue   # not preprocessed (e.g. excluded)

@@ -9,14 +9,13 @@ import pandas as pd
 
 from .components import decompose, scr_floor, scr_responses
 from .data import group_order
+from .layouts import UBFC_ROLES
 
 # %% auto #0
-__all__ = ['STRESS_TASKS', 'FEATURES', 'level_free_features', 'recording_features', 'rest_vs_stress', 'balanced_accuracy',
-           'permutation_ps', 'permutation_p', 'bootstrap_balanced_accuracy', 'group_masks', 'stress_detection',
-           'pooled_stress']
+__all__ = ['FEATURES', 'level_free_features', 'recording_features', 'rest_vs_stress', 'balanced_accuracy', 'permutation_ps',
+           'permutation_p', 'bootstrap_balanced_accuracy', 'group_masks', 'stress_detection', 'pooled_stress']
 
 # %% ../nbs/05b_stress.ipynb #c005
-STRESS_TASKS = ("T2", "T3")
 FEATURES = ("sd", "slope", "scr_rate", "scr_amplitude")   # what the classifier reads of a recording
 
 def level_free_features(series: np.ndarray,  # one recording's EDA or prediction, any units
@@ -35,15 +34,18 @@ def level_free_features(series: np.ndarray,  # one recording's EDA or prediction
 
 def recording_features(samples: pd.DataFrame,  # predictions.parquet of a run
                        column: str = "pred",    # 'pred' (the model's output) or 'target' (the true EDA)
+                       roles: dict[str, str] | None = None, # task -> rest | stress | other (`edanb.layouts.task_roles`; default UBFC-Phys's)
                       ) -> pd.DataFrame:        # one row per (model, recording): features and the stress label
-    "Shape features of every test recording's predicted (or true) EDA."
-    rows = []
+    "Shape features of every test recording's predicted (or true) EDA whose task is rest or stress (a BIDS task's session and run do not change its role)."
+    rows, roles = [], roles or UBFC_ROLES
+    role = lambda task: roles.get(task.split("-")[0])
     for (model, recording), g in samples.groupby(["model", "recording"], sort=False):
+        if role(g.task.iat[0]) not in ("rest", "stress"): continue
         g = g.sort_values("sample")
         hz = 1 / np.median(np.diff(g.t)) if len(g) > 1 else 4.0
         floor = scr_floor(g.target, g.target_us) if "target_us" in g else 0.0   # 0.02 µS in the scored units
         rows.append(dict(model=model, recording=recording, subject=g.subject.iat[0], task=g.task.iat[0],
-                         stress=g.task.iat[0] in STRESS_TASKS, **level_free_features(g[column].to_numpy(), hz, floor)))
+                         stress=role(g.task.iat[0]) == "stress", **level_free_features(g[column].to_numpy(), hz, floor)))
     return pd.DataFrame(rows)
 
 # %% ../nbs/05b_stress.ipynb #c008
@@ -151,13 +153,14 @@ def group_masks(features: pd.DataFrame,               # recording_features (a 's
 def stress_detection(samples: pd.DataFrame, # predictions.parquet of a run (every model it holds)
                      n_boot: int = 2000, n_perm: int = 1000, seed: int = 0,
                      groups: dict[str, str | None] | None = None, # subject -> group (test/ctrl): adds a row per group and model
+                     roles: dict[str, str] | None = None,         # task -> rest | stress | other (default UBFC-Phys's: T1 rest, T2 and T3 stress)
                     ) -> pd.DataFrame:      # per model and group ('all' first): balanced accuracy, descriptive CI, permutation p
     """Rest-vs-stress balanced accuracy of every model of a run, and of the same classifier on the true EDA ('true EDA'),
     over all test recordings and over each group's. One classifier per model, fitted leaving each subject out on all the
     others (both groups): a group's accuracy is that classifier's on the group's recordings."""
     first = samples[samples.model == samples.model.iat[0]]
-    sets = {m: recording_features(samples[samples.model == m]) for m in dict.fromkeys(samples.model)}
-    sets["true EDA"] = recording_features(first, "target").assign(model="true EDA")
+    sets = {m: recording_features(samples[samples.model == m], roles=roles) for m in dict.fromkeys(samples.model)}
+    sets["true EDA"] = recording_features(first, "target", roles).assign(model="true EDA")
     rows = []
     for model, features in sets.items():
         labels, masks = rest_vs_stress(features), group_masks(features, groups)

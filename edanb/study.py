@@ -497,9 +497,9 @@ def study_answers(results: str | Path,    # results folder of `edanb run`
     return write_claims(out)
 
 # %% ../nbs/08_study.ipynb #c021
-def run_groups(results: Path, run: str) -> dict[str, str]:
-    "Each test subject's group as the run's metrics.json records it (empty: data without groups, or a run made before them)."
-    return json.loads((results / run / "metrics.json").read_text()).get("groups", {})
+def run_groups(results: Path, run: str, key: str = "groups") -> dict[str, str]:
+    "Each test subject's group as the run's metrics.json records it (empty: data without groups, or a run made before them); `key='task_roles'`: its tasks' roles (BIDS data)."
+    return json.loads((results / run / "metrics.json").read_text()).get(key, {})
 
 def run_stress(results: Path, run: str) -> pd.DataFrame:
     "Rest-vs-stress detection of every model of a run, over all recordings and per group (kept in the run's folder once computed)."
@@ -507,7 +507,8 @@ def run_stress(results: Path, run: str) -> pd.DataFrame:
     if kept.exists():
         table = pd.read_csv(kept)
         if "group" in table or not groups: return table   # else: saved before groups were scored: made again below
-    return stress_detection(pd.read_parquet(results / run / "predictions.parquet"), groups=groups)
+    return stress_detection(pd.read_parquet(results / run / "predictions.parquet"), groups=groups,
+                            roles=run_groups(results, run, "task_roles") or None)
 
 def summary_table(results: str | Path) -> pd.DataFrame:
     "The study's table with the rest-vs-stress accuracy of each run's model; also written as `summary.csv`."

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .config import CENTRING, RUN_INDEPENDENT, DatasetConfig, TrainConfig, before_provenance, current_names
 from .core import Diverged, folder_lock, progress_bar, provenance, remove_path, stale_reasons, write_atomic, write_json
-from .data import DataError, kfold_subjects, load_split, save_split, split_subjects, subject_groups, subject_number
+from .data import DataError, kfold_subjects, load_split, save_split, split_subjects, subject_number, subject_order
+from .layouts import dataset_groups
 from .dataset import (ClipDataset, Normaliser, augment_clip, cached_recordings, exclusions_of, frame_difference, usable_recordings,
                            make_datasets, reflect_index)
 from .metrics import make_loss, metrics_table, predictions_table, reference_predictions, run_metrics
@@ -46,11 +47,11 @@ def make_splits(config: TrainConfig) -> list[dict[str, list[str]]]:
     subjects = sorted(set(usable_recordings(config.cache, config.task_list(), exclusions_of(config)).subject))
     if not subjects: raise FileNotFoundError(f"{config.cache}: no cache entries (run `edanb preprocess`)")
     if not config.folds: return [split_subjects(subjects, seed=config.seed)]
-    folds = kfold_subjects(subjects, config.folds, config.seed, subject_groups(config.data, subjects))   # stratified by test/ctrl, where the dataset says
+    folds = kfold_subjects(subjects, config.folds, config.seed, dataset_groups(config.data, subjects))   # stratified by test/ctrl, where the dataset says
     if not config.val_subjects: return folds
     out = []
     for fold in folds:  # validation subjects drawn from the fold's training part (test stays as it is)
-        pool = sorted(fold["train"] + fold["val"], key=subject_number)
+        pool = sorted(fold["train"] + fold["val"], key=subject_order)
         if config.val_subjects >= len(pool): raise ValueError(f"val_subjects {config.val_subjects}: only {len(pool)} non-test subjects")
         order = np.random.default_rng(config.seed).permutation(len(pool))
         val = [pool[i] for i in order[:config.val_subjects]]
@@ -273,6 +274,10 @@ def model_and_data(config: TrainConfig, split: dict[str, list[str]],
     "The configured model (its weights drawn now) and the split's datasets with the inputs it reads."
     model = build_model(config, int(cached_recordings(config.cache)["size"].iat[0]))
     datasets, normaliser = make_datasets(config.cache, split, dataset_config(config, model.inputs))
+    missing = [name for d in datasets.values() for name in d.without_pulse]
+    if "bvp" in model.inputs and missing:
+        raise DataError(Path(config.cache) / missing[0], f"{config.model} reads the contact BVP, which {len(missing)} recording(s) do not have "
+                                                         "(no ppg/bvp column in their physio files): train it with --bvp-source video:pos, or a model without BVP")
     per_sample = datasets["train"].per_sample   # frames per EDA sample in the cache (`edanb preprocess --frame-hz`)
     return (OnEdaClock(model, per_sample) if per_sample > 1 else model), datasets, normaliser
 
@@ -505,8 +510,8 @@ def used_recordings(config: TrainConfig) -> dict:
     excluded = exclusions_of(config)
     try: names = usable_recordings(config.cache, config.task_list(), excluded).recording.tolist()
     except DataError: names = []   # no cache: training says so, naming it
-    subjects = sorted({n.split("_")[0] for n in names}, key=subject_number)
-    return dict(recordings=names, excluded=sorted(excluded), groups=subject_groups(config.data, subjects))
+    subjects = sorted({n.split("_")[0] for n in names}, key=subject_order)
+    return dict(recordings=names, excluded=sorted(excluded), groups=dataset_groups(config.data, subjects))
 
 def saved_exclusions(out: Path) -> list[str] | None:
     "What a run folder's config.json says its run left out (None: no run there, or one saved before exclusions were recorded)."
