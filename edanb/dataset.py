@@ -215,7 +215,7 @@ def cached_eda(cache: str | Path, name: str,
     folder = Path(cache) / name
     if read_meta(folder) is None:
         raise DataError(folder, f"no complete cache entry: 'subject' scaling subtracts each subject's {REST_TASK} mean "
-                                "(preprocess every task)")
+                                "(preprocess every task; a dataset whose rest task is not T1: use --eda-scaling recording)")
     return training_eda(load_cached(cache, name), eda_quality, folder)[0]
 
 def record_baseline(normaliser: Normaliser, # the run's normaliser

@@ -287,14 +287,13 @@ def with_preroll(values: np.ndarray, hz: float, start: float) -> np.ndarray:
 # %% ../nbs/00c_layouts.ipynb #c019
 def convert_recording(rec: Recording, out: Path, eda_hz: float | None = None, start_s: float = 0.0):
     "Write one UBFC-Phys recording into the BIDS dataset `out`: its video linked, EDA and BVP as physio files."
-    from scipy.signal import resample_poly
-    from fractions import Fraction
+    from scipy.interpolate import PchipInterpolator
     folder = out / f"sub-{rec.subject}" / "beh"
     link_or_copy(rec.video, folder / f"sub-{rec.subject}_task-{rec.task}_video{rec.video.suffix.lower()}")
     eda, hz = rec.read_eda(), rec.eda_hz
-    if eda_hz and eda_hz != hz:
-        ratio = Fraction(eda_hz / hz).limit_denominator(1000)
-        eda, hz = resample_poly(eda, ratio.numerator, ratio.denominator, padtype="line"), float(eda_hz)
+    if eda_hz and eda_hz != hz:   # through every recorded sample, without overshoot (a dropout to 0 µS stays >= 0); the same span, the last value held
+        times = np.minimum(np.arange(int(round(len(eda) / hz * eda_hz))) / eda_hz, (len(eda) - 1) / hz)
+        eda, hz = PchipInterpolator(np.arange(len(eda)) / hz, eda)(times), float(eda_hz)
     write_bids_physio(folder / physio_name(rec.subject, rec.task, "eda"), with_preroll(eda, hz, start_s), "eda", hz, start_s)
     write_bids_physio(folder / physio_name(rec.subject, rec.task, "bvp"), with_preroll(rec.read_bvp(), rec.bvp_hz, start_s),
                       "bvp", rec.bvp_hz, start_s, units="arbitrary")

@@ -24,7 +24,7 @@ import scipy.signal
 
 from .core import NoSpace, check_space, folder_lock, parallel_map, progress_bar, reserve_file, write_atomic
 from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Recording, eda_quality, exclude_recordings,
-                        load_recording, read_exclusions)
+                        load_recording, read_exclusions, recording_of)
 from .layouts import detect_layout, scan_dataset
 
 # %% auto #0
@@ -638,7 +638,7 @@ def preprocess_locked(root, cache: Path, config: PreprocessConfig, workers: int,
     slow = [r for r in recordings if config.frame_hz > r.fps + 1e-9]
     if slow: raise ValueError(f"--frame-hz {config.frame_hz:g} is above the video frame rate of {len(slow)} recording(s) "
                               f"({slow[0].video}: {slow[0].fps:g} fps)")
-    rows = excluded + [dict(recording=p.path.name, status="gap" if isinstance(p, DataGap) else "failed", error=str(p)) for p in problems]
+    rows = excluded + [dict(recording=recording_of(p.path) or p.path.name, status="gap" if isinstance(p, DataGap) else "failed", error=str(p)) for p in problems]
     jobs = [(r, str(cache), config, progress and workers <= 1 and not scheduler) for r in recordings]
     from edanb import preprocess  # Dask workers import the function by name
     lost = lambda job, e: dict(recording=job[0].name, status="failed", error=f"{type(e).__name__}: {e}")  # e.g. its worker died

@@ -137,7 +137,9 @@ def window_rates(x: np.ndarray, fs: float, window_s: float = 30.0, step_s: float
 # %% ../nbs/02b_pulse.ipynb #c013
 def contact_bvp(rec: Recording) -> tuple[np.ndarray, float]:
     "The contact BVP at the rate it was recorded (UBFC-Phys: the E4's 64 Hz)."
-    return rec.read_bvp(), float(rec.bvp_hz)
+    bvp = rec.read_bvp()
+    if bvp is None: raise DataError(rec.eda, "no contact pulse (ppg/bvp column) to score the camera's pulse against")
+    return bvp, float(rec.bvp_hz)
 
 def truth_rates(data: str | Path, name: str, centres: np.ndarray, window_s: float) -> np.ndarray | None:
     "On synthetic data, the heart rate the generator rendered, averaged over each window; None without `ground_truth/<name>_pulse.csv`."

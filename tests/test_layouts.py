@@ -134,3 +134,17 @@ def test_a_model_that_reads_the_contact_pulse_refuses_a_dataset_without_one(tmp_
     assert "seqcnn_bvp reads the contact BVP, which" in err and "--bvp-source video:pos" in err, err
     assert main([*train, "--model", "seqcnn", "--preset", "tiny", "--out", str(tmp_path / "face")]) == 0, capsys.readouterr().err
     assert (tmp_path / "face" / "metrics.json").is_file()
+
+
+def test_upsampled_eda_passes_through_the_recorded_samples_without_overshoot(dataset, tmp_path):
+    "A dropout to 0 µS (the rich world has them) converted to 128 Hz stays >= 0, and the 4 Hz ticks keep the recorded values."
+    eda_file = dataset / "s1" / "eda_s1_T2.csv"
+    eda = np.loadtxt(eda_file)
+    eda[5:7] = 0.0
+    np.savetxt(eda_file, eda, fmt="%.6f")
+    convert_to_bids(dataset, tmp_path / "bids", eda_hz=128)
+    recordings, problems = scan_dataset(tmp_path / "bids")
+    assert not problems and len(recordings) == 6
+    fast = next(r for r in recordings if r.name == "s1_T2").read_eda()
+    assert len(fast) == len(eda) * 32 and fast.min() >= 0
+    np.testing.assert_allclose(fast[::32], eda, atol=1e-6)
