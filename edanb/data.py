@@ -20,11 +20,11 @@ __all__ = ['TASKS', 'TASK_NAMES', 'VIDEO_FPS', 'EDA_HZ', 'BVP_HZ', 'DURATION_TOL
            'EDA_RANGE_US', 'MAX_EDA_SLOPE_US_S', 'UBFC_SPLIT', 'PARTS', 'DataError', 'read_signal', 'VideoInfo',
            'probe_video', 'subject_number', 'subject_order', 'recording_paths', 'read_physio', 'read_column',
            'from_video_start', 'Recording', 'MetadataWarning', 'metadata_paths', 'read_info_file', 'read_anxiety_file',
-           'subject_metadata', 'eda_quality', 'load_recording', 'subject_folders', 'DataGap', 'scan', 'discover',
-           'recordings_table', 'subjects_table', 'subject_groups', 'group_order', 'SplitError', 'split_counts',
-           'check_split', 'split_subjects', 'kfold_subjects', 'save_split', 'load_split', 'read_exclusions',
-           'bids_task_name', 'bids_entities', 'recording_of', 'is_excluded', 'exclude_recordings', 'is_synthetic',
-           'current_couplings', 'synthetic_couplings']
+           'subject_metadata', 'eda_quality', 'eda_quality_at', 'load_recording', 'subject_folders', 'DataGap', 'scan',
+           'discover', 'recordings_table', 'subjects_table', 'subject_groups', 'group_order', 'SplitError',
+           'split_counts', 'check_split', 'split_subjects', 'kfold_subjects', 'save_split', 'load_split',
+           'read_exclusions', 'bids_task_name', 'bids_entities', 'recording_of', 'is_excluded', 'exclude_recordings',
+           'is_synthetic', 'current_couplings', 'synthetic_couplings']
 
 # %% ../nbs/00_data.ipynb #c005
 TASKS = ("T1", "T2", "T3")
@@ -96,8 +96,8 @@ def subject_number(subject: str) -> int:
 
 def subject_order(subject: str) -> tuple:
     "A natural sort key for any subject label: s2 before s10 (as `subject_number`), 2 before 10, P7 before P12."
-    parts = re.split(r"(\d+)", subject)
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)) + (subject,)
+    parts = re.split(r"(\d+)", subject)   # text, number, text, ...: every position holds one type, so any two labels compare
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), subject
 
 def recording_paths(root: str | Path, subject: str, task: str) -> dict[str, Path]:
     "Where UBFC-Phys keeps the video, BVP and EDA of `subject` doing `task`."
@@ -256,6 +256,18 @@ def eda_quality(eda: np.ndarray,   # EDA as recorded (µS)
     for a, b in zip(jumps[:-1], jumps[1:]):
         if np.sign(step[a]) != np.sign(step[b]) and b - a <= 2 * hz: flagged[a:b + 2] = True
     return flagged
+
+def eda_quality_at(eda: np.ndarray, # EDA as recorded (µS), at any rate
+                   hz: float,       # its rate
+                  ) -> np.ndarray:  # True where a sample is implausible
+    """`eda_quality` for a sensor of any rate: at 4 Hz or slower as it is; a faster one's samples judged by range each,
+    and by slope on block means of about 4 Hz (a fast sensor's noise is not a skin's slope), each block's flag given to
+    its samples."""
+    eda, k = np.asarray(eda, np.float64), int(hz // EDA_HZ)
+    if k <= 1: return eda_quality(eda, hz)
+    padded = np.r_[eda, np.full(-len(eda) % k, eda[-1])]   # whole blocks, the last value repeated
+    blocks = eda_quality(padded.reshape(-1, k).mean(axis=1), hz / k)
+    return np.repeat(blocks, k)[:len(eda)] | (eda < EDA_RANGE_US[0]) | (eda > EDA_RANGE_US[1])
 
 # %% ../nbs/00_data.ipynb #c013
 def _info_path(root, subject) -> Path | None:

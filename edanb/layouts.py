@@ -18,17 +18,17 @@ import numpy as np
 import pandas as pd
 
 from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, TASKS, DataError, DataGap, MetadataWarning, Recording, bids_entities,
-                        bids_task_name, eda_quality, probe_video, read_physio, read_signal, scan, subject_metadata, subject_order,
+                        bids_task_name, eda_quality_at, probe_video, read_physio, read_signal, scan, subject_metadata, subject_order,
                         subjects_table)
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'EDA_COLUMNS', 'PULSE_COLUMNS', 'EDA_UNITS', 'VIDEO_SUFFIXES', 'TASK_ROLES', 'UBFC_ROLES', 'MIN_COVERAGE',
            'detect_layout', 'PhysioFile', 'sidecar_of', 'read_sidecar', 'check_eda_units', 'read_physio_file',
-           'recording_key', 'bids_files', 'covered', 'signal_file', 'check_coverage', 'flagged_count',
-           'load_bids_recording', 'read_participants', 'participant_problems', 'normal_gender', 'bids_subject_metadata',
-           'task_roles', 'scan_bids', 'bids_warnings', 'scan_dataset', 'dataset_metadata', 'dataset_subjects',
-           'dataset_groups', 'physio_name', 'write_bids_physio', 'link_or_copy', 'with_preroll', 'convert_recording',
-           'convert_to_bids', 'synth_bids']
+           'recording_key', 'bids_files', 'covered', 'signal_file', 'check_coverage', 'load_bids_recording',
+           'read_participants', 'participant_problems', 'normal_gender', 'bids_subject_metadata', 'task_roles',
+           'scan_bids', 'bids_warnings', 'scan_dataset', 'dataset_metadata', 'dataset_subjects', 'dataset_groups',
+           'physio_name', 'write_bids_physio', 'link_or_copy', 'with_preroll', 'convert_recording', 'convert_to_bids',
+           'synth_bids']
 
 # %% ../nbs/00c_layouts.ipynb #c005
 LAYOUTS = ("ubfc", "bids")
@@ -129,12 +129,6 @@ def check_coverage(physio: PhysioFile, video: Path, video_seconds: float, what: 
         raise DataError(physio.path, f"{what} covers {share:.0%} of the video {video.name} ({share * video_seconds:.1f} of {video_seconds:.1f} s; at least {MIN_COVERAGE:.0%} needed)")
 
 # %% ../nbs/00c_layouts.ipynb #c011
-def flagged_count(eda: np.ndarray, hz: float) -> int:
-    "EDA samples that `eda_quality` flags, judged at about 4 Hz (a fast sensor's noise is not a skin's slope): block means of a faster one."
-    k = max(1, int(hz // EDA_HZ))
-    blocks = eda[:len(eda) // k * k].reshape(-1, k).mean(axis=1)
-    return int(eda_quality(blocks, hz / k).sum()) * k
-
 def load_bids_recording(key: tuple, physio_paths: list[Path], video: Path | None) -> Recording:
     "Validate one BIDS recording; `DataError` (or `DataGap` when only the video is missing) naming the first bad file."
     files = [read_physio_file(p) for p in physio_paths]
@@ -152,7 +146,7 @@ def load_bids_recording(key: tuple, physio_paths: list[Path], video: Path | None
     subject, session, task, run = key
     return Recording(subject, bids_task_name(task, session, run), video, eda[0].path, pulse[0].path if pulse else None,
                      info.n_frames, info.fps, info.width, info.height, eda[0].samples, pulse[0].samples if pulse else 0,
-                     eda_flagged=flagged_count(values, eda[0].hz),
+                     eda_flagged=int(eda_quality_at(values, eda[0].hz).sum()),
                      eda_hz=eda[0].hz, bvp_hz=pulse[0].hz if pulse else BVP_HZ, eda_start=eda[0].start,
                      bvp_start=pulse[0].start if pulse else 0.0, eda_column=eda[1], bvp_column=pulse[1] if pulse else None)
 
@@ -294,9 +288,10 @@ def convert_recording(rec: Recording, out: Path, eda_hz: float | None = None, st
     if eda_hz and eda_hz != hz:   # through every recorded sample, without overshoot (a dropout to 0 µS stays >= 0); the same span, the last value held
         times = np.minimum(np.arange(int(round(len(eda) / hz * eda_hz))) / eda_hz, (len(eda) - 1) / hz)
         eda, hz = PchipInterpolator(np.arange(len(eda)) / hz, eda)(times), float(eda_hz)
-    write_bids_physio(folder / physio_name(rec.subject, rec.task, "eda"), with_preroll(eda, hz, start_s), "eda", hz, start_s)
+    start = lambda hz: -round(-start_s * hz) / hz   # the whole samples each file can put before the video: its own StartTime
+    write_bids_physio(folder / physio_name(rec.subject, rec.task, "eda"), with_preroll(eda, hz, start_s), "eda", hz, start(hz))
     write_bids_physio(folder / physio_name(rec.subject, rec.task, "bvp"), with_preroll(rec.read_bvp(), rec.bvp_hz, start_s),
-                      "bvp", rec.bvp_hz, start_s, units="arbitrary")
+                      "bvp", rec.bvp_hz, start(rec.bvp_hz), units="arbitrary")
 
 def convert_to_bids(source: str | Path,        # a UBFC-Phys-format folder
                     out: str | Path,           # the BIDS dataset to write (created; must be empty or absent)

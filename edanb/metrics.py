@@ -493,7 +493,8 @@ def has_heart_rate(cache: str | Path, names: Sequence[str], eda_scaling: str, so
     "Whether the cache holds a heart rate (contact: `hr`; video: the pulse trace) for every recording and every recording its centre comes from (the BVP-only reference needs them)."
     sources = {baseline_recording(eda_scaling, name) for name in names} - {None}
     array = "hr.npy" if source == "contact" else "rgb.npy"
-    return bool(cache) and all((Path(cache) / name / array).is_file() for name in {*names, *sources})
+    found = lambda path: path.is_file() and (source != "contact" or np.isfinite(np.load(path)).any())   # a recording without a contact pulse caches NaN
+    return bool(cache) and all(found(Path(cache) / name / array) for name in {*names, *sources})
 
 # %% ../nbs/05_metrics.ipynb #c049
 def reference_series(datasets: dict,          # a fold's train / val / test `ClipDataset`s

@@ -20,15 +20,15 @@ from .data import DataError, Recording
 from .dataset import ClipDataset, Normaliser
 from .metrics import stitch, stitch_shapes
 from .models import OnEdaClock
-from .preprocess import PreprocessConfig, cache_key, check_rates, frame_indices, read_meta, write_entry
+from .preprocess import PreprocessConfig, cache_key, check_rates, frame_times, read_meta, sample_frames, write_entry
 from .train import build_model, predict, resolve_device, saved_config
 
 # %% auto #0
 __all__ = ['BUNDLE_FILE', 'UNITS', 'SHAPE_UNITS', 'MIN_FPS', 'FEW_FACES_PREDICT', 'VIDEO_NAME', 'ONNX_TOLERANCE', 'Bundle',
            'bundle_folds', 'preprocess_config', 'training_preprocessing', 'run_bundle', 'load_bundle', 'export_bundle',
-           'load_weights', 'fold_model', 'output_units', 'to_output_units', 'frame_times', 'constant_rate',
-           'sample_frames', 'video_recording', 'video_entry', 'check_inputs', 'predict_video', 'plot_prediction',
-           'runs_of', 'TensorInputs', 'example_inputs', 'export_onnx']
+           'load_weights', 'fold_model', 'output_units', 'to_output_units', 'video_recording', 'video_entry',
+           'check_inputs', 'predict_video', 'plot_prediction', 'runs_of', 'TensorInputs', 'example_inputs',
+           'export_onnx']
 
 # %% ../nbs/06b_predict.ipynb #c004
 BUNDLE_FILE = "bundle.json"
@@ -152,39 +152,6 @@ def to_output_units(series: np.ndarray, normaliser: Normaliser, bundle: Bundle) 
 MIN_FPS = 4.0          # the EDA clock: a slower video cannot give a frame per sample
 FEW_FACES_PREDICT = 0.8   # warn when the detector found a face in fewer of its attempts
 VIDEO_NAME = "video_T1"   # the video's name inside the temporary cache (T1: a recording is its own baseline under any scaling)
-
-def frame_times(video: str | Path) -> np.ndarray:
-    """Each frame's presentation time in seconds from the first frame, from the container's packets: read without decoding
-    (OpenCV's raw mode; sorted, since a codec with B-frames stores them out of order), or decoded where raw mode is refused."""
-    cap = cv2.VideoCapture(str(video), cv2.CAP_FFMPEG)
-    cap.set(cv2.CAP_PROP_FORMAT, -1)   # packets, not decoded frames, where the codec allows it
-    times = []
-    while cap.grab(): times.append(cap.get(cv2.CAP_PROP_POS_MSEC) / 1000)
-    cap.release()
-    t = np.sort(np.asarray(times, float))
-    return t - t[0] if len(t) else t
-
-def constant_rate(times: np.ndarray, fps: float, tolerance: float = 0.25) -> bool:
-    "Whether every frame lies within `tolerance` of a frame period of where the nominal rate puts it."
-    return bool(len(times)) and float(np.abs(times - np.arange(len(times)) / fps).max()) < tolerance / fps
-
-def sample_frames(times: np.ndarray,   # each frame's time, seconds (`frame_times`)
-                  fps: float,          # the nominal frame rate
-                  target_hz: float,    # the model's clock
-                  per_sample: int = 1, # frames per sample
-                 ) -> tuple[int, np.ndarray]:  # samples, and the frame of each (n * per_sample)
-    """The frames on the clock. A constant-rate video is sampled by `frame_indices`, exactly as `edanb preprocess` samples a
-    recording; a variable one takes, for each tick (`frame_indices`' ticks), the frame whose own timestamp is nearest."""
-    period = np.median(np.diff(times)) if len(times) > 1 else 1 / fps
-    n = int(np.floor((times[-1] + period) * target_hz + 1e-9))
-    if constant_rate(times, fps):
-        while n > 0 and frame_indices(n, fps, target_hz, per_sample)[-1] >= len(times): n -= 1
-        return n, frame_indices(n, fps, target_hz, per_sample, len(times) - 1)
-    k = per_sample
-    ticks = (np.arange(n)[:, None] * k + np.arange(k) - (k - 1) / 2).ravel() / (k * target_hz)
-    after = np.clip(np.searchsorted(times, ticks), 1, len(times) - 1)
-    nearer_before = ticks - times[after - 1] <= times[after] - ticks
-    return n, np.where(nearer_before, after - 1, after).astype(np.int64)
 
 def video_recording(video: str | Path) -> Recording:
     "The video alone as a `Recording` (no EDA, no BVP), with its size and frame rate as OpenCV reads them."

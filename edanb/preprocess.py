@@ -23,19 +23,20 @@ import scipy.ndimage
 import scipy.signal
 
 from .core import NoSpace, check_space, folder_lock, parallel_map, progress_bar, reserve_file, write_atomic
-from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Recording, eda_quality, exclude_recordings,
+from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Recording, eda_quality, eda_quality_at, exclude_recordings,
                         load_recording, read_exclusions, recording_of)
 from .layouts import detect_layout, scan_dataset
 
 # %% auto #0
 __all__ = ['REDUCED', 'CHEEKS', 'PULSE_MIN_HZ', 'MAX_MISSING', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'ARRAY_KINDS',
-           'OPTIONAL_ARRAYS', 'FEW_FACES', 'sample_count', 'frame_indices', 'resample', 'bandpass', 'pulse_frequency',
-           'heart_rate', 'FrameReader', 'decode_pool', 'read_frames', 'PreprocessConfig', 'face_models', 'thread_model',
-           'face_boxes', 'detect_face', 'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68',
-           'cheek_pixels', 'trace_reduction', 'fill_missing', 'skin_trace', 'source_stamp', 'cache_key', 'read_meta',
-           'eda_on_clock', 'entry_bytes', 'write_entry', 'check_rates', 'preprocess_recording', 'array_header',
-           'array_problem', 'array_record', 'changed_arrays', 'entry_problems', 'load_cached', 'entry_warning',
-           'preprocess_job', 'preprocess_dataset', 'preprocess_locked']
+           'OPTIONAL_ARRAYS', 'FEW_FACES', 'sample_count', 'frame_indices', 'frame_times', 'constant_rate',
+           'sample_frames', 'resample', 'bandpass', 'pulse_frequency', 'heart_rate', 'FrameReader', 'decode_pool',
+           'read_frames', 'PreprocessConfig', 'face_models', 'thread_model', 'face_boxes', 'detect_face', 'box_path',
+           'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'cheek_pixels', 'trace_reduction',
+           'fill_missing', 'skin_trace', 'source_stamp', 'cache_key', 'read_meta', 'eda_on_clock', 'entry_bytes',
+           'write_entry', 'check_rates', 'preprocess_recording', 'array_header', 'array_problem', 'array_record',
+           'changed_arrays', 'entry_problems', 'load_cached', 'entry_warning', 'preprocess_job', 'preprocess_dataset',
+           'preprocess_locked']
 
 # %% ../nbs/02_preprocess.ipynb #c006
 def sample_count(rec: Recording, target_hz: float = EDA_HZ) -> int:
@@ -57,12 +58,47 @@ def frame_indices(n: int,          # number of samples
     index = np.floor(ticks * (fps / (target_hz * per_sample)) + 0.5).astype(np.int64)   # halves up: no two ticks share a frame
     return np.clip(index, 0, last)
 
+# %% ../nbs/02_preprocess.ipynb #c042
+def frame_times(video: str | Path) -> np.ndarray:
+    """Each frame's presentation time in seconds from the first frame, from the container's packets: read without decoding
+    (OpenCV's raw mode; sorted, since a codec with B-frames stores them out of order), or decoded where raw mode is refused."""
+    cap = cv2.VideoCapture(str(video), cv2.CAP_FFMPEG)
+    cap.set(cv2.CAP_PROP_FORMAT, -1)   # packets, not decoded frames, where the codec allows it
+    times = []
+    while cap.grab(): times.append(cap.get(cv2.CAP_PROP_POS_MSEC) / 1000)
+    cap.release()
+    t = np.sort(np.asarray(times, float))
+    return t - t[0] if len(t) else t
+
+def constant_rate(times: np.ndarray, fps: float, tolerance: float = 0.25) -> bool:
+    "Whether every frame lies within `tolerance` of a frame period of where the nominal rate puts it."
+    return bool(len(times)) and float(np.abs(times - np.arange(len(times)) / fps).max()) < tolerance / fps
+
+def sample_frames(times: np.ndarray,   # each frame's time, seconds (`frame_times`)
+                  fps: float,          # the nominal frame rate
+                  target_hz: float,    # the model's clock
+                  per_sample: int = 1, # frames per sample
+                 ) -> tuple[int, np.ndarray]:  # samples, and the frame of each (n * per_sample)
+    """The frames on the clock. A constant-rate video is sampled by `frame_indices`, exactly as `edanb preprocess` samples a
+    recording; a variable one takes, for each tick (`frame_indices`' ticks), the frame whose own timestamp is nearest."""
+    period = np.median(np.diff(times)) if len(times) > 1 else 1 / fps
+    n = int(np.floor((times[-1] + period) * target_hz + 1e-9))
+    if constant_rate(times, fps):
+        while n > 0 and frame_indices(n, fps, target_hz, per_sample)[-1] >= len(times): n -= 1
+        return n, frame_indices(n, fps, target_hz, per_sample, len(times) - 1)
+    k = per_sample
+    ticks = (np.arange(n)[:, None] * k + np.arange(k) - (k - 1) / 2).ravel() / (k * target_hz)
+    after = np.clip(np.searchsorted(times, ticks), 1, len(times) - 1)
+    nearer_before = ticks - times[after - 1] <= times[after] - ticks
+    return n, np.where(nearer_before, after - 1, after).astype(np.int64)
+
 # %% ../nbs/02_preprocess.ipynb #c008
 def resample(x: np.ndarray, src_hz: float, dst_hz: float,
              padtype: str = "constant", # how the filter sees beyond the ends: zeros (a pulse), or 'line' (a level such as EDA's µS)
             ) -> np.ndarray:
-    "Resample with scipy's polyphase filter (anti-aliased), keeping t = 0 aligned."
-    ratio = Fraction(dst_hz / src_hz).limit_denominator(1000)
+    "Resample with scipy's polyphase filter (anti-aliased), keeping t = 0 aligned; the ratio of the rates as they are written (1024.5 Hz to 4 Hz: 8/2049)."
+    ratio = Fraction(str(dst_hz)) / Fraction(str(src_hz))
+    if max(ratio.numerator, ratio.denominator) > 100_000: ratio = ratio.limit_denominator(100_000)   # a relative error below 1e-10
     return scipy.signal.resample_poly(x, ratio.numerator, ratio.denominator, padtype=padtype)
 
 def bandpass(x: np.ndarray, hz: float, low: float = 0.7, high: float = 4.0) -> np.ndarray:
@@ -366,15 +402,18 @@ CACHE_VERSION = 4  # 2: box path interpolated between detections and smoothed wi
 ARRAYS = ("frames", "eda", "eda_flagged", "bvp", "hr", "t", "frame_index", "boxes", "landmarks", "rgb", "rgb_t", "rgb_missing")
 
 def source_stamp(rec: Recording) -> dict:
-    "Size and modification time of the source files (video, EDA, BVP where there is one): a change to any of them invalidates the cache."
-    return {kind: [p.stat().st_size, p.stat().st_mtime_ns] for kind, p in
-            (("video", rec.video), ("eda", rec.eda), ("bvp", rec.bvp)) if p is not None}
+    """Size and modification time of the source files (video, EDA, BVP where there is one, and a BIDS physio file's sidecar,
+    which holds its rate and StartTime): a change to any of them invalidates the cache."""
+    files = [("video", rec.video), ("eda", rec.eda), ("bvp", rec.bvp)]
+    files += [(f"{kind}_sidecar", p.with_name(p.name.replace(".tsv.gz", ".json"))) for kind, p in files[1:] if p is not None and p.name.endswith(".tsv.gz")]
+    return {kind: [p.stat().st_size, p.stat().st_mtime_ns] for kind, p in files if p is not None}
 
 KEY_ADDED = {"frame_hz": 0.0, "pulse": False, "pulse_every": 2}   # a field added since, at the value entries built before it had: left out of the key, so they stay valid
 
 def cache_key(rec: Recording, config: PreprocessConfig) -> dict:
     fields = {k: v for k, v in asdict(config).items() if KEY_ADDED.get(k, object()) != v and (k != "pulse_every" or config.pulse)}
-    return dict(version=CACHE_VERSION, config=fields, sources=source_stamp(rec))
+    slower = {"eda_clock": "anti-aliased"} if rec.eda_hz > config.target_hz else {}   # `eda_on_clock` since BIDS; an entry built by interpolation before is rebuilt
+    return dict(version=CACHE_VERSION, config=fields, sources=source_stamp(rec), **slower)
 
 def read_meta(folder: Path) -> dict | None:
     "The cache entry's metadata, or None if there is no complete entry (meta.json missing, unreadable, or without its fields)."
@@ -390,14 +429,19 @@ def eda_on_clock(eda: np.ndarray,  # EDA from the video's start (`Recording.read
                  target_hz: float, # the sampling clock
                  n: int,           # samples on it
                 ) -> tuple[np.ndarray, np.ndarray]:  # EDA, and where it is implausible (`edanb.data.eda_quality`)
-    """EDA on the clock: taken as it is where the rates agree (UBFC-Phys's 4 Hz); from a faster sensor (a Shimmer's 128 Hz,
-    a BIOPAC's 1000 Hz) through `resample`'s anti-aliasing filter, judged by `eda_quality` after it (a fast sensor's noise
-    is not a skin's slope); from a slower one interpolated, a sample flagged where a flagged one takes part."""
+    """EDA on the clock: taken as it is where the rates agree (UBFC-Phys's 4 Hz); from a slower sensor interpolated, a
+    sample flagged where a flagged one takes part; from a faster one (a Shimmer's 128 Hz, a BIOPAC's 1000 Hz) through
+    `resample`'s anti-aliasing filter, with the recorded samples judged first (`edanb.data.eda_quality_at`) and bridged
+    before it (an artefact must not ring into its neighbours), and a clock sample flagged where a flagged recorded one
+    lies within a clock period of it (the filter's main lobe)."""
     if hz == target_hz: flagged = eda_quality(eda, hz); return eda[:n], flagged[:n]
-    if hz > target_hz:
-        eda = resample(eda, hz, target_hz, padtype="line")[:n]
-        return eda, eda_quality(eda, target_hz)
     times, eda_t = np.arange(n) / target_hz, np.arange(len(eda)) / hz
+    if hz > target_hz:
+        flagged = eda_quality_at(eda, hz)
+        if flagged.any() and not flagged.all(): eda = np.interp(eda_t, eda_t[~flagged], eda[~flagged])
+        within = np.r_[0, np.cumsum(flagged)]
+        lo, hi = (np.clip(np.floor((times + side / target_hz) * hz) + (side > 0), 0, len(eda)).astype(int) for side in (-1, 1))
+        return resample(eda, hz, target_hz, padtype="line")[:n], within[hi] - within[lo] > 0
     return np.interp(times, eda_t, eda), np.interp(times, eda_t, eda_quality(eda, hz).astype(float)) > 0
 
 def _signals(rec: Recording, config: PreprocessConfig, n: int) -> dict[str, np.ndarray]:
@@ -521,11 +565,14 @@ def preprocess_recording(rec: Recording,            # a validated recording (`ed
     meta = read_meta(final)
     damage = entry_problems(final, meta) if meta is not None and meta["key"] == key else []
     if meta is not None and meta["key"] == key and not damage: return {**meta, "status": "cached"}
-    n = sample_count(rec, config.target_hz)
+    n, index = sample_count(rec, config.target_hz), None
+    if rec.video.suffix.lower() != ".avi":   # a container with timestamps (MP4, MOV, MKV, WebM): frames by their own (`sample_frames`)
+        stamped, index = sample_frames(frame_times(rec.video), rec.fps, config.target_hz, config.frames_per_sample())
+        n = min(n, stamped); index = index[:n * config.frames_per_sample()]
     if n == 0: raise DataError(rec.video, "no sample of the EDA clock falls inside the video")
     check_rates(rec, config)
     built = {}
-    write_atomic(final, lambda folder: built.update(write_entry(folder, rec, config, n, key, progress)))
+    write_atomic(final, lambda folder: built.update(write_entry(folder, rec, config, n, key, progress, index=index)))
     return {**built, "status": "rebuilt", "damage": "; ".join(damage)} if damage else {**built, "status": "built"}
 
 # %% ../nbs/02_preprocess.ipynb #c025

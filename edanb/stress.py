@@ -37,7 +37,7 @@ def recording_features(samples: pd.DataFrame,  # predictions.parquet of a run
                        roles: dict[str, str] | None = None, # task -> rest | stress | other (`edanb.layouts.task_roles`; default UBFC-Phys's)
                       ) -> pd.DataFrame:        # one row per (model, recording): features and the stress label
     "Shape features of every test recording's predicted (or true) EDA whose task is rest or stress (a BIDS task's session and run do not change its role)."
-    rows, roles = [], roles or UBFC_ROLES
+    rows, roles = [], UBFC_ROLES if roles is None else roles   # {}: a dataset that names no task's role, so none is compared
     role = lambda task: roles.get(task.split("-")[0])
     for (model, recording), g in samples.groupby(["model", "recording"], sort=False):
         if role(g.task.iat[0]) not in ("rest", "stress"): continue
@@ -46,7 +46,7 @@ def recording_features(samples: pd.DataFrame,  # predictions.parquet of a run
         floor = scr_floor(g.target, g.target_us) if "target_us" in g else 0.0   # 0.02 µS in the scored units
         rows.append(dict(model=model, recording=recording, subject=g.subject.iat[0], task=g.task.iat[0],
                          stress=role(g.task.iat[0]) == "stress", **level_free_features(g[column].to_numpy(), hz, floor)))
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["model", "recording", "subject", "task", "stress", *FEATURES])
 
 # %% ../nbs/05b_stress.ipynb #c008
 def _loso_fits(x: np.ndarray,        # (recordings, features)
@@ -158,11 +158,13 @@ def stress_detection(samples: pd.DataFrame, # predictions.parquet of a run (ever
     """Rest-vs-stress balanced accuracy of every model of a run, and of the same classifier on the true EDA ('true EDA'),
     over all test recordings and over each group's. One classifier per model, fitted leaving each subject out on all the
     others (both groups): a group's accuracy is that classifier's on the group's recordings."""
+    columns = ["model", "group", "balanced_accuracy", "ci_low", "ci_high", "p_permutation", "recordings", "subjects"]
     first = samples[samples.model == samples.model.iat[0]]
     sets = {m: recording_features(samples[samples.model == m], roles=roles) for m in dict.fromkeys(samples.model)}
     sets["true EDA"] = recording_features(first, "target", roles).assign(model="true EDA")
     rows = []
     for model, features in sets.items():
+        if features.stress.nunique() < 2: continue   # no rest and stress recordings to tell apart (no task roles, or one role only)
         labels, masks = rest_vs_stress(features), group_masks(features, groups)
         ps = permutation_ps(features, masks, n_perm, seed)
         for group, mask in masks.items():
@@ -170,7 +172,7 @@ def stress_detection(samples: pd.DataFrame, # predictions.parquet of a run (ever
             rows.append(dict(model=model, group=group, balanced_accuracy=balanced_accuracy(labels[mask]), ci_low=low,
                              ci_high=high, p_permutation=ps[group], recordings=int(mask.sum()),
                              subjects=labels[mask].subject.nunique()))
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=columns)
 
 def pooled_stress(table: pd.DataFrame) -> pd.DataFrame:
     "The rows of a `stress_detection` table over all recordings (a table saved before groups had no 'group' column: all of it)."

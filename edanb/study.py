@@ -497,9 +497,9 @@ def study_answers(results: str | Path,    # results folder of `edanb run`
     return write_claims(out)
 
 # %% ../nbs/08_study.ipynb #c021
-def run_groups(results: Path, run: str, key: str = "groups") -> dict[str, str]:
-    "Each test subject's group as the run's metrics.json records it (empty: data without groups, or a run made before them); `key='task_roles'`: its tasks' roles (BIDS data)."
-    return json.loads((results / run / "metrics.json").read_text()).get(key, {})
+def run_groups(results: Path, run: str) -> dict[str, str]:
+    "Each test subject's group as the run's metrics.json records it (empty: data without groups, or a run made before them)."
+    return json.loads((results / run / "metrics.json").read_text()).get("groups", {})
 
 def run_stress(results: Path, run: str) -> pd.DataFrame:
     "Rest-vs-stress detection of every model of a run, over all recordings and per group (kept in the run's folder once computed)."
@@ -507,16 +507,17 @@ def run_stress(results: Path, run: str) -> pd.DataFrame:
     if kept.exists():
         table = pd.read_csv(kept)
         if "group" in table or not groups: return table   # else: saved before groups were scored: made again below
-    return stress_detection(pd.read_parquet(results / run / "predictions.parquet"), groups=groups,
-                            roles=run_groups(results, run, "task_roles") or None)
+    roles = json.loads((results / run / "metrics.json").read_text()).get("task_roles")   # a BIDS dataset's (None: UBFC-Phys's)
+    return stress_detection(pd.read_parquet(results / run / "predictions.parquet"), groups=groups, roles=roles)
 
 def summary_table(results: str | Path) -> pd.DataFrame:
     "The study's table with the rest-vs-stress accuracy of each run's model; also written as `summary.csv`."
     results = Path(results)
     table = study_table(collect_runs(results))
-    stress = [pooled_stress(run_stress(results, run)).set_index("model").loc[model] for run, model in zip(table.run, table.model)]
-    table["rest_vs_stress"] = [format_interval(s["balanced_accuracy"], s["ci_low"], s["ci_high"], digits=2) for s in stress]
-    table["rest_vs_stress p"] = [s.get("p_permutation", np.nan) for s in stress]
+    pooled = [pooled_stress(run_stress(results, run)).set_index("model") for run in table.run]
+    stress = [p.loc[model] if model in p.index else None for p, model in zip(pooled, table.model)]   # None: no rest and stress tasks to compare
+    table["rest_vs_stress"] = [_interval_of(s, "balanced_accuracy", 2) for s in stress]
+    table["rest_vs_stress p"] = [np.nan if s is None else s.get("p_permutation", np.nan) for s in stress]
     table.to_csv(results / "summary.csv", index=False)
     return table
 

@@ -59,11 +59,11 @@ def test_a_start_time_gives_the_same_pairs_as_a_file_cut_to_match(tiny_root, tmp
 
 @pytest.mark.parametrize("hz", [128, 1000])
 def test_fast_sensors_are_brought_to_the_clock(tiny_root, ubfc_cache, tmp_path, hz):
-    "EDA written at 128 Hz (a Shimmer) or 1000 Hz (a BIOPAC) comes back on the 4 Hz clock within 0.01 µS of the recorded 4 Hz series."
+    "EDA written at 128 Hz (a Shimmer) or 1000 Hz (a BIOPAC) comes back on the 4 Hz clock within 0.02 µS of the recorded 4 Hz series (the largest: a last sample on a steep rise, where the filter meets the held end)."
     fast, ubfc = entries(converted_cache(tiny_root, tmp_path, eda_hz=hz)), entries(ubfc_cache)
     for name in ubfc:
         assert len(fast[name]["eda"]) == len(ubfc[name]["eda"])
-        assert np.abs(fast[name]["eda"] - ubfc[name]["eda"]).max() < 0.01, name
+        assert np.abs(fast[name]["eda"] - ubfc[name]["eda"]).max() < 0.02, name
         np.testing.assert_array_equal(fast[name]["bvp"], ubfc[name]["bvp"])
 
 
@@ -148,3 +148,51 @@ def test_upsampled_eda_passes_through_the_recorded_samples_without_overshoot(dat
     fast = next(r for r in recordings if r.name == "s1_T2").read_eda()
     assert len(fast) == len(eda) * 32 and fast.min() >= 0
     np.testing.assert_allclose(fast[::32], eda, atol=1e-6)
+
+
+def test_a_variable_frame_rate_video_of_a_bids_recording_is_sampled_by_its_timestamps(dataset, tmp_path):
+    "A phone-style MP4 with every third frame dropped (kept frames at their own times): each tick gets the kept frame nearest it."
+    import subprocess
+    import cv2
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")   # installed by `make test` (dev requirements)
+    convert_to_bids(dataset, tmp_path / "bids")
+    avi = tmp_path / "bids" / "sub-s1" / "beh" / "sub-s1_task-T1_video.avi"
+    mp4 = avi.with_suffix(".mp4")
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(avi), "-vf", "select='not(eq(mod(n\\,3)\\,2))'",
+                    "-fps_mode", "passthrough", "-enc_time_base", "1/1000", "-video_track_timescale", "1000", "-c:v", "libx264",
+                    "-crf", "0", "-pix_fmt", "yuv444p", str(mp4)], check=True)
+    kept = np.array([j for j in range(int(cv2.VideoCapture(str(avi)).get(cv2.CAP_PROP_FRAME_COUNT))) if j % 3 != 2])
+    avi.unlink()
+    cache = tmp_path / "cache"
+    table = preprocess_dataset(tmp_path / "bids", cache, FAST, workers=1, progress=False)
+    assert (table.status == "built").all(), table
+    entry = load_cached(cache, "s1_T1")
+    n = len(entry["eda"])
+    nearest = np.abs(kept[None, :] / 35 - (np.arange(n) / 4)[:, None]).argmin(1)   # by each kept frame's original time
+    assert n >= 15 and (entry["frame_index"] == nearest).all(), (entry["frame_index"], nearest)
+    assert not (entry["frame_index"] == np.rint(np.arange(n) * 35 / 4)).all()          # by the nominal rate it would differ
+
+
+def test_a_sidecar_edit_rebuilds_the_entry(tiny_root, tmp_path):
+    "The sidecar holds the rate and StartTime: changing it (not the table) must not leave the cache's old alignment in place."
+    convert_to_bids(tiny_root, tmp_path / "bids", eda_hz=128, start_s=-2.5)
+    cache = cached(tmp_path / "bids", tmp_path / "cache")
+    before = load_cached(cache, "s1_T1")["eda"].copy()
+    sidecar = tmp_path / "bids" / "sub-s1" / "beh" / "sub-s1_task-T1_recording-eda_physio.json"
+    meta = json.loads(sidecar.read_text()); meta["StartTime"] = -1.5
+    sidecar.write_text(json.dumps(meta))
+    table = preprocess_dataset(tmp_path / "bids", cache, FAST, workers=1, progress=False).set_index("recording")
+    assert table.status["s1_T1"] == "built" and table.status["s1_T2"] == "cached"
+    assert not np.array_equal(load_cached(cache, "s1_T1")["eda"], before)
+
+
+def test_a_start_that_is_not_a_whole_sample_is_written_as_the_one_the_file_holds(tiny_root, tmp_path):
+    "-0.3 s at 4 Hz puts one sample before the video: the sidecar says -0.25 s, and the reader gets the original samples back."
+    convert_to_bids(tiny_root, tmp_path / "bids", start_s=-0.3)
+    beh = tmp_path / "bids" / "sub-s1" / "beh"
+    starts = [json.loads((beh / f"sub-s1_task-T1_recording-{s}_physio.json").read_text())["StartTime"] for s in ("eda", "bvp")]
+    assert starts == [-0.25, -19 / 64]
+    (original, *_), _ = scan_dataset(tiny_root)
+    (twin, *_), _ = scan_dataset(tmp_path / "bids")
+    np.testing.assert_allclose(twin.read_eda(), original.read_eda(), atol=1e-6)
+    np.testing.assert_allclose(twin.read_bvp(), original.read_bvp(), atol=1e-6)

@@ -113,7 +113,8 @@ def _ffmpeg(*args: str):
 def test_a_variable_frame_rate_video_lands_on_the_clock_by_its_timestamps(trained, tmp_path):
     """Every third frame dropped, the others kept at their own times (H.264 in MP4, millisecond timestamps): each tick of
     the clock gets the kept frame nearest it, which placing frames by the nominal rate would not give."""
-    from edanb.predict import frame_times, predict_video, sample_frames
+    from edanb.predict import predict_video
+    from edanb.preprocess import frame_times, sample_frames
     source, video = _video(trained, "s2_T2"), tmp_path / "vfr.mp4"
     _ffmpeg("-i", str(source), "-vf", "select='not(eq(mod(n\\,3)\\,2))'", "-fps_mode", "passthrough", "-enc_time_base", "1/1000",
             "-video_track_timescale", "1000", "-c:v", "libx264", "-crf", "0", "-pix_fmt", "yuv444p", str(video))
