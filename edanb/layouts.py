@@ -72,10 +72,11 @@ def read_sidecar(path: Path) -> dict:
     try: meta = json.loads(path.read_text())
     except FileNotFoundError: raise DataError(path, "sidecar is missing (each _physio.tsv.gz needs its .json)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e: raise DataError(path, f"sidecar is not valid JSON ({e})") from None
+    if not isinstance(meta, dict): raise DataError(path, f"sidecar is a JSON {type(meta).__name__}, not an object of fields")
     missing = [k for k in ("SamplingFrequency", "Columns") if k not in meta]
     if missing: raise DataError(path, f"sidecar has no {' or '.join(missing)}")
     hz, columns = meta["SamplingFrequency"], meta["Columns"]
-    if not isinstance(hz, (int, float)) or not hz > 0: raise DataError(path, f"SamplingFrequency {hz!r} is not a positive number")
+    if isinstance(hz, bool) or not isinstance(hz, (int, float)) or not hz > 0: raise DataError(path, f"SamplingFrequency {hz!r} is not a positive number")
     if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
         raise DataError(path, f"Columns {columns!r} is not a list of names")
     if not isinstance(meta.get("StartTime", 0.0), (int, float)): raise DataError(path, f"StartTime {meta['StartTime']!r} is not a number")
@@ -194,7 +195,7 @@ def task_roles(root: str | Path, layout: str = "auto") -> dict[str, str]:
 # %% ../nbs/00c_layouts.ipynb #c014
 def scan_bids(root: str | Path,                      # a BIDS dataset folder
               subjects: Sequence[str] | None = None,  # only these subjects (default: all)
-              warn: bool = True,                      # a `MetadataWarning` per participant or task-role problem
+              warn: bool = True,                      # a `MetadataWarning` per participant or task-role problem (a scan of all subjects only)
              ) -> tuple[list[Recording], list[DataError]]:
     "Validate every recording of a BIDS dataset: the good ones (with their participant's gender and group) and the problems and gaps, each naming its file."
     root = Path(root)
@@ -207,15 +208,20 @@ def scan_bids(root: str | Path,                      # a BIDS dataset folder
         try: recordings.append(load_bids_recording(key, physio[key], videos.get(key)))
         except DataError as e: problems.append(e)
     if not recordings and not problems: raise DataError(root, "no recordings (sub-*/**/sub-*_task-*_physio.tsv.gz) found")
-    about = {s: bids_subject_metadata(root, s) for s in {r.subject for r in recordings}}
+    try: about = {s: bids_subject_metadata(root, s) for s in {r.subject for r in recordings}}
+    except DataError as e:   # a malformed participants.tsv: the recordings are used all the same, without metadata
+        if warn: warnings.warn(MetadataWarning(str(e)), stacklevel=2)
+        about = {r.subject: dict(gender=None, group=None) for r in recordings}
     recordings = [replace(r, gender=about[r.subject]["gender"], group=about[r.subject]["group"]) for r in recordings]
-    if warn: bids_warnings(root, recordings, problems)
+    if warn and subjects is None: bids_warnings(root, recordings, problems)   # a scan of some subjects cannot tell which rows lack recordings
     return recordings, problems
 
 def bids_warnings(root: Path, recordings: list[Recording], problems: list[DataError]):
     "Warn about participants.tsv rows and folders that do not match, and tasks without a rest/stress role."
     subjects = {r.subject for r in recordings} | {bids_entities(p.path.name).get("sub") for p in problems} - {None}
-    for line in participant_problems(root, subjects): warnings.warn(MetadataWarning(line), stacklevel=3)
+    try: lines = participant_problems(root, subjects)
+    except DataError: lines = []   # a malformed participants.tsv: said once already
+    for line in lines: warnings.warn(MetadataWarning(line), stacklevel=3)
     roles = task_roles(root, "bids")
     for task in sorted({r.task.split("-")[0] for r in recordings} - set(roles)):
         warnings.warn(MetadataWarning(f"{root / 'dataset_description.json'}: task {task!r} has no TaskRoles entry (rest, stress "

@@ -87,6 +87,11 @@ def test_synth_writes_bids_and_info_lists_rates_offsets_and_participants(tmp_pat
     assert len(people) == 1 + 3 and "cognitive_before" in people[0]     # UBFC-Phys's metadata, carried through participants.tsv
     assert main(["synth", str(out), "--layout", "bids", "--subjects", "3", "--seconds", "4", "--size", "64", "--world", "simple",
                  "--workers", "1", "--quiet", "--eda-hz", "128", "--eda-start", "-2.5"]) == 0   # a rerun rewrites it
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a scan of one subject (as the decomposition's reference reads it) warns of no other row
+        recordings, problems = scan_dataset(out, subjects=["s2"])
+    assert [r.name for r in recordings] == ["s2_T1", "s2_T2", "s2_T3"] and not problems
 
 
 def test_bad_bids_files_are_one_line_each_and_the_others_are_kept(tmp_path, capsys):
