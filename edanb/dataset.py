@@ -279,7 +279,7 @@ def recording_bvp(entry: dict, bvp_source: str, folder: Path,
                  ) -> np.ndarray:
     "The BVP a model reads, standardised: the contact sensor's, or the camera's (`edanb.pulse.camera_signals`)."
     bvp = entry["bvp"] if bvp_source == "contact" else camera_signals(entry, bvp_source, folder)["bvp"]
-    if np.isfinite(bvp).all(): return _zscore(bvp)
+    if np.isfinite(bvp).all() or bvp_source != "contact": return _zscore(bvp)
     without_pulse.append(folder.name)
     return np.zeros(len(bvp), np.float32)
 

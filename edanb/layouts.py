@@ -23,12 +23,12 @@ from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, TASKS, DataError, DataG
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'EDA_COLUMNS', 'PULSE_COLUMNS', 'EDA_UNITS', 'VIDEO_SUFFIXES', 'TASK_ROLES', 'UBFC_ROLES', 'MIN_COVERAGE',
-           'detect_layout', 'PhysioFile', 'sidecar_of', 'read_sidecar', 'check_eda_units', 'read_physio_file',
-           'recording_key', 'bids_files', 'covered', 'signal_file', 'check_coverage', 'load_bids_recording',
-           'read_participants', 'participant_problems', 'normal_gender', 'bids_subject_metadata', 'task_roles',
-           'scan_bids', 'bids_warnings', 'scan_dataset', 'dataset_metadata', 'dataset_subjects', 'dataset_groups',
-           'physio_name', 'write_bids_physio', 'link_or_copy', 'with_preroll', 'convert_recording', 'convert_to_bids',
-           'synth_bids']
+           'detect_layout', 'known_layout', 'PhysioFile', 'sidecar_of', 'read_sidecar', 'check_eda_units',
+           'read_physio_file', 'recording_key', 'bids_files', 'covered', 'signal_file', 'check_coverage',
+           'load_bids_recording', 'read_participants', 'participant_problems', 'normal_gender', 'bids_subject_metadata',
+           'task_roles', 'scan_bids', 'bids_warnings', 'scan_dataset', 'dataset_metadata', 'dataset_subjects',
+           'dataset_groups', 'physio_name', 'write_bids_physio', 'link_or_copy', 'with_preroll', 'convert_recording',
+           'convert_to_bids', 'synth_bids']
 
 # %% ../nbs/00c_layouts.ipynb #c005
 LAYOUTS = ("ubfc", "bids")
@@ -50,6 +50,11 @@ def detect_layout(root: str | Path,   # dataset folder
     if (root / "dataset_description.json").is_file(): return "bids"
     if any(p.is_dir() and re.fullmatch(r"s\d+", p.name) for p in root.iterdir()): return "ubfc"
     raise DataError(root, "no subject folders (s1, s2, ...) of UBFC-Phys, and no dataset_description.json of BIDS: neither layout")
+
+def known_layout(root: str | Path) -> str | None:
+    "The layout of a dataset folder, or None where the folder is missing or is neither layout (a run whose data is elsewhere)."
+    try: return detect_layout(root)
+    except DataError: return None
 
 # %% ../nbs/00c_layouts.ipynb #c007
 @dataclass(frozen=True)
@@ -248,8 +253,8 @@ def dataset_subjects(root: str | Path, subjects: Sequence[str], layout: str = "a
     return pd.DataFrame([dict(subject=s, **bids_subject_metadata(Path(root), s)) for s in subjects])
 
 def dataset_groups(root: str | Path, subjects: Sequence[str], layout: str = "auto") -> dict[str, str]:
-    "Each subject's group where the dataset says (UBFC-Phys: test/ctrl; BIDS: participants.tsv's `group`); none for a folder that is not there."
-    if not Path(root).is_dir(): return {}
+    "Each subject's group where the dataset says (UBFC-Phys: test/ctrl; BIDS: participants.tsv's `group`); none for a folder that is not there or not a dataset."
+    if known_layout(root) is None: return {}
     groups = {s: dataset_metadata(root, s, layout)["group"] for s in subjects}
     return {s: g for s, g in groups.items() if g}
 

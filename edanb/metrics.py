@@ -19,7 +19,7 @@ from .components import (MIN_SAMPLES as MIN_COMPONENT_SAMPLES, SCR_TOLERANCE_S, 
                               decomposition_scores, detection_scores, scr_floor)
 from .core import format_interval, pearson
 from .data import group_order, is_synthetic
-from .layouts import dataset_groups, detect_layout, task_roles
+from .layouts import dataset_groups, known_layout, task_roles
 from .dataset import Normaliser, baseline_recording, clip_starts, evaluation_stride, reflect_index
 from .preprocess import load_cached
 from .pulse import camera_signals
@@ -647,7 +647,7 @@ def run_metrics(samples: pd.DataFrame,  # pooled test predictions of a run (pred
     known = dataset_groups(data, sorted(set(samples.subject))) if data else {}
     groups = {s: known.get(s, "unknown") for s in sorted(set(samples.subject))} if known else {}   # no subject left out unsaid
     if groups: out |= dict(groups=groups, by_group=_records(group_summary(subjects, groups, data, n_boot, recordings)))
-    if data and Path(data).is_dir() and detect_layout(data) == "bids": out["task_roles"] = task_roles(data)   # which tasks rest-vs-stress compares
+    if data and known_layout(data) == "bids": out["task_roles"] = task_roles(data)   # which tasks rest-vs-stress compares
     return out
 
 GROUP_METRICS = ("r", "r_lag", "clip_r", "ccc", "mse")
