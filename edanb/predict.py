@@ -181,7 +181,7 @@ def video_entry(rec: Recording, bundle: Bundle, work: Path, progress: bool) -> t
     signals = dict(t=np.arange(n) / config.target_hz, eda=np.zeros(n, np.float32), eda_flagged=np.zeros(n, bool),
                    bvp=np.zeros(n, np.float32), hr=np.full(n, np.nan, np.float32))   # no sensor: placeholders no output reads
     lost = []
-    meta = write_entry(work / VIDEO_NAME, rec, config, n, cache_key(rec, config), progress, signals, lost, index)
+    meta = write_entry(work / VIDEO_NAME, rec, config, n, cache_key(rec, config), progress, signals, lost, index, times)
     k = config.frames_per_sample()
     face = np.ones(n, bool) if lost[0] is None else ~lost[0].reshape(n, k).any(1)
     return n, face, meta

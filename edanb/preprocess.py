@@ -30,9 +30,9 @@ from .layouts import detect_layout, scan_dataset
 # %% auto #0
 __all__ = ['REDUCED', 'CHEEKS', 'PULSE_MIN_HZ', 'MAX_MISSING', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'ARRAY_KINDS',
            'OPTIONAL_ARRAYS', 'FEW_FACES', 'sample_count', 'frame_indices', 'frame_times', 'constant_rate',
-           'sample_frames', 'resample', 'bandpass', 'pulse_frequency', 'heart_rate', 'FrameReader', 'decode_pool',
-           'read_frames', 'PreprocessConfig', 'face_models', 'thread_model', 'face_boxes', 'detect_face', 'box_path',
-           'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'cheek_pixels', 'trace_reduction',
+           'sample_frames', 'nearest_frames', 'resample', 'bandpass', 'pulse_frequency', 'heart_rate', 'FrameReader',
+           'decode_pool', 'read_frames', 'PreprocessConfig', 'face_models', 'thread_model', 'face_boxes', 'detect_face',
+           'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'cheek_pixels', 'trace_reduction',
            'fill_missing', 'skin_trace', 'source_stamp', 'cache_key', 'read_meta', 'eda_on_clock', 'entry_bytes',
            'write_entry', 'check_rates', 'preprocess_recording', 'array_header', 'array_problem', 'array_record',
            'changed_arrays', 'entry_problems', 'load_cached', 'entry_warning', 'preprocess_job', 'preprocess_dataset',
@@ -87,10 +87,15 @@ def sample_frames(times: np.ndarray,   # each frame's time, seconds (`frame_time
         while n > 0 and frame_indices(n, fps, target_hz, per_sample)[-1] >= len(times): n -= 1
         return n, frame_indices(n, fps, target_hz, per_sample, len(times) - 1)
     k = per_sample
-    ticks = (np.arange(n)[:, None] * k + np.arange(k) - (k - 1) / 2).ravel() / (k * target_hz)
+    return n, nearest_frames(times, (np.arange(n)[:, None] * k + np.arange(k) - (k - 1) / 2).ravel() / (k * target_hz))
+
+def nearest_frames(times: np.ndarray, # each frame's time, seconds, ascending (`frame_times`)
+                   ticks: np.ndarray, # the times wanted
+                  ) -> np.ndarray:    # for each tick, the frame whose timestamp is nearest (the earlier on a tie)
+    "The frame nearest each tick by the frames' own timestamps."
     after = np.clip(np.searchsorted(times, ticks), 1, len(times) - 1)
     nearer_before = ticks - times[after - 1] <= times[after] - ticks
-    return n, np.where(nearer_before, after - 1, after).astype(np.int64)
+    return np.where(nearer_before, after - 1, after).astype(np.int64)
 
 # %% ../nbs/02_preprocess.ipynb #c008
 def resample(x: np.ndarray, src_hz: float, dst_hz: float,
@@ -377,10 +382,14 @@ def skin_trace(video: str | Path,     # the video file
                path_hz: float,        # the path's clock
                every: int = 2,        # take every `every`-th video frame
                progress: bool = False,
+               times: np.ndarray | None = None, # each frame's timestamp (`frame_times`): the trace's frames are those nearest its ticks
               ) -> dict[str, np.ndarray]:  # rgb (m, 3) float32, rgb_t (m,) seconds, rgb_missing (m,) bool
-    "The cheeks' mean colour on every `every`-th frame within the path's span, missing frames interpolated and counted."
+    """The cheeks' mean colour on every `every`-th frame within the path's span, missing frames interpolated and counted.
+    With `times` (a variable-rate video), the trace keeps its even ticks, each read from the frame nearest it in time, so
+    that a pulse is not sped up where the camera dropped frames."""
     frames = np.arange(0, int(np.floor((len(path) - 1) / path_hz * fps + 1e-9)) + 1, every)
     t = frames / fps
+    if times is not None: frames = nearest_frames(times, t)
     position = np.clip(t * path_hz, 0, len(path) - 1)
     boxes = np.stack([np.interp(position, np.arange(len(path)), column) for column in path.T], axis=1)
     missing = lost[np.rint(position).astype(int)].copy()
@@ -500,10 +509,10 @@ def _crop_frames(rec: Recording, config: PreprocessConfig, index: np.ndarray, fr
     reductions |= set(np.unique(used).tolist())
     return dict(boxes=boxes, landmarks=marks, **faces, reductions=sorted(reductions))
 
-def _pulse_trace(rec: Recording, config: PreprocessConfig, faces: dict, progress: bool) -> dict:
-    "Pass 3 (`--pulse`): the cheeks' colour along the face path (`skin_trace`)."
+def _pulse_trace(rec: Recording, config: PreprocessConfig, faces: dict, progress: bool, times: np.ndarray | None = None) -> dict:
+    "Pass 3 (`--pulse`): the cheeks' colour along the face path (`skin_trace`), by the frames' timestamps where given."
     return skin_trace(rec.video, rec.fps, faces["path"], faces["lost"], config.target_hz * config.frames_per_sample(),
-                      config.pulse_every, progress)
+                      config.pulse_every, progress, times)
 
 # %% ../nbs/02_preprocess.ipynb #c024
 def entry_bytes(n: int, config: PreprocessConfig, fps: float = 35.0) -> int:
@@ -517,6 +526,7 @@ def write_entry(folder: Path, rec: Recording, config: PreprocessConfig, n: int, 
                 signals: dict | None = None,  # the per-sample signals; None: read and resampled from the recording (`_signals`)
                 lost: list | None = None,     # receives, if given, where each cached frame's nearest detection found no face
                 index: np.ndarray | None = None, # the frame of each cached frame; None: from the frame rate (`frame_indices`)
+                times: np.ndarray | None = None, # each video frame's timestamp (`frame_times`), for the pulse trace; None: from the frame rate
                ) -> dict:
     "Write a new cache entry of `n` samples into `folder` (meta.json last); return its metadata."
     check_space(folder, entry_bytes(n, config, rec.fps))   # a full disk fails before the work, naming the entry and what it needs
@@ -530,7 +540,7 @@ def write_entry(folder: Path, rec: Recording, config: PreprocessConfig, n: int, 
     crops = _crop_frames(rec, config, index, frames, faces, progress)
     frames.flush(); del frames
     if lost is not None: lost.append(faces["lost"])
-    trace = _pulse_trace(rec, config, faces, progress) if config.pulse else {}
+    trace = _pulse_trace(rec, config, faces, progress, times) if config.pulse else {}
     arrays = dict(signals, frame_index=index, boxes=crops.pop("boxes"), landmarks=crops.pop("landmarks"), **trace)
     for name, array in arrays.items():
         if array is not None: np.save(folder / f"{name}.npy", array)
@@ -565,14 +575,15 @@ def preprocess_recording(rec: Recording,            # a validated recording (`ed
     meta = read_meta(final)
     damage = entry_problems(final, meta) if meta is not None and meta["key"] == key else []
     if meta is not None and meta["key"] == key and not damage: return {**meta, "status": "cached"}
-    n, index = sample_count(rec, config.target_hz), None
+    n, index, times = sample_count(rec, config.target_hz), None, None
     if rec.video.suffix.lower() != ".avi":   # a container with timestamps (MP4, MOV, MKV, WebM): frames by their own (`sample_frames`)
-        stamped, index = sample_frames(frame_times(rec.video), rec.fps, config.target_hz, config.frames_per_sample())
+        times = frame_times(rec.video)
+        stamped, index = sample_frames(times, rec.fps, config.target_hz, config.frames_per_sample())
         n = min(n, stamped); index = index[:n * config.frames_per_sample()]
     if n == 0: raise DataError(rec.video, "no sample of the EDA clock falls inside the video")
     check_rates(rec, config)
     built = {}
-    write_atomic(final, lambda folder: built.update(write_entry(folder, rec, config, n, key, progress, index=index)))
+    write_atomic(final, lambda folder: built.update(write_entry(folder, rec, config, n, key, progress, index=index, times=times)))
     return {**built, "status": "rebuilt", "damage": "; ".join(damage)} if damage else {**built, "status": "built"}
 
 # %% ../nbs/02_preprocess.ipynb #c025

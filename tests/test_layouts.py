@@ -201,3 +201,26 @@ def test_a_start_that_is_not_a_whole_sample_is_written_as_the_one_the_file_holds
     (twin, *_), _ = scan_dataset(tmp_path / "bids")
     np.testing.assert_allclose(twin.read_eda(), original.read_eda(), atol=1e-6)
     np.testing.assert_allclose(twin.read_bvp(), original.read_bvp(), atol=1e-6)
+
+
+def test_the_camera_pulse_of_a_video_that_dropped_frames_keeps_its_rate(tmp_path):
+    """Every other frame of a 35 fps recording's first half dropped (an MP4 keeping the others at their own times): the
+    cheeks' trace is read at its even ticks from the frames nearest them, so POS finds the rendered heart rate in both
+    halves; by the container's mean rate, the first half's pulse would be sped up and the second's slowed down."""
+    import subprocess
+    import cv2
+    from edanb.pulse import camera_signals
+    from edanb.synth import SynthConfig, generate
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    generate(tmp_path / "ubfc", SynthConfig(subjects=1, seconds=30, size=128, world="simple"), workers=1, progress=False)
+    convert_to_bids(tmp_path / "ubfc", tmp_path / "bids")
+    avi = tmp_path / "bids" / "sub-s1" / "beh" / "sub-s1_task-T1_video.avi"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(avi), "-vf", "select='gte(n\\,525)+not(mod(n\\,2))'",
+                    "-fps_mode", "passthrough", "-enc_time_base", "1/1000", "-video_track_timescale", "1000", "-c:v", "libx264",
+                    "-crf", "0", "-pix_fmt", "yuv444p", str(avi.with_suffix(".mp4"))], check=True)
+    avi.unlink()
+    cache = cached(tmp_path / "bids", tmp_path / "cache", PreprocessConfig(crop="none", size=32, pulse=True, pulse_every=1))
+    truth = pd.read_csv(tmp_path / "ubfc" / "ground_truth" / "s1_T1_pulse.csv").heart_rate.mean()
+    hr = camera_signals(load_cached(cache, "s1_T1"), "video:pos", cache / "s1_T1")["hr"]
+    error = np.abs(hr - truth)
+    assert np.median(error[:len(hr) // 2]) < 5 and np.median(error[len(hr) // 2:]) < 5, (np.median(hr[:len(hr) // 2]), np.median(hr[len(hr) // 2:]), truth)
