@@ -389,10 +389,13 @@ def skin_trace(video: str | Path,     # the video file
     that a pulse is not sped up where the camera dropped frames."""
     frames = np.arange(0, int(np.floor((len(path) - 1) / path_hz * fps + 1e-9)) + 1, every)
     t = frames / fps
-    if times is not None: frames = nearest_frames(times, t)
+    gap = np.zeros(len(frames), bool)
+    if times is not None:   # a tick further than a trace period from every frame (the camera stalled) is missing, not a held frame
+        frames = nearest_frames(times, t)
+        gap = np.abs(times[frames] - t) > every / fps
     position = np.clip(t * path_hz, 0, len(path) - 1)
     boxes = np.stack([np.interp(position, np.arange(len(path)), column) for column in path.T], axis=1)
-    missing = lost[np.rint(position).astype(int)].copy()
+    missing = lost[np.rint(position).astype(int)] | gap
     rgb = np.full((len(frames), 3), np.nan)
     r = trace_reduction(path)
     def cheeks(reader: FrameReader, i: int, frame_no: int):
@@ -421,8 +424,9 @@ KEY_ADDED = {"frame_hz": 0.0, "pulse": False, "pulse_every": 2}   # a field adde
 
 def cache_key(rec: Recording, config: PreprocessConfig) -> dict:
     fields = {k: v for k, v in asdict(config).items() if KEY_ADDED.get(k, object()) != v and (k != "pulse_every" or config.pulse)}
-    slower = {"eda_clock": "anti-aliased"} if rec.eda_hz > config.target_hz else {}   # `eda_on_clock` since BIDS; an entry built by interpolation before is rebuilt
-    return dict(version=CACHE_VERSION, config=fields, sources=source_stamp(rec), **slower)
+    changed = {"eda_clock": "anti-aliased"} if rec.eda_hz > config.target_hz else {}   # `eda_on_clock` since BIDS; an entry built by interpolation before is rebuilt
+    if config.pulse and rec.video.suffix.lower() != ".avi": changed["pulse_clock"] = "timestamps"   # `skin_trace` by the frames' times since; an older trace is rebuilt
+    return dict(version=CACHE_VERSION, config=fields, sources=source_stamp(rec), **changed)
 
 def read_meta(folder: Path) -> dict | None:
     "The cache entry's metadata, or None if there is no complete entry (meta.json missing, unreadable, or without its fields)."

@@ -220,6 +220,8 @@ def test_the_camera_pulse_of_a_video_that_dropped_frames_keeps_its_rate(tmp_path
                     "-crf", "0", "-pix_fmt", "yuv444p", str(avi.with_suffix(".mp4"))], check=True)
     avi.unlink()
     cache = cached(tmp_path / "bids", tmp_path / "cache", PreprocessConfig(crop="none", size=32, pulse=True, pulse_every=1))
+    assert load_cached(cache, "s1_T1")["meta"]["key"]["pulse_clock"] == "timestamps"   # a trace built before by the mean rate is rebuilt
+    assert "pulse_clock" not in load_cached(cache, "s1_T2")["meta"]["key"]               # an AVI's key is as before
     truth = pd.read_csv(tmp_path / "ubfc" / "ground_truth" / "s1_T1_pulse.csv").heart_rate.mean()
     hr = camera_signals(load_cached(cache, "s1_T1"), "video:pos", cache / "s1_T1")["hr"]
     error = np.abs(hr - truth)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -84,6 +85,10 @@ def test_a_trace_with_too_few_faces_is_refused_naming_the_video(pulse_data):
         skin_trace(rec.video, rec.fps, path, lost, 4.0)
     trace = skin_trace(rec.video, rec.fps, path, np.arange(40) < 8, 4.0)   # a face lost for 2 s: interpolated and counted
     assert 0.15 < trace["rgb_missing"].mean() < 0.25 and np.isfinite(trace["rgb"]).all()
+    n = int(cv2.VideoCapture(str(rec.video)).get(cv2.CAP_PROP_FRAME_COUNT))
+    stalled = np.arange(n) / rec.fps + 3.0 * (np.arange(n) >= 140)       # timestamps with a 3 s stall after frame 139 (4 s)
+    trace = skin_trace(rec.video, rec.fps, path, np.zeros(40, bool), 4.0, times=stalled)
+    assert trace["rgb_missing"][:68].sum() == 0 and 0.25 < trace["rgb_missing"].mean() < 0.35   # the stall's ticks, not a held frame
 
 
 def test_a_trace_below_15_hz_is_refused(pulse_data, tmp_path):
