@@ -479,7 +479,7 @@ def recording_of(path: str | Path) -> str | None:
     if name.startswith("sub-") and "task" in (bids := bids_entities(name)):
         return f"{bids['sub']}_{bids_task_name(bids['task'], bids.get('ses'), bids.get('run'))}"
     if found := re.search(r"(s\d+)_(T\d+)", name): return f"{found.group(1)}_{found.group(2)}"
-    if folder := re.fullmatch(r"(?:sub-)?([A-Za-z0-9]+)", name): return folder.group(1) if name.startswith("sub-") or re.fullmatch(r"s\d+", name) else None
+    if folder := re.fullmatch(r"sub-([A-Za-z0-9]+)|(s\d+)", name): return folder.group(1) or folder.group(2)
     return None
 
 def is_excluded(recording: str, exclusions: frozenset[str]) -> bool:

@@ -10,16 +10,15 @@ import os
 import re
 import shutil
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, TASKS, DataError, DataGap, MetadataWarning, Recording, bids_entities,
-                        bids_task_name, eda_quality_at, probe_video, read_physio, read_signal, scan, subject_metadata, subject_order,
-                        subjects_table)
+from .data import (BVP_HZ, DURATION_TOLERANCE_S, DataError, DataGap, MetadataWarning, Recording, bids_entities, bids_task_name,
+                        eda_quality_at, probe_video, read_physio, scan, subject_metadata, subject_order, subjects_table)
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'EDA_COLUMNS', 'PULSE_COLUMNS', 'EDA_UNITS', 'VIDEO_SUFFIXES', 'TASK_ROLES', 'UBFC_ROLES', 'MIN_COVERAGE',
@@ -64,7 +63,10 @@ class PhysioFile:
     hz: float            # SamplingFrequency
     start: float         # StartTime: s from the video's first frame to the first sample
     columns: tuple       # Columns, lower case
-    samples: int
+    table: np.ndarray = field(repr=False, compare=False)   # samples x columns, as read
+
+    @property
+    def samples(self) -> int: return len(self.table)
 
     def column(self, names: Sequence[str]) -> int | None:
         "The index of the first column called one of `names`, or None."
@@ -102,7 +104,7 @@ def read_physio_file(path: Path) -> PhysioFile:
         if name in EDA_COLUMNS: check_eda_units(meta, meta["Columns"][i], sidecar_of(path))
     bad = ~np.isfinite(table)
     if bad.any(): raise DataError(path, f"{int(bad.sum())} value(s) missing or not finite, first in column {columns[np.argwhere(bad)[0][1]]!r}")
-    return PhysioFile(path, float(meta["SamplingFrequency"]), float(meta.get("StartTime", 0.0)), columns, len(table))
+    return PhysioFile(path, float(meta["SamplingFrequency"]), float(meta.get("StartTime", 0.0)), columns, table)
 
 # %% ../nbs/00c_layouts.ipynb #c010
 def recording_key(path: Path) -> tuple:
@@ -141,7 +143,7 @@ def load_bids_recording(key: tuple, physio_paths: list[Path], video: Path | None
     eda = signal_file(files, EDA_COLUMNS)
     if eda is None: raise DataError(physio_paths[0], f"no EDA column (one called {' or '.join(EDA_COLUMNS)}) in {', '.join(p.name for p in physio_paths)}")
     if video is None: raise DataGap(physio_paths[0], "gap: no video beside this physio file (same sub, ses, task and run, _video.mp4|avi|mov|mkv|webm); the subject's other recordings are used")
-    values = read_physio(eda[0].path, len(eda[0].columns))[:, eda[1]]
+    values = eda[0].table[:, eda[1]]
     if values.min() < 0:
         raise DataError(eda[0].path, f"{int((values < 0).sum())} negative EDA value(s): skin conductance cannot be negative (a sign or unit error?)")
     info = probe_video(video)
@@ -179,9 +181,10 @@ def normal_gender(value: str | None) -> str | None:
     if value is None: return None
     return {"m": "m", "male": "m", "f": "f", "female": "f"}.get(value.strip().lower(), value)
 
-def bids_subject_metadata(root: Path, subject: str) -> dict:
+def bids_subject_metadata(root: Path, subject: str, table: pd.DataFrame | None = None, # `read_participants(root)`, when read already
+                         ) -> dict:
     "A subject's row of `participants.tsv`: gender (from sex or gender), group, and every other column as it is."
-    table = read_participants(root)
+    table = read_participants(root) if table is None else table
     if subject not in table.index: return dict(gender=None, group=None)
     row = {k: v for k, v in table.loc[subject].items()}
     return dict(gender=normal_gender(row.pop("sex", None) or row.pop("gender", None)), group=row.pop("group", None), **row)
@@ -213,7 +216,7 @@ def scan_bids(root: str | Path,                      # a BIDS dataset folder
         try: recordings.append(load_bids_recording(key, physio[key], videos.get(key)))
         except DataError as e: problems.append(e)
     if not recordings and not problems: raise DataError(root, "no recordings (sub-*/**/sub-*_task-*_physio.tsv.gz) found")
-    try: about = {s: bids_subject_metadata(root, s) for s in {r.subject for r in recordings}}
+    try: people = read_participants(root); about = {s: bids_subject_metadata(root, s, people) for s in {r.subject for r in recordings}}
     except DataError as e:   # a malformed participants.tsv: the recordings are used all the same, without metadata
         if warn: warnings.warn(MetadataWarning(str(e)), stacklevel=2)
         about = {r.subject: dict(gender=None, group=None) for r in recordings}
@@ -250,7 +253,8 @@ def dataset_metadata(root: str | Path, subject: str, layout: str = "auto") -> di
 def dataset_subjects(root: str | Path, subjects: Sequence[str], layout: str = "auto") -> pd.DataFrame:
     "One row per subject: its metadata (`dataset_metadata`), empty where the dataset does not say."
     if detect_layout(root, layout) == "ubfc": return subjects_table(root, subjects)
-    return pd.DataFrame([dict(subject=s, **bids_subject_metadata(Path(root), s)) for s in subjects])
+    people = read_participants(Path(root))
+    return pd.DataFrame([dict(subject=s, **bids_subject_metadata(Path(root), s, people)) for s in subjects])
 
 def dataset_groups(root: str | Path, subjects: Sequence[str], layout: str = "auto") -> dict[str, str]:
     "Each subject's group where the dataset says (UBFC-Phys: test/ctrl; BIDS: participants.tsv's `group`); none for a folder that is not there or not a dataset."

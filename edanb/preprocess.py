@@ -23,20 +23,20 @@ import scipy.ndimage
 import scipy.signal
 
 from .core import NoSpace, check_space, folder_lock, parallel_map, progress_bar, reserve_file, write_atomic
-from .data import (BVP_HZ, DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Recording, eda_quality, eda_quality_at, exclude_recordings,
+from .data import (DURATION_TOLERANCE_S, EDA_HZ, DataError, DataGap, Recording, eda_quality, eda_quality_at, exclude_recordings,
                         load_recording, read_exclusions, recording_of)
-from .layouts import detect_layout, scan_dataset
+from .layouts import detect_layout, scan_dataset, sidecar_of
 
 # %% auto #0
 __all__ = ['REDUCED', 'CHEEKS', 'PULSE_MIN_HZ', 'MAX_MISSING', 'CACHE_VERSION', 'ARRAYS', 'KEY_ADDED', 'ARRAY_KINDS',
            'OPTIONAL_ARRAYS', 'FEW_FACES', 'sample_count', 'frame_indices', 'frame_times', 'constant_rate',
-           'sample_frames', 'nearest_frames', 'resample', 'bandpass', 'pulse_frequency', 'heart_rate', 'FrameReader',
-           'decode_pool', 'read_frames', 'PreprocessConfig', 'face_models', 'thread_model', 'face_boxes', 'detect_face',
-           'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'cheek_pixels', 'trace_reduction',
-           'fill_missing', 'skin_trace', 'source_stamp', 'cache_key', 'read_meta', 'eda_on_clock', 'entry_bytes',
-           'write_entry', 'check_rates', 'preprocess_recording', 'array_header', 'array_problem', 'array_record',
-           'changed_arrays', 'entry_problems', 'load_cached', 'entry_warning', 'preprocess_job', 'preprocess_dataset',
-           'preprocess_locked']
+           'sample_frames', 'has_timestamps', 'nearest_frames', 'resample', 'bandpass', 'pulse_frequency', 'heart_rate',
+           'FrameReader', 'decode_pool', 'read_frames', 'PreprocessConfig', 'face_models', 'thread_model', 'face_boxes',
+           'detect_face', 'box_path', 'crop_window', 'crop_steps', 'reduction_for', 'landmarks_68', 'cheek_pixels',
+           'trace_reduction', 'fill_missing', 'skin_trace', 'source_stamp', 'cache_key', 'read_meta', 'eda_on_clock',
+           'entry_bytes', 'write_entry', 'check_rates', 'preprocess_recording', 'array_header', 'array_problem',
+           'array_record', 'changed_arrays', 'entry_problems', 'load_cached', 'entry_warning', 'preprocess_job',
+           'preprocess_dataset', 'preprocess_locked']
 
 # %% ../nbs/02_preprocess.ipynb #c006
 def sample_count(rec: Recording, target_hz: float = EDA_HZ) -> int:
@@ -88,6 +88,10 @@ def sample_frames(times: np.ndarray,   # each frame's time, seconds (`frame_time
         return n, frame_indices(n, fps, target_hz, per_sample, len(times) - 1)
     k = per_sample
     return n, nearest_frames(times, (np.arange(n)[:, None] * k + np.arange(k) - (k - 1) / 2).ravel() / (k * target_hz))
+
+def has_timestamps(video: str | Path) -> bool:
+    "Whether a video's container keeps each frame's time (MP4, MOV, MKV, WebM); an AVI keeps only its rate."
+    return Path(video).suffix.lower() != ".avi"
 
 def nearest_frames(times: np.ndarray, # each frame's time, seconds, ascending (`frame_times`)
                    ticks: np.ndarray, # the times wanted
@@ -417,7 +421,7 @@ def source_stamp(rec: Recording) -> dict:
     """Size and modification time of the source files (video, EDA, BVP where there is one, and a BIDS physio file's sidecar,
     which holds its rate and StartTime): a change to any of them invalidates the cache."""
     files = [("video", rec.video), ("eda", rec.eda), ("bvp", rec.bvp)]
-    files += [(f"{kind}_sidecar", p.with_name(p.name.replace(".tsv.gz", ".json"))) for kind, p in files[1:] if p is not None and p.name.endswith(".tsv.gz")]
+    files += [(f"{kind}_sidecar", sidecar_of(p)) for kind, p in files[1:] if p is not None and p.name.endswith(".tsv.gz")]
     return {kind: [p.stat().st_size, p.stat().st_mtime_ns] for kind, p in files if p is not None}
 
 KEY_ADDED = {"frame_hz": 0.0, "pulse": False, "pulse_every": 2}   # a field added since, at the value entries built before it had: left out of the key, so they stay valid
@@ -425,7 +429,7 @@ KEY_ADDED = {"frame_hz": 0.0, "pulse": False, "pulse_every": 2}   # a field adde
 def cache_key(rec: Recording, config: PreprocessConfig) -> dict:
     fields = {k: v for k, v in asdict(config).items() if KEY_ADDED.get(k, object()) != v and (k != "pulse_every" or config.pulse)}
     changed = {"eda_clock": "anti-aliased"} if rec.eda_hz > config.target_hz else {}   # `eda_on_clock` since BIDS; an entry built by interpolation before is rebuilt
-    if config.pulse and rec.video.suffix.lower() != ".avi": changed["pulse_clock"] = "timestamps"   # `skin_trace` by the frames' times since; an older trace is rebuilt
+    if config.pulse and has_timestamps(rec.video): changed["pulse_clock"] = "timestamps"   # `skin_trace` by the frames' times since; an older trace is rebuilt
     return dict(version=CACHE_VERSION, config=fields, sources=source_stamp(rec), **changed)
 
 def read_meta(folder: Path) -> dict | None:
@@ -580,7 +584,7 @@ def preprocess_recording(rec: Recording,            # a validated recording (`ed
     damage = entry_problems(final, meta) if meta is not None and meta["key"] == key else []
     if meta is not None and meta["key"] == key and not damage: return {**meta, "status": "cached"}
     n, index, times = sample_count(rec, config.target_hz), None, None
-    if rec.video.suffix.lower() != ".avi":   # a container with timestamps (MP4, MOV, MKV, WebM): frames by their own (`sample_frames`)
+    if has_timestamps(rec.video):   # frames by their own times (`sample_frames`)
         times = frame_times(rec.video)
         stamped, index = sample_frames(times, rec.fps, config.target_hz, config.frames_per_sample())
         n = min(n, stamped); index = index[:n * config.frames_per_sample()]

@@ -12,7 +12,7 @@ import pandas as pd
 import scipy.signal
 
 from .core import pearson, progress_bar
-from .data import BVP_HZ, DataError, Recording, subject_number
+from .data import DataError, Recording
 from .layouts import scan_dataset
 from .preprocess import bandpass, heart_rate, load_cached, resample
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .config import CENTRING, RUN_INDEPENDENT, DatasetConfig, TrainConfig, before_provenance, current_names
 from .core import Diverged, folder_lock, progress_bar, provenance, remove_path, stale_reasons, write_atomic, write_json
-from .data import DataError, kfold_subjects, load_split, save_split, split_subjects, subject_number, subject_order
+from .data import DataError, kfold_subjects, load_split, save_split, split_subjects, subject_order
 from .layouts import dataset_groups
 from .dataset import (ClipDataset, Normaliser, augment_clip, cached_recordings, exclusions_of, frame_difference, usable_recordings,
                            make_datasets, reflect_index)
