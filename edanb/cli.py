@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse
 import dataclasses
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -23,22 +24,38 @@ from .preprocess import PreprocessConfig, preprocess_dataset
 from .synth import SynthConfig, generate
 
 # %% auto #0
-__all__ = ['COMMANDS', 'dataclass_arguments', 'dataclass_from_args', 'print_table', 'readable_summary', 'finite_count',
-           'subcommand', 'add_workers', 'add_scheduler', 'add_layout', 'cmd_synth', 'add_synth', 'cmd_info', 'add_info',
-           'cmd_split', 'add_split', 'cmd_convert', 'add_convert', 'cmd_preprocess', 'add_preprocess', 'cmd_pulse',
-           'add_pulse', 'cmd_predict', 'add_predict', 'cmd_export', 'add_export', 'cmd_models', 'add_models',
-           'cmd_train', 'add_train', 'cmd_run', 'add_run', 'cmd_summary', 'add_summary', 'parser', 'one_line_warning',
-           'main']
+__all__ = ['COMMANDS', 'DocumentedParser', 'field_comments', 'field_help', 'dataclass_arguments', 'dataclass_from_args',
+           'print_table', 'readable_summary', 'finite_count', 'subcommand', 'add_workers', 'add_scheduler',
+           'add_layout', 'cmd_synth', 'add_synth', 'cmd_info', 'add_info', 'cmd_split', 'add_split', 'cmd_convert',
+           'add_convert', 'cmd_preprocess', 'add_preprocess', 'cmd_pulse', 'add_pulse', 'cmd_predict', 'add_predict',
+           'cmd_export', 'add_export', 'cmd_models', 'add_models', 'cmd_train', 'add_train', 'cmd_run', 'add_run',
+           'cmd_summary', 'add_summary', 'parser', 'one_line_warning', 'main']
 
 # %% ../nbs/90_cli.ipynb #c005
+class DocumentedParser(argparse.ArgumentParser):
+    "An `ArgumentParser` that reads the help of `dataclass_arguments`' options only when it shows help: `docments` parses the class's source (about 60 ms a dataclass), which every command would otherwise pay to start."
+    def format_help(self) -> str:
+        for action in self._actions:
+            if getattr(action, "field_of", None): action.help, action.field_of = field_help(action.field_of, action.dest), None
+        return super().format_help()
+
+@functools.cache
+def field_comments(cls) -> dict:
+    "The comments of dataclass `cls`'s fields (fastcore's `docments`), read once."
+    return docments(cls)
+
+def field_help(cls, name: str) -> str:
+    "The help of option `name` of dataclass `cls`: the field's comment and its default."
+    return f"{field_comments(cls).get(name) or ''} (default: {cls.__dataclass_fields__[name].default})"
+
 def dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
     "Add one `--option` per field of dataclass `cls`, typed and documented from the field's comment."
-    helps = docments(cls)
     for field in dataclasses.fields(cls):
         kind = type(field.default)
         typed = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=field.default,
-                            help=f"{helps.get(field.name) or ''} (default: {field.default})", **typed)
+        option = parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=field.default, **typed)
+        if isinstance(parser, DocumentedParser): option.field_of = cls   # documented when help is shown
+        else: option.help = field_help(cls, field.name)
 
 def dataclass_from_args(cls, args: argparse.Namespace):
     "Build `cls` from the parsed options that `dataclass_arguments` added."
@@ -366,7 +383,7 @@ COMMANDS = (add_info, add_synth, add_convert, add_split, add_preprocess, add_pul
 
 def parser() -> argparse.ArgumentParser:
     "The `edanb` command and its subcommands (no torch is imported to build it)."
-    p = argparse.ArgumentParser(prog="edanb", description="Predict EDA from facial video: data, synthesis, experiments.")
+    p = DocumentedParser(prog="edanb", description="Predict EDA from facial video: data, synthesis, experiments.")
     p.add_argument("--version", action="version", version=f"edanb {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS: add(sub)
