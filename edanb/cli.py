@@ -255,16 +255,18 @@ def add_pulse(sub):
 
 # %% ../nbs/90_cli.ipynb #c045
 def cmd_predict(args) -> int:
-    "Predict EDA from a video with a trained run or bundle: eda.csv (time_s, prediction, spread across folds, face) and eda.png."
-    from edanb.predict import plot_prediction, predict_video
+    "Predict EDA from a video with a trained run or bundle: eda.csv (time_s, prediction, spread across folds, face), eda.png and prediction.json; with --notebook, predict.ipynb and predict.html."
+    from edanb.predict import predict_video, render_prediction, save_prediction
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
     table = predict_video(args.video, args.model, folds, args.device, progress=not args.quiet)
-    out = Path(args.out or Path(args.video).with_suffix("").name + "-eda"); out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "eda.csv", index=False)
-    plot_prediction(table, out / "eda.png")
+    out = save_prediction(table, args.out or Path(args.video).with_suffix("").name + "-eda")
     face = f", face found in {table.attrs['face_rate']:.0%} of detection attempts" if table.face.notna().all() else ""
     print(f"{len(table)} samples ({table.time_s.iat[-1]:.1f} s){face}; {table.attrs['units']}, mean of folds {table.attrs['folds']}")
-    print(f"written: {out / 'eda.csv'}, {out / 'eda.png'}")
+    print(f"written: {out / 'eda.csv'}, {out / 'eda.png'}, {out / 'prediction.json'}")
+    if args.notebook:   # after the files: a failing notebook loses none of them
+        try: notebook, html = render_prediction(out, show_faces=args.show_faces)
+        except RuntimeError as e: raise ValueError(f"{e} (eda.csv and eda.png are written)") from None
+        print(f"notebook: {notebook}\n          {html}")
     return 0
 
 def add_predict(sub):
@@ -275,6 +277,8 @@ def add_predict(sub):
     predict.add_argument("--folds", default="", help="fold models to average, comma-separated (default: all)")
     predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     predict.add_argument("--quiet", action="store_true", help="no progress bars")
+    predict.add_argument("--notebook", action="store_true", help="also execute experiments/predict.ipynb on the result: predict.ipynb and predict.html (the trace, its numbers, frames)")
+    predict.add_argument("--show-faces", action="store_true", help="the notebook's frames unredacted (only with the consent of the person filmed)")
 
 def cmd_export(args) -> int:
     "Write what prediction needs from a finished run into one folder: bundle.json and each fold's weights and normaliser."

@@ -27,9 +27,9 @@ from .core import cores, dask_client, folder_busy, parallel_map, progress_bar, p
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'NOTEBOOK_PARAMETERS', 'PAPERMILL_DYING_WITH_PARENT', 'WORKER_CELLS', 'GridError', 'train_defaults',
            'typed_value', 'typed_block', 'Cell', 'slug', 'expand', 'named_cells', 'parse_overrides', 'grid_cells',
-           'check_cells', 'UniqueKeyLoader', 'load_grid', 'notebook_error', 'stale_cell', 'cell_status', 'run_cell',
-           'terminate_cells', 'worker_threads', 'run_cell_on_worker', 'stop_dask_cells', 'failed_cell',
-           'sigterm_as_interrupt', 'cell_jobs', 'run_cells', 'run_grid']
+           'check_cells', 'UniqueKeyLoader', 'load_grid', 'notebook_error', 'render_notebook', 'stale_cell',
+           'cell_status', 'run_cell', 'terminate_cells', 'worker_threads', 'run_cell_on_worker', 'stop_dask_cells',
+           'failed_cell', 'sigterm_as_interrupt', 'cell_jobs', 'run_cells', 'run_grid']
 
 # %% ../nbs/07_experiment.ipynb #c005
 EXPERIMENTS = Path(importlib.util.find_spec("edanb").origin).resolve().parent.parent / "experiments"
@@ -160,6 +160,23 @@ def notebook_error(path: Path) -> str:
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error": return f"{output.get('ename')}: {output.get('evalue')}"
     return ""
+
+def render_notebook(notebook: Path,   # a parameterised notebook (experiments/summary.ipynb, predict.ipynb)
+                    out: Path,        # the executed notebook to write; its HTML goes beside it
+                    **parameters,     # papermill parameters
+                   ) -> Path:         # the HTML
+    "Execute `notebook` with papermill into `out` (run from the current folder) and write its HTML; RuntimeError naming `out` and the notebook's error if a cell fails."
+    command = [sys.executable, "-m", "papermill", str(notebook), str(out), "--cwd", os.getcwd(), "--no-progress-bar",
+               "--log-level", "ERROR", *[a for k, v in parameters.items() for a in ("-p", k, str(v))]]
+    process = subprocess.run(command, capture_output=True, text=True)
+    if process.returncode:
+        raise RuntimeError(f"{out}: {notebook_error(out) or (process.stdout + process.stderr).strip().splitlines()[-1]}")
+    import nbformat
+    from nbconvert import HTMLExporter
+    html = out.with_suffix(".html")
+    html.write_text(HTMLExporter().from_notebook_node(nbformat.read(out, as_version=4))[0])
+    return html
+
 
 # %% ../nbs/07_experiment.ipynb #c030
 def stale_cell(folder: Path, params: dict) -> list[str]:

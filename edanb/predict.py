@@ -17,7 +17,9 @@ import torch
 
 from .config import TrainConfig
 from .data import DataError, Recording
+from .core import write_json
 from .dataset import ClipDataset, Normaliser
+from .experiment import EXPERIMENTS, render_notebook
 from .metrics import stitch, stitch_shapes
 from .models import OnEdaClock
 from .preprocess import PreprocessConfig, cache_key, check_rates, frame_times, read_meta, sample_frames, write_entry
@@ -27,8 +29,8 @@ from .train import build_model, predict, resolve_device, saved_config
 __all__ = ['BUNDLE_FILE', 'UNITS', 'SHAPE_UNITS', 'MIN_FPS', 'FEW_FACES_PREDICT', 'VIDEO_NAME', 'ONNX_TOLERANCE', 'Bundle',
            'bundle_folds', 'preprocess_config', 'training_preprocessing', 'run_bundle', 'load_bundle', 'export_bundle',
            'load_weights', 'fold_model', 'output_units', 'to_output_units', 'video_recording', 'video_entry',
-           'check_inputs', 'predict_video', 'plot_prediction', 'runs_of', 'TensorInputs', 'example_inputs',
-           'export_onnx']
+           'check_inputs', 'predict_video', 'prediction_figure', 'plot_prediction', 'save_prediction',
+           'load_prediction', 'render_prediction', 'runs_of', 'TensorInputs', 'example_inputs', 'export_onnx']
 
 # %% ../nbs/06b_predict.ipynb #c004
 BUNDLE_FILE = "bundle.json"
@@ -227,23 +229,22 @@ def predict_video(video: str | Path,          # any video OpenCV/FFmpeg reads
         warnings.warn(f"{rec.video}: a face in only {meta['face_rate']:.0%} of {meta['attempts']} detection attempts; the crops "
                       "between them follow the nearest face found (the 'face' column marks the samples without one)")
     table.attrs.update(units=label, column=column, face_rate=meta["face_rate"], folds=folds, video=str(rec.video),
-                       detections=meta.get("detections", 0), attempts=meta.get("attempts", 0))
+                       detections=meta.get("detections", 0), attempts=meta.get("attempts", 0), model=bundle.config["model"],
+                       bundle=str(bundle.folder))
     return table
 
 # %% ../nbs/06b_predict.ipynb #c012
-def plot_prediction(table: pd.DataFrame, path: str | Path) -> Path:
-    "eda.png: the predicted trace with the fold spread as a band, and the samples whose face was not found."
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def prediction_figure(table: pd.DataFrame):
+    "The predicted trace with the fold spread as a band, and the samples whose face was not found (a matplotlib Figure, drawn without pyplot: a notebook shows it inline, a script saves it)."
+    from matplotlib.figure import Figure
     column, t = table.attrs["column"], table.time_s.to_numpy()
     mean, spread = table[column].to_numpy(), table.spread.to_numpy()
-    fig, ax = plt.subplots(figsize=(10, 3.2))
+    fig = Figure(figsize=(10, 3.2)); ax = fig.subplots()
     ax.plot(t, mean, color="C0", lw=1.2, label=f"mean of {len(table.attrs['folds'])} fold model(s)")
     ax.fill_between(t, mean - spread, mean + spread, color="C0", alpha=0.25, label="± SD across folds")
     if table.face.notna().all():
         for start, stop in runs_of(~table.face.to_numpy(bool)):
-            ax.axvspan(t[start], t[stop - 1] + (t[1] - t[0] if len(t) > 1 else 0), color="0.8", lw=0)
+            ax.axvspan(t[start], t[stop - 1] + (t[1] - t[0] if len(t) > 1 else 0), color="0.85", lw=0, zorder=0)
         ax.set_title(f"{Path(table.attrs['video']).name}: face found in {table.attrs['face_rate']:.0%} of detection attempts "
                      "(grey: no face near the sample)", fontsize=9)
     else: ax.set_title(f"{Path(table.attrs['video']).name}: the frame's centre (the model was trained without face crops)", fontsize=9)
@@ -251,8 +252,38 @@ def plot_prediction(table: pd.DataFrame, path: str | Path) -> Path:
     ax.text(0.01, 0.02, table.attrs["units"], transform=ax.transAxes, fontsize=8, color="0.3")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110); plt.close(fig)
+    return fig
+
+def plot_prediction(table: pd.DataFrame, path: str | Path) -> Path:
+    "eda.png: `prediction_figure` saved."
+    prediction_figure(table).savefig(path, dpi=110)
     return Path(path)
+
+def save_prediction(table: pd.DataFrame, # `predict_video`'s
+                    out: str | Path,     # folder to write (made if missing)
+                   ) -> Path:
+    "Write eda.csv, eda.png and prediction.json (the table's attrs: units, face rate, folds, video, model) into `out`."
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "eda.csv", index=False)
+    plot_prediction(table, out / "eda.png")
+    write_json(out / "prediction.json", table.attrs)
+    return out
+
+def load_prediction(out: str | Path) -> pd.DataFrame:
+    "A prediction `save_prediction` wrote: eda.csv with prediction.json as its attrs."
+    out = Path(out)
+    table = pd.read_csv(out / "eda.csv")
+    table.attrs.update(json.loads((out / "prediction.json").read_text()))
+    return table
+
+def render_prediction(out: str | Path,                 # a folder `save_prediction` wrote
+                      notebook: str | Path | None = None, # default experiments/predict.ipynb
+                      show_faces: bool = False,        # True: the notebook's frames unredacted (with the person's consent)
+                     ) -> tuple[Path, Path]:           # predict.ipynb and predict.html in `out`
+    "Execute the prediction notebook on a saved prediction: the trace, its summary and the frames the detector saw, faces redacted."
+    notebook = Path(notebook) if notebook else EXPERIMENTS / "predict.ipynb"
+    executed = Path(out) / "predict.ipynb"
+    return executed, render_notebook(notebook, executed, prediction=Path(out).resolve(), show_faces=show_faces)
 
 def runs_of(mask: np.ndarray) -> list[tuple[int, int]]:
     "(start, stop) of each run of True in `mask`."

@@ -7,9 +7,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,7 +17,7 @@ import pandas as pd
 from .config import TrainConfig, before_provenance, comparable, current_names
 from .core import format_interval, format_p, pearson, provenance, stale_reasons, write_json
 from .data import load_split, synthetic_couplings
-from .experiment import EXPERIMENTS, notebook_error
+from .experiment import EXPERIMENTS, render_notebook
 from .metrics import compare_to_baseline
 from .stress import pooled_stress, stress_detection
 
@@ -600,14 +597,7 @@ def run_summary(results: str | Path,               # results folder of `edanb ru
     key = json.loads(json.dumps(summary_key(results, notebook, runs)))
     if html.exists() and saved.exists() and json.loads(saved.read_text()) == key:
         return out, html   # up to date: the same runs, finished at the same times, and the same failures
-    command = [sys.executable, "-m", "papermill", str(notebook), str(out), "-p", "results", str(results.resolve()),
-               "--cwd", os.getcwd(), "--no-progress-bar", "--log-level", "ERROR"]
-    process = subprocess.run(command, capture_output=True, text=True)
-    if process.returncode:
-        raise RuntimeError(f"{out}: {notebook_error(out) or (process.stdout + process.stderr).strip().splitlines()[-1]}")
-    import nbformat
-    from nbconvert import HTMLExporter
-    html.write_text(HTMLExporter().from_notebook_node(nbformat.read(out, as_version=4))[0])
+    render_notebook(notebook, out, results=results.resolve())
     write_json(saved, key)
     return out, html
 

@@ -1,4 +1,5 @@
 "`edanb export` and `edanb predict`: a trained run on a video of its own; bad videos and bad bundles are one line and exit 1."
+import json
 import shutil
 from pathlib import Path
 
@@ -223,3 +224,34 @@ def test_a_model_onnx_cannot_export_is_named_with_the_reason(trained, tmp_path, 
     assert _one_error_line(capsys) == (f"edanb export: error: {tmp_path / 'bundle' / 'fold0' / 'model.onnx'}: the model 'seqcnn' cannot be "
                                        "exported to ONNX (RuntimeError: Exporting the operator 'aten::fancy' to ONNX opset 17 is not supported.)")
     assert (tmp_path / "bundle" / "bundle.json").exists()   # the bundle itself is kept
+
+
+def test_the_prediction_notebook_shows_the_trace_and_the_frames_redacted(trained, tmp_path, capsys):
+    from edanb.experiment import notebook_error
+    from edanb.predict import load_prediction
+    assert main(["predict", str(_video(trained, "s2_T2")), "--model", str(trained["bundle"]), "--folds", "0", "--out", str(tmp_path),
+                 "--quiet", "--notebook"]) == 0
+    assert f"notebook: {tmp_path / 'predict.ipynb'}" in capsys.readouterr().out
+    executed = json_of(tmp_path / "predict.ipynb")
+    assert notebook_error(tmp_path / "predict.ipynb") == "" and (tmp_path / "predict.html").stat().st_size > 10_000
+    outputs = [o for c in executed["cells"] for o in c.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2   # the trace and the strip of frames
+    injected = next("".join(c["source"]) for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
+    assert "show_faces = False" in injected   # redacted unless --show-faces
+    assert "EDA change from this video's own mean" in json.dumps(executed)
+    table = load_prediction(tmp_path)
+    assert table.attrs["folds"] == [0] and table.attrs["model"] == "seqcnn" and list(table.columns)[1] == "eda_change_us"
+
+
+def test_a_failing_prediction_notebook_is_one_line_and_keeps_the_prediction(trained, tmp_path):
+    from edanb.predict import predict_video, render_prediction, save_prediction
+    out = save_prediction(predict_video(_video(trained, "s2_T2"), trained["bundle"], folds=[0]), tmp_path / "out")
+    broken = tmp_path / "broken.ipynb"
+    broken.write_text(json.dumps({"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "prediction = ''",
+                                             "outputs": [], "execution_count": None},
+                                            {"cell_type": "code", "metadata": {}, "source": "raise ValueError('boom')", "outputs": [],
+                                             "execution_count": None}],
+                                  "metadata": {"kernelspec": {"name": "python3", "display_name": "python3", "language": "python"}},
+                                  "nbformat": 4, "nbformat_minor": 5}))
+    with pytest.raises(RuntimeError, match="predict.ipynb: ValueError: boom"): render_prediction(out, broken)
+    assert {"eda.csv", "eda.png", "prediction.json"} <= {p.name for p in out.iterdir()}
