@@ -46,7 +46,8 @@ def field_comments(cls) -> dict:
 
 def field_help(cls, name: str) -> str:
     "The help of option `name` of dataclass `cls`: the field's comment and its default."
-    return f"{field_comments(cls).get(name) or ''} (default: {cls.__dataclass_fields__[name].default})"
+    text = f"{field_comments(cls).get(name) or ''} (default: {cls.__dataclass_fields__[name].default})"
+    return text.replace("%", "%%")   # argparse formats help with %
 
 def dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
     "Add one `--option` per field of dataclass `cls`, typed and documented from the field's comment."
@@ -257,6 +258,7 @@ def add_pulse(sub):
 def cmd_predict(args) -> int:
     "Predict EDA from a video with a trained run or bundle: eda.csv (time_s, prediction, spread across folds, face), eda.png and prediction.json; with --notebook, predict.ipynb and predict.html."
     from edanb.predict import predict_video, render_prediction, save_prediction
+    if args.show_faces and not args.notebook: raise ValueError("--show-faces is about the notebook's frames: add --notebook")
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
     table = predict_video(args.video, args.model, folds, args.device, progress=not args.quiet)
     out = save_prediction(table, args.out or Path(args.video).with_suffix("").name + "-eda")
@@ -265,7 +267,7 @@ def cmd_predict(args) -> int:
     print(f"written: {out / 'eda.csv'}, {out / 'eda.png'}, {out / 'prediction.json'}")
     if args.notebook:   # after the files: a failing notebook loses none of them
         try: notebook, html = render_prediction(out, show_faces=args.show_faces)
-        except RuntimeError as e: raise ValueError(f"{e} (eda.csv and eda.png are written)") from None
+        except RuntimeError as e: raise ValueError(f"{e} (eda.csv, eda.png and prediction.json are written)") from None
         print(f"notebook: {notebook}\n          {html}")
     return 0
 

@@ -228,9 +228,9 @@ def predict_video(video: str | Path,          # any video OpenCV/FFmpeg reads
     if detected and meta["face_rate"] < FEW_FACES_PREDICT:
         warnings.warn(f"{rec.video}: a face in only {meta['face_rate']:.0%} of {meta['attempts']} detection attempts; the crops "
                       "between them follow the nearest face found (the 'face' column marks the samples without one)")
-    table.attrs.update(units=label, column=column, face_rate=meta["face_rate"], folds=folds, video=str(rec.video),
+    table.attrs.update(units=label, column=column, face_rate=meta["face_rate"], folds=[int(f) for f in folds],
                        detections=meta.get("detections", 0), attempts=meta.get("attempts", 0), model=bundle.config["model"],
-                       bundle=str(bundle.folder))
+                       video=str(Path(rec.video).resolve()), bundle=str(Path(bundle.folder).resolve()))   # absolute: read from anywhere
     return table
 
 # %% ../nbs/06b_predict.ipynb #c012

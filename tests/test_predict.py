@@ -241,6 +241,9 @@ def test_the_prediction_notebook_shows_the_trace_and_the_frames_redacted(trained
     assert "EDA change from this video's own mean" in json.dumps(executed)
     table = load_prediction(tmp_path)
     assert table.attrs["folds"] == [0] and table.attrs["model"] == "seqcnn" and list(table.columns)[1] == "eda_change_us"
+    assert Path(table.attrs["video"]).is_absolute() and Path(table.attrs["bundle"]).is_absolute()   # a notebook run elsewhere finds them
+    assert main(["predict", str(_video(trained, "s2_T2")), "--model", str(trained["bundle"]), "--show-faces"]) == 1
+    assert capsys.readouterr().err.strip() == "edanb predict: error: --show-faces is about the notebook's frames: add --notebook"
 
 
 def test_a_failing_prediction_notebook_is_one_line_and_keeps_the_prediction(trained, tmp_path):
