@@ -177,7 +177,6 @@ def render_notebook(notebook: Path,   # a parameterised notebook (experiments/su
     html.write_text(HTMLExporter().from_notebook_node(nbformat.read(out, as_version=4))[0])
     return html
 
-
 # %% ../nbs/07_experiment.ipynb #c030
 def stale_cell(folder: Path, params: dict) -> list[str]:
     "Why a finished cell's run was made by other code or data than today's (`edanb.core.stale_reasons`)."

@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 
 from .config import TrainConfig
-from .data import DataError, Recording
 from .core import write_json
+from .data import DataError, Recording
 from .dataset import ClipDataset, Normaliser
 from .experiment import EXPERIMENTS, render_notebook
 from .metrics import stitch, stitch_shapes
