@@ -251,11 +251,11 @@ def package_folder() -> Path:
     "The folder edanb is imported from (this checkout's `edanb/`, or site-packages)."
     return Path(importlib.import_module("edanb").__file__).resolve().parent
 
-NOT_IN_RESULTS = ("__init__.py", "__main__.py", "_modidx.py", "cli.py", "experiment.py", "plots.py", "stress.py", "study.py")
+NOT_IN_RESULTS = ("__init__.py", "__main__.py", "_modidx.py", "cli.py", "experiment.py", "plots.py", "predict.py", "stress.py", "study.py")
 
 @functools.cache
 def module_fingerprints() -> dict[str, str]:
-    "A hash of each of the edanb package's `.py` files that a run's numbers depend on (all but `NOT_IN_RESULTS`: the shell, grids, figures and the summary)."
+    "A hash of each of the edanb package's `.py` files that a run's numbers depend on (all but `NOT_IN_RESULTS`: the shell, grids, figures, the summary and prediction on new videos)."
     return {p.name: digest(p.read_bytes()) for p in sorted(package_folder().glob("*.py")) if p.name not in NOT_IN_RESULTS}
 
 def code_fingerprint() -> str:
