@@ -48,7 +48,7 @@ test: venv  ## everything: notebooks (nbdev_test, slow cells included) then pyte
 	$(BIN)/nbdev_test --n_workers 2 --flags slow
 	$(BIN)/python -m pytest -q tests
 
-test-fast: venv  ## the developer loop (about 80 s): notebooks without `#| slow` cells beside pytest, one thread each, without slow, dask and torchrun tests
+test-fast: venv  ## the developer loop (about 3 min): notebooks without `#| slow` cells beside pytest, one thread each, without slow, dask and torchrun tests
 	@start=$$(date +%s); log=$$(mktemp); export OMP_NUM_THREADS=1; \
 	$(BIN)/nbdev_test --n_workers 1 > $$log 2>&1 & notebooks=$$!; \
 	$(BIN)/python -m pytest -q -m "not slow and not dask and not torchrun" tests; tests=$$?; \

@@ -61,7 +61,8 @@ def small(tmp_path_factory) -> dict:
 
 
 HEAVY_FIXTURES = {"synth_root", "null_root", "synth_cache",   # the statistical datasets: about 30 s to build
-                  "rich_root", "people_root", "fast_cache", "spiky", "grouped"}   # 8-20 s each: the fast loop leaves them out
+                  "rich_root", "people_root", "fast_cache", "spiky", "grouped",   # 8-20 s each: the fast loop leaves them out
+                  "pulse_data", "grid_run"}   # the camera pulse's two cached datasets (25 s); a grid run twice with papermill (40 s)
 
 
 def pytest_collection_modifyitems(items):

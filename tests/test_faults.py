@@ -86,6 +86,7 @@ def test_a_diverging_run_stops_in_one_line_and_writes_no_metrics(small, tmp_path
     assert json.loads((out / "diverged.json").read_text()) == dict(fold=0, reason=err[0].split("error: ", 1)[1])
 
 
+@pytest.mark.slow   # runs a grid with papermill
 def test_a_diverging_cell_fails_with_its_reason_and_the_grid_goes_on(small, tmp_path):
     base = {**small, "model": "landmarks", "folds": 3, "epochs": 1, "window": 16, "stride": 4, "batch_size": 8, "grad_clip": 0.0}
     grid = tmp_path / "grid.yaml"; grid.write_text(yaml.safe_dump(dict(base=base, grid=dict(lr=[3e-3, 1e20]))))
@@ -159,6 +160,7 @@ def test_a_failed_attempt_does_not_block_the_corrected_command(small, tmp_path, 
     assert main(base + ["--folds", "4"]) == 1 and "holds a run with another configuration" in capsys.readouterr().err
 
 
+@pytest.mark.slow   # runs a grid with papermill
 def test_ctrl_c_on_a_grid_is_one_line_exit_130_and_leaves_no_cell_running(small, tmp_path):
     import signal, subprocess, sys, time
     base = {**small, "model": "seqcnn", "folds": 3, "epochs": 50, "window": 16, "stride": 4, "batch_size": 8}
@@ -214,6 +216,7 @@ def test_a_second_writer_into_a_run_folder_or_a_cache_is_one_line(small, tmp_pat
         assert main(args) == 0   # its holder gone, the lock is free
 
 
+@pytest.mark.slow   # runs a grid with papermill
 def test_a_grid_skips_a_cell_in_progress_elsewhere(small, tmp_path):
     base = {**small, "model": "naive", "folds": 3, "window": 16}
     grid = tmp_path / "grid.yaml"; grid.write_text(yaml.safe_dump(dict(base=base, grid=dict(seed=[0, 1]))))
@@ -225,6 +228,7 @@ def test_a_grid_skips_a_cell_in_progress_elsewhere(small, tmp_path):
     assert not (tmp_path / "results" / "seed-1" / "params.json").exists()   # its folder untouched
 
 
+@pytest.mark.slow   # runs a grid with papermill
 def test_a_killed_grid_leaves_no_trainer_behind(small, tmp_path):
     import signal, subprocess, sys, time
     base = {**small, "model": "seqcnn", "folds": 3, "epochs": 50, "window": 16, "stride": 4, "batch_size": 8}

@@ -226,6 +226,7 @@ def test_a_model_onnx_cannot_export_is_named_with_the_reason(trained, tmp_path, 
     assert (tmp_path / "bundle" / "bundle.json").exists()   # the bundle itself is kept
 
 
+@pytest.mark.slow   # runs papermill
 def test_the_prediction_notebook_shows_the_trace_and_the_frames_redacted(trained, tmp_path, capsys):
     from edanb.experiment import notebook_error
     from edanb.predict import load_prediction
@@ -246,6 +247,7 @@ def test_the_prediction_notebook_shows_the_trace_and_the_frames_redacted(trained
     assert capsys.readouterr().err.strip() == "edanb predict: error: --show-faces is about the notebook's frames: add --notebook"
 
 
+@pytest.mark.slow   # runs papermill
 def test_a_failing_prediction_notebook_is_one_line_and_keeps_the_prediction(trained, tmp_path):
     from edanb.predict import predict_video, render_prediction, save_prediction
     out = save_prediction(predict_video(_video(trained, "s2_T2"), trained["bundle"], folds=[0]), tmp_path / "out")
